@@ -1,0 +1,140 @@
+"""One entry point: `bistro miner|validator|localnet|register|status|bench|report|data`.
+
+Parse, build one `Settings`, hand it to the command, return its exit code. Each command's code
+lives in its own module and is imported only when that command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .config import ALIASES, PRESETS, ConfigError, Settings, build_settings, setting_paths
+
+log = logging.getLogger("bistro")
+
+# command -> (module, function, one-line help). The function takes (settings, args) -> exit code.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "miner": ("bistro.miner", "main", "train on your pages and upload deltas every window"),
+    "validator": ("bistro.validator", "main", "score every miner's delta and set weights"),
+    "localnet": ("bistro.localnet", "main", "run a whole network on this machine"),
+    "register": ("bistro.chain.commands", "register", "create (if needed) and register a wallet"),
+    "status": ("bistro.chain.commands", "status", "print the subnet's metagraph"),
+    "bench": ("bistro.bench", "main", "measure speed and learning efficiency"),
+    "data": ("bistro.data.commands", "main", "prepare and inspect corpora"),
+}
+
+
+def _flag_dest(path: str) -> str:
+    return "cfg:" + path
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (any field as --section.field)")
+    group.add_argument("--preset", choices=sorted(PRESETS), default=None, help="size preset (tiny)")
+    group.add_argument("--config", default=None, help="TOML or JSON settings file")
+    group.add_argument("--print-config", action="store_true", help="print the settings and exit")
+    paths = setting_paths()
+    aliases_of: dict[str, list[str]] = {}
+    for alias, path in ALIASES.items():
+        aliases_of.setdefault(path, []).append(alias)
+    for path, kind in paths.items():
+        if path == "preset":
+            continue
+        names = [f"--{a}" for a in aliases_of.get(path, [])] + [f"--{path}"]
+        kwargs: dict = dict(dest=_flag_dest(path), default=argparse.SUPPRESS, metavar="V")
+        if kind in (bool, "bool"):
+            kwargs.update(nargs="?", const="true")
+        group.add_argument(*names, **kwargs)
+
+
+def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
+    if name == "localnet":
+        parser.add_argument("--miners", type=int, default=4, help="number of miners")
+        parser.add_argument("--validators", type=int, default=1, help="number of validators")
+        parser.add_argument("--windows", type=int, default=10, help="windows to run")
+        parser.add_argument("--personas", default="", help="comma list, one per miner")
+        parser.add_argument("--block-time", type=float, default=None, help="seconds per block")
+        parser.add_argument("--json", action="store_true", help="print summary.json at the end")
+    elif name == "bench":
+        parser.add_argument("suite", nargs="?", default="all", help="all, or one suite's name")
+        parser.add_argument("--json", dest="json_path", default=None, help="write results here")
+        parser.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+    elif name == "data":
+        parser.add_argument("action", choices=["prepare"], help="what to do")
+    elif name in ("miner", "validator"):
+        parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bistro",
+        description="BISTRO: incentivized decentralized training of one language model on Bittensor.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_command_flags(name, p)
+        _add_setting_flags(p)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Preset, then --config file, then flags."""
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:")}
+    return build_settings(args.preset or "tiny", args.config, overrides)
+
+
+def setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[RichHandler(show_path=False, log_time_format="%H:%M:%S", rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _resolve(command: str) -> Callable[[Settings, argparse.Namespace], int] | None:
+    module, func, _ = COMMANDS[command]
+    if importlib.util.find_spec(module) is None:
+        return None
+    return getattr(importlib.import_module(module), func, None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    if args.print_config:
+        print(json.dumps(settings.to_dict(), indent=2))
+        return 0
+    setup_logging(settings.debug)
+    handler = _resolve(args.command)
+    if handler is None:
+        print(f"bistro {args.command}: not built yet", file=sys.stderr)
+        return 2
+    try:
+        return int(handler(settings, args) or 0)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

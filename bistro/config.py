@@ -1,0 +1,620 @@
+"""Presets and runtime settings.
+
+One `Settings` object is built per process (preset, then an optional TOML/JSON file, then flags)
+and passed whole: each part takes it, or the sub-dataclass it owns, and reads no flag or
+environment variable itself. A bad value fails in `__post_init__` naming the field.
+
+Flags follow Bittensor's dotted convention: every field is reachable as `--section.field`
+(`--train.lr 3e-4`, `--mechanism.temperature 1`), and the seed's own flags are aliases
+(`--netuid`, `--bucket`, `--device`, `--subtensor.network`, `--s3.endpoint_url`, …).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work; the message names the field."""
+
+
+def _check(cond: bool, name: str, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the `LlamaForCausalLM` that every node builds."""
+
+    vocab_size: int = 4096
+    """Tokenizer and embedding vocabulary."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 4
+    """Key/value heads (grouped-query attention when below num_heads)."""
+    intermediate_size: int = 384
+    """Width of the MLP."""
+    sequence_length: int = 128
+    """Tokens per training/evaluation sequence."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    seed: int = 0
+    """Seed of the initial master's weights."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        _check(self.intermediate_size > 0, "model.intermediate_size", "must be positive")
+        _check(self.sequence_length > 1, "model.sequence_length", "must be at least 2")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            "must be divisible by num_heads",
+        )
+        _check(
+            self.num_heads % self.num_kv_heads == 0,
+            "model.num_kv_heads",
+            "must divide num_heads",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """How a miner trains within one window."""
+
+    lr: float = 3e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    batch_size: int = 8
+    """Sequences per optimizer step (per process under torchrun)."""
+    steps_per_window: int = 20
+    """Optimizer steps a miner takes in one window."""
+    warmup_steps: int = 20
+    """Linear warm-up of the learning rate over the first steps a miner takes."""
+    eval_batch_size: int = 32
+    """Sequences per forward pass when evaluating."""
+    threads: int = 0
+    """torch intra-op threads (0 leaves torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "train.lr", "must be positive")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _check(self.batch_size > 0, "train.batch_size", "must be positive")
+        _check(self.steps_per_window > 0, "train.steps_per_window", "must be positive")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _check(self.eval_batch_size > 0, "train.eval_batch_size", "must be positive")
+        _check(self.threads >= 0, "train.threads", "must be >= 0")
+
+
+CODEC_NAMES = ("topk", "mask", "dense")
+
+
+@dataclass
+class MechanismConfig:
+    """The incentive mechanism: windows, pages, codec, scoring and weights."""
+
+    blocks_per_window: int = 10
+    """Chain blocks per window; window = block // blocks_per_window."""
+    upload_grace_blocks: int = 2
+    """Blocks after a window ends during which its uploads are still accepted."""
+    rows_per_page: int = 8
+    """Documents per data page."""
+    pages_per_window: int = 4
+    """Local pages a miner trains on in one window."""
+    miner_span: int = 64
+    """Width, in pages, of each miner's sliding window over the corpus."""
+    eval_pages: int = 2
+    """Of a miner's local pages, how many the validator checks."""
+    global_pages: int = 2
+    """Pages from the whole corpus on which every validator also scores each delta."""
+    codec: str = "topk"
+    """Delta codec on the wire: topk, mask or dense."""
+    compression: float = 100.0
+    """Target ratio of kept values for topk and mask (1/compression of each tensor)."""
+    topk_chunk: int = 4096
+    """Chunk size of the topk codec (indices are local to a chunk)."""
+    temperature: float = 1.0
+    """Softmax temperature on moving-average scores normalised by their mean magnitude."""
+    local_dominance: float = 0.5
+    """Weight of the own-pages loss difference in a score (the rest is global pages)."""
+    ma_alpha: float = 0.3
+    """Moving-average rate of scores: avg <- (1 - alpha) avg + alpha score."""
+    weights_every: int = 1
+    """Set weights on the chain every this many windows."""
+    retention_windows: int = 4
+    """A miner deletes its own deltas older than this many windows."""
+    max_delta_bytes: int = 64 * 1024 * 1024
+    """Largest delta object a validator downloads."""
+    max_delta_norm: float = 100.0
+    """Largest L2 norm of a decoded delta that a validator accepts."""
+    copy_threshold: float = 0.98
+    """Cosine similarity at or above which a later delta counts as a copy."""
+    checkpoint_every: int = 5
+    """The master publishes a full checkpoint every this many windows."""
+    max_uids_per_window: int = 256
+    """Validator evaluates at most this many uids a window (a rotating sample above it)."""
+    storage_tolerance: int = 2
+    """Windows in a row a uid's object may be unreachable through our own storage errors
+    before it is scored zero."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "blocks_per_window",
+            "rows_per_page",
+            "pages_per_window",
+            "miner_span",
+            "eval_pages",
+            "weights_every",
+            "retention_windows",
+            "max_delta_bytes",
+            "checkpoint_every",
+            "max_uids_per_window",
+            "topk_chunk",
+        ):
+            _check(getattr(self, name) > 0, f"mechanism.{name}", "must be positive")
+        _check(self.upload_grace_blocks >= 0, "mechanism.upload_grace_blocks", "must be >= 0")
+        _check(self.global_pages >= 0, "mechanism.global_pages", "must be >= 0")
+        _check(
+            self.eval_pages <= self.pages_per_window,
+            "mechanism.eval_pages",
+            "cannot exceed pages_per_window",
+        )
+        _check(
+            self.pages_per_window <= self.miner_span,
+            "mechanism.pages_per_window",
+            "cannot exceed miner_span",
+        )
+        _check(self.codec in CODEC_NAMES, "mechanism.codec", f"must be one of {CODEC_NAMES}")
+        _check(self.compression >= 1, "mechanism.compression", "must be >= 1")
+        _check(self.temperature > 0, "mechanism.temperature", "must be positive")
+        _check(0 <= self.local_dominance <= 1, "mechanism.local_dominance", "must be in [0, 1]")
+        _check(0 < self.ma_alpha <= 1, "mechanism.ma_alpha", "must be in (0, 1]")
+        _check(self.max_delta_norm > 0, "mechanism.max_delta_norm", "must be positive")
+        _check(0 < self.copy_threshold <= 1, "mechanism.copy_threshold", "must be in (0, 1]")
+        _check(self.storage_tolerance >= 0, "mechanism.storage_tolerance", "must be >= 0")
+
+
+CHAIN_NETWORKS = ("embedded", "finney", "test", "local", "archive")
+
+
+@dataclass
+class ChainConfig:
+    """Which chain to talk to, and the parameters of the embedded one."""
+
+    network: str = "embedded"
+    """`embedded` (the SQLite chain), or a Bittensor network: finney, test, local, ws://…"""
+    chain_endpoint: str = ""
+    """Bittensor websocket endpoint (overrides network), or the SQLite file of the embedded chain
+    (default: <dir>/chain.sqlite)."""
+    netuid: int = 212
+    """Subnet id."""
+    block_time: float = 12.0
+    """Seconds per block on the embedded chain."""
+    tempo: int = 10
+    """Blocks between Yuma epochs on the embedded chain."""
+    weights_rate_limit: int = 5
+    """Blocks a validator must wait between two set_weights on the embedded chain."""
+    max_uids: int = 256
+    """Uid slots on the embedded chain."""
+    immunity_period: int = 100
+    """Blocks after registration during which a uid cannot be replaced."""
+    max_validators: int = 64
+    """Top-stake hotkeys that get a validator permit."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.network in CHAIN_NETWORKS or self.network.startswith(("ws://", "wss://")),
+            "chain.network",
+            f"must be one of {CHAIN_NETWORKS} or a ws:// endpoint",
+        )
+        _check(0 <= self.netuid < 65536, "chain.netuid", "must fit in u16")
+        _check(self.block_time > 0, "chain.block_time", "must be positive")
+        _check(self.tempo > 0, "chain.tempo", "must be positive")
+        _check(self.weights_rate_limit >= 0, "chain.weights_rate_limit", "must be >= 0")
+        _check(0 < self.max_uids <= 4096, "chain.max_uids", "must be in 1..4096")
+        _check(self.immunity_period >= 0, "chain.immunity_period", "must be >= 0")
+        _check(self.max_validators > 0, "chain.max_validators", "must be positive")
+
+
+@dataclass
+class WalletConfig:
+    """A standard Bittensor wallet (`<path>/<name>/hotkeys/<hotkey>`)."""
+
+    name: str = "default"
+    """Wallet (coldkey) name."""
+    hotkey: str = "default"
+    """Hotkey name."""
+    path: str = "~/.bittensor/wallets"
+    """Directory holding the wallets."""
+
+    def __post_init__(self) -> None:
+        for name in ("name", "hotkey"):
+            value = getattr(self, name)
+            _check(bool(value) and "/" not in value, f"wallet.{name}", "must be a plain name")
+
+
+@dataclass
+class StorageConfig:
+    """Where this node's bucket lives and how buckets are reached."""
+
+    backend: str = "local"
+    """`local` (a directory per bucket under root) or `s3` (any S3 API)."""
+    bucket: str = ""
+    """This node's own bucket (a name, s3://name or https://endpoint/name)."""
+    root: str = ""
+    """Local backend: the directory that holds buckets/<bucket>/ (default: <dir>)."""
+    endpoint_url: str = ""
+    """S3 endpoint for R2, MinIO or a loopback server (empty: AWS)."""
+    region: str = ""
+    """S3 region (empty: from the environment, or us-east-1)."""
+    path_style: bool = False
+    """Use path-style S3 addressing (MinIO, loopback servers)."""
+    timeout: float = 30.0
+    """Seconds for a connect or read on one S3 call."""
+    retries: int = 4
+    """Retries of a transient storage failure, with exponential backoff and jitter."""
+    multipart_threshold: int = 16 * 1024 * 1024
+    """Objects above this size are uploaded in parts and downloaded in ranges."""
+    max_workers: int = 16
+    """Parallel transfers (connection pool size) for gathers and multipart."""
+
+    def __post_init__(self) -> None:
+        _check(self.backend in ("local", "s3"), "storage.backend", "must be local or s3")
+        _check(self.timeout > 0, "storage.timeout", "must be positive")
+        _check(self.retries >= 0, "storage.retries", "must be >= 0")
+        _check(self.multipart_threshold >= 5 * 1024 * 1024, "storage.multipart_threshold", ">= 5 MiB")
+        _check(self.max_workers > 0, "storage.max_workers", "must be positive")
+
+
+@dataclass
+class DataConfig:
+    """The corpus and tokenizer every node uses."""
+
+    corpus: str = "shakespeare"
+    """`shakespeare` (embedded), a path or glob of .txt/.jsonl/.parquet, or a hub dataset
+    (`hf:tiiuae/falcon-refinedweb`, `hf:HuggingFaceFW/fineweb-edu`)."""
+    tokenizer: str = "bpe"
+    """`bpe` (byte-level BPE trained on the corpus) or a Hugging Face tokenizer name/path."""
+    cache_dir: str = "~/.cache/bistro"
+    """Where corpora, tokenizers and tokenized pages are cached."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.corpus), "data.corpus", "must not be empty")
+        _check(bool(self.tokenizer), "data.tokenizer", "must not be empty")
+
+
+@dataclass
+class Settings:
+    """Everything one process needs, built once and passed whole."""
+
+    preset: str = "tiny"
+    """Name of the preset these settings started from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mechanism: MechanismConfig = field(default_factory=MechanismConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: str = "cpu"
+    """torch device: cpu, cuda, cuda:N, mps."""
+    dir: str = "~/.bistro"
+    """Working directory of this node: state, logs, the embedded chain and local buckets."""
+    debug: bool = False
+    """Log at debug level."""
+    persona: str = "honest"
+    """Miner behaviour (localnet research): honest, idle, freeloader, noise, copycat, poison,
+    stale."""
+
+    def __post_init__(self) -> None:
+        _check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
+        _check(
+            self.device == "cpu" or self.device.startswith(("cuda", "mps")),
+            "device",
+            "must be cpu, cuda, cuda:N or mps",
+        )
+        _check(self.persona in PERSONAS, "persona", f"must be one of {PERSONAS}")
+
+    @property
+    def home(self) -> Path:
+        """The node's working directory, expanded."""
+        return Path(self.dir).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PERSONAS = ("honest", "idle", "freeloader", "noise", "copycat", "poison", "stale")
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "mechanism": MechanismConfig,
+    "chain": ChainConfig,
+    "wallet": WalletConfig,
+    "storage": StorageConfig,
+    "data": DataConfig,
+}
+
+# Presets: a table of named sizes (tests build `tiny`). Each entry overrides the defaults above.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        # ~1.9M parameters: thousands of tokens/s on 2 CPU cores.
+        "model": dict(
+            vocab_size=4096,
+            hidden_size=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=384,
+            sequence_length=128,
+        ),
+        "train": dict(lr=3e-3, batch_size=8, steps_per_window=20, warmup_steps=20),
+        "mechanism": dict(
+            blocks_per_window=10,
+            pages_per_window=4,
+            eval_pages=2,
+            global_pages=2,
+            compression=100.0,
+            temperature=1.0,
+            local_dominance=0.5,
+            ma_alpha=0.3,
+            weights_every=1,
+            retention_windows=4,
+            max_delta_bytes=16 * 2**20,
+            max_delta_norm=50.0,
+            checkpoint_every=5,
+        ),
+    },
+    "small": {
+        # ~10M parameters.
+        "model": dict(
+            vocab_size=8192,
+            hidden_size=256,
+            num_layers=7,
+            num_heads=8,
+            num_kv_heads=8,
+            intermediate_size=768,
+            sequence_length=256,
+        ),
+        "train": dict(lr=2e-3, batch_size=8, steps_per_window=30, warmup_steps=30),
+        "mechanism": dict(
+            blocks_per_window=10,
+            pages_per_window=6,
+            eval_pages=2,
+            global_pages=3,
+            compression=100.0,
+            temperature=1.0,
+            local_dominance=0.5,
+            ma_alpha=0.3,
+            weights_every=1,
+            retention_windows=4,
+            max_delta_bytes=32 * 2**20,
+            max_delta_norm=100.0,
+            checkpoint_every=5,
+        ),
+    },
+    "150M": {
+        "model": dict(
+            vocab_size=32000,
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            num_kv_heads=12,
+            intermediate_size=2560,
+            sequence_length=1024,
+        ),
+        "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
+        "mechanism": dict(
+            blocks_per_window=25,
+            pages_per_window=8,
+            eval_pages=2,
+            global_pages=4,
+            compression=100.0,
+            temperature=1.0,
+            local_dominance=0.5,
+            ma_alpha=0.2,
+            weights_every=1,
+            retention_windows=4,
+            max_delta_bytes=128 * 2**20,
+            max_delta_norm=500.0,
+            checkpoint_every=10,
+        ),
+        "data": dict(tokenizer="bpe"),
+    },
+    "1B": {
+        # TinyLlama's shape: ~1.1B parameters.
+        "model": dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            num_layers=22,
+            num_heads=32,
+            num_kv_heads=4,
+            intermediate_size=5632,
+            sequence_length=2048,
+        ),
+        "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
+        "mechanism": dict(
+            blocks_per_window=50,
+            pages_per_window=8,
+            eval_pages=2,
+            global_pages=4,
+            compression=100.0,
+            temperature=1.0,
+            local_dominance=0.5,
+            ma_alpha=0.2,
+            weights_every=1,
+            retention_windows=4,
+            max_delta_bytes=512 * 2**20,
+            max_delta_norm=2000.0,
+            checkpoint_every=20,
+        ),
+    },
+    "7B": {
+        # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
+        "model": dict(
+            vocab_size=32000,
+            hidden_size=4096,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=32,
+            intermediate_size=11008,
+            sequence_length=2048,
+        ),
+        "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
+        "mechanism": dict(
+            blocks_per_window=100,
+            pages_per_window=8,
+            eval_pages=2,
+            global_pages=4,
+            compression=100.0,
+            temperature=1.0,
+            local_dominance=0.5,
+            ma_alpha=0.2,
+            weights_every=1,
+            retention_windows=3,
+            max_delta_bytes=2048 * 2**20,
+            max_delta_norm=5000.0,
+            checkpoint_every=20,
+        ),
+    },
+}
+
+# The seed's flags, and other short names, mapped onto dotted setting paths.
+ALIASES: dict[str, str] = {
+    "netuid": "chain.netuid",
+    "subtensor.network": "chain.network",
+    "subtensor.chain_endpoint": "chain.chain_endpoint",
+    "bucket": "storage.bucket",
+    "storage": "storage.backend",
+    "s3.endpoint_url": "storage.endpoint_url",
+    "s3.region": "storage.region",
+    "s3.path_style": "storage.path_style",
+    "logging.debug": "debug",
+}
+
+
+def _coerce(value: Any, kind: Any, name: str) -> Any:
+    """Turn a flag or file value into the field's type."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(kind, kind)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is int and isinstance(value, str):
+            return int(float(value)) if "e" in value.lower() else int(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {kind.__name__}") from None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return {f.name: f.type for f in fields(cls)}
+
+
+def setting_paths() -> dict[str, Any]:
+    """Every dotted setting path (`train.lr`, `device`, …) and its type."""
+    paths: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.name in SECTIONS:
+            for sub, kind in _field_types(SECTIONS[f.name]).items():
+                paths[f"{f.name}.{sub}"] = kind
+        else:
+            paths[f.name] = f.type
+    return paths
+
+
+def _apply(raw: dict[str, dict[str, Any]], overrides: dict[str, Any], source: str) -> None:
+    """Merge dotted or nested overrides into `raw` (section -> field -> value)."""
+    paths = setting_paths()
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[ALIASES.get(key, key)] = value
+    for path, value in flat.items():
+        path = ALIASES.get(path, path)
+        if path not in paths:
+            raise ConfigError(f"{path}: unknown setting (from {source})")
+        section, _, name = path.rpartition(".")
+        raw.setdefault(section, {})[name] = _coerce(value, paths[path], path)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON settings file (nested sections or dotted keys)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config: no such file {p}")
+    text = p.read_text()
+    try:
+        return json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config: cannot parse {p}: {e}") from None
+
+
+def build_settings(
+    preset: str = "tiny",
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Preset, then file, then overrides (flags): the later wins, field by field."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: must be one of {sorted(PRESETS)}, not {preset!r}")
+    raw: dict[str, dict[str, Any]] = {"": {"preset": preset}}
+    _apply(raw, PRESETS[preset], f"preset {preset}")
+    if file is not None:
+        _apply(raw, load_file(file), str(file))
+    if overrides:
+        _apply(raw, overrides, "flags")
+    top = raw.pop("", {})
+    sections = {name: SECTIONS[name](**raw.get(name, {})) for name in SECTIONS}
+    return Settings(**sections, **top)
+
+
+def replace(settings: Settings, **dotted: Any) -> Settings:
+    """A copy of `settings` with dotted paths changed: `replace(s, **{"train.lr": 1e-3})`."""
+    raw = {name: dataclasses.asdict(getattr(settings, name)) for name in SECTIONS}
+    top = {f.name: getattr(settings, f.name) for f in fields(Settings) if f.name not in SECTIONS}
+    merged: dict[str, dict[str, Any]] = {"": top, **raw}
+    _apply(merged, dotted, "replace")
+    top = merged.pop("")
+    return Settings(**{n: SECTIONS[n](**merged[n]) for n in SECTIONS}, **top)
+
+
+def param_count(model: ModelConfig) -> int:
+    """Parameters of the Llama model a ModelConfig describes (embeddings counted: they train)."""
+    h, i, v, L = model.hidden_size, model.intermediate_size, model.vocab_size, model.num_layers
+    kv = h // model.num_heads * model.num_kv_heads
+    attn = 2 * h * h + 2 * h * kv
+    per_layer = attn + 3 * h * i + 2 * h
+    head = 0 if model.tie_embeddings else v * h
+    return v * h + head + L * per_layer + h

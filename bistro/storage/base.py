@@ -1,0 +1,63 @@
+"""The few operations a bucket must answer. Miners and validators import only this.
+
+A `Store` is bound to one bucket. Backends sit in sibling files: `local.py` (a directory per
+bucket, atomic writes) and `s3.py` (any S3 API through boto3).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class StorageError(Exception):
+    """The store could not answer (after retries): network, throttling, server errors."""
+
+
+class NotFound(Exception):
+    """The key is not in the bucket (or the bucket does not exist)."""
+
+
+class TooLarge(Exception):
+    """The object is larger than the caller's `max_bytes`; its body was not read."""
+
+    def __init__(self, key: str, size: int, max_bytes: int) -> None:
+        super().__init__(f"{key}: {size} bytes > limit {max_bytes}")
+        self.key, self.size, self.max_bytes = key, size, max_bytes
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object in a bucket."""
+
+    key: str
+    size: int
+    last_modified: datetime
+    """UTC, timezone-aware."""
+
+
+class Store(ABC):
+    """One bucket."""
+
+    bucket: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None:
+        """Write `data` at `key`, whole or not at all."""
+
+    @abstractmethod
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object at `key`. Raises NotFound, TooLarge (before reading the body), StorageError."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and time, or None if it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under `prefix` (all pages), sorted by key."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove `key`; removing a missing key is not an error."""

@@ -1,0 +1,8 @@
+"""The seed's command, kept working: `python3 miner.py --wallet.name … --netuid 212 --bucket …`."""
+
+import sys
+
+from bistro.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["miner", *sys.argv[1:]]))
