@@ -15,7 +15,15 @@ import numpy as np
 
 
 class ChainError(Exception):
-    """The chain refused a call (with the reason) or could not be reached."""
+    """The chain refused a call (with the reason) or could not be reached.
+
+    `transient` is True for failures worth retrying (a busy database, a dropped connection) and
+    False for refusals (rate limit, bad input), which a retry would only repeat.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass
