@@ -6,8 +6,9 @@ What it imitates from Bittensor, and how:
   takes them from there, so all processes of one network agree on the block.
 - `block_hash(b)` is sha256 of (the chain's random id, b): stable, and unknown before the file exists.
 - Registration of hotkeys into uid slots; when all `max_uids` slots are taken, the uid with the
-  lowest incentive that is past its immunity period is replaced (ties: the earliest registered,
-  then the lowest uid). A replaced uid loses its commitment, its weights (set by it and to it) and
+  lowest emission (incentive + dividends: Bittensor's pruning score, so validators, whose
+  incentive is zero, are not pruned first) that is past its immunity period is replaced (ties:
+  the earliest registered, then the lowest uid). A replaced uid loses its commitment, its weights (set by it and to it) and
   its bonds.
 - Validator permits: the `max_validators` registered hotkeys with the most stake (stake > 0; ties:
   lowest uid), computed from the current stake.
@@ -311,10 +312,10 @@ class LocalChain(Chain):
             return uid
 
     def _prune(self, db: sqlite3.Connection, block: int) -> int:
-        """Free the uid with the lowest incentive past immunity (ties: earliest registered, lowest uid)."""
+        """Free the non-immune uid with the lowest incentive + dividends (ties: earliest, lowest uid)."""
         row = db.execute(
             "SELECT uid FROM neurons WHERE registered_at + ? <= ? "
-            "ORDER BY incentive ASC, registered_at ASC, uid ASC LIMIT 1",
+            "ORDER BY incentive + dividends ASC, registered_at ASC, uid ASC LIMIT 1",
             (self.immunity_period, block),
         ).fetchone()
         if row is None:
