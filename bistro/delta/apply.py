@@ -1,0 +1,152 @@
+"""Apply, remove and combine decoded deltas, in place on the model's own tensors.
+
+DESIGN.md "Mechanism", steps 4-5, one validator, window w:
+
+    4. θ_eval = θ_w + Σ_{i∈V} m_i Δ_i
+    5. for each i in V: L_with = L(θ_eval); remove m_i Δ_i; L_without = L(θ_eval − m_i Δ_i);
+       put it back **bit-exactly** (restore the saved values, not a float subtraction).
+
+In code:
+
+    for delta, m in zip(deltas, weights):
+        add_(params, delta, m)                     # step 4: θ_eval
+    for delta, m in zip(deltas, weights):          # step 5
+        l_with = loss(model)
+        saved = apply_(params, delta, -m)          # remove m_i Δ_i, keeping what was there
+        l_without = loss(model)
+        restore_(params, saved)                    # θ_eval again, bit for bit
+
+A sparse part touches only its positions (`index_add_` on the flat view), so applying a `mask`
+delta costs O(k), far below a forward pass; a dense part touches everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .codec import Delta, Part, Shapes, Sparse, densify
+
+Saved = dict[str, Part]
+"""Previous values at every touched position: Sparse(indices, old values) or a dense copy."""
+
+
+def _flat(p: Tensor) -> Tensor:
+    if not p.is_contiguous():
+        raise ValueError("parameters must be contiguous to be updated in place")
+    return p.view(-1)
+
+
+@torch.no_grad()
+def add_(params: dict[str, Tensor], delta: Delta, scale: float) -> None:
+    """params += scale * delta, in place, without saving anything (θ_eval, the master)."""
+    for name, part in delta.items():
+        p = params[name]
+        if isinstance(part, Sparse):
+            idx, vals = part.indices.to(p.device), part.values.to(p.device, p.dtype)
+            _flat(p).index_add_(0, idx, vals, alpha=scale)
+        else:
+            p.add_(part.to(p.device, p.dtype).view_as(p), alpha=scale)
+
+
+@torch.no_grad()
+def apply_(params: dict[str, Tensor], delta: Delta, scale: float) -> Saved:
+    """params += scale * delta, in place; returns the previous values of every touched position."""
+    saved: Saved = {}
+    for name, part in delta.items():
+        p = params[name]
+        if isinstance(part, Sparse):
+            idx = part.indices.to(p.device)
+            saved[name] = Sparse(idx, _flat(p).index_select(0, idx))
+        else:
+            saved[name] = p.detach().clone()
+    add_(params, delta, scale)
+    return saved
+
+
+@torch.no_grad()
+def restore_(params: dict[str, Tensor], saved: Saved) -> None:
+    """Put back the values `apply_` saved: every parameter is bit-identical to before."""
+    for name, part in saved.items():
+        p = params[name]
+        if isinstance(part, Sparse):
+            _flat(p).index_copy_(0, part.indices, part.values)
+        else:
+            p.copy_(part)
+
+
+def delta_norm(delta: Delta) -> float:
+    """L2 norm over every part (float64 accumulation, so huge values give inf, not NaN)."""
+    total = 0.0
+    for part in delta.values():
+        values = part.values if isinstance(part, Sparse) else part
+        total += float(values.double().square().sum())
+    return math.sqrt(total)
+
+
+def to_dense(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
+    """Dense fp32 tensors (zeros where a sparse part holds nothing)."""
+    return densify(delta, shapes)
+
+
+def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
+    """Σ w_i Δ_i; a parameter stays sparse (union of positions) when every input is sparse there."""
+    if len(deltas) != len(weights):
+        raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
+    out: Delta = {}
+    for name, shape in shapes.items():
+        parts = [(d[name], float(w)) for d, w in zip(deltas, weights, strict=True) if name in d]
+        if not parts:
+            continue
+        if all(isinstance(p, Sparse) for p, _ in parts):
+            idx = torch.cat([p.indices for p, _ in parts])
+            vals = torch.cat([p.values.float() * w for p, w in parts])
+            union, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            out[name] = Sparse(union, torch.zeros(union.numel()).index_add_(0, inverse, vals))
+        else:
+            dense = torch.zeros(shape)
+            for p, w in parts:
+                add_({name: dense}, {name: p}, w)
+            out[name] = dense
+    return out
+
+
+def _shared(a: Part, b: Part) -> tuple[Tensor, Tensor]:
+    """The values of a and b at the positions both hold (flat, fp64)."""
+    if isinstance(a, Sparse) and isinstance(b, Sparse):
+        common, ia, ib = _intersect(a.indices, b.indices)
+        return a.values[ia].double(), b.values[ib].double()
+    if isinstance(a, Sparse):
+        return a.values.double(), b.reshape(-1)[a.indices].double()
+    if isinstance(b, Sparse):
+        return a.reshape(-1)[b.indices].double(), b.values.double()
+    return a.reshape(-1).double(), b.reshape(-1).double()
+
+
+def _intersect(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Common values of two sorted unique index tensors and where each holds them."""
+    if x.numel() == 0 or y.numel() == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty, empty
+    pos = torch.searchsorted(y, x).clamp_max(y.numel() - 1)
+    hit = y[pos] == x
+    return x[hit], hit.nonzero().reshape(-1), pos[hit]
+
+
+def similarity(a: Delta, b: Delta) -> float:
+    """Cosine between two deltas over the positions both hold; 0 when they share none.
+
+    The validator zeroes the later of two uploads whose similarity reaches `copy_threshold`.
+    """
+    dot = na = nb = 0.0
+    for name in a.keys() & b.keys():
+        va, vb = _shared(a[name], b[name])
+        dot += float((va * vb).sum())
+        na += float(va.square().sum())
+        nb += float(vb.square().sum())
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return dot / math.sqrt(na * nb)

@@ -1,0 +1,324 @@
+"""Delta codecs: what a miner's `trained - master` becomes on the wire, and back.
+
+In the manner of hivemind's `compression/base.py`: an abstract `Codec`, a frozen `CodecContext`
+describing the window, and a `CODECS` registry checked at import. Every codec also promises the
+exact wire tensors (`wire_spec`) it produces for a model's shapes, so a validator can reject a blob
+from its header alone, before any tensor is loaded.
+
+- `topk` (default): per parameter, chunks of `ctx.chunk` entries, the k = round(chunk/compression)
+  largest by magnitude per chunk; local indices sorted and packed in 12 bits (two in three bytes)
+  when chunk <= 4096 (int32 otherwise); values as int8 with one fp32 scale (absmax/127) per chunk.
+  fp32 scales cost ~2% of the ratio against fp16 but cannot underflow for late, tiny deltas:
+  ~154x at compression 100. Pair it with `ErrorFeedback`.
+- `mask`: the same positions for every miner, drawn from a CPU generator seeded by
+  (netuid, window, name); only fp32 values travel, so the ratio is `compression` exactly.
+- `dense`: bf16 values of everything, for debugging and as a reference (2x).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import protocol
+
+Shapes = dict[str, tuple[int, ...]]
+WireSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class Sparse(NamedTuple):
+    """A sparse part of a delta: flat positions (sorted, unique, int64) and their fp32 values."""
+
+    indices: Tensor
+    values: Tensor
+
+
+Part = Tensor | Sparse
+Delta = dict[str, Part]
+
+
+class BadTensors(ValueError):
+    """The wire tensors are not exactly what the codec promises for these shapes."""
+
+
+@dataclass(frozen=True)
+class CodecContext:
+    """Everything a codec needs besides the tensors; the same on every node for a window."""
+
+    netuid: int
+    window: int
+    compression: float
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.compression, (int, float)) and self.compression >= 1):
+            raise ValueError(f"compression must be >= 1, got {self.compression!r}")
+        if not (isinstance(self.chunk, int) and self.chunk >= 1):
+            raise ValueError(f"chunk must be a positive int, got {self.chunk!r}")
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+class Codec(ABC):
+    """Turns a delta into wire tensors and back; promises the wire layout in advance."""
+
+    name: ClassVar[str]  # written into the delta's metadata
+
+    @abstractmethod
+    def encode(self, delta: dict[str, Tensor], ctx: CodecContext) -> dict[str, Tensor]:
+        """Wire tensors (CPU, contiguous) for an fp32 delta."""
+
+    @abstractmethod
+    def decode(self, tensors: dict[str, Tensor], ctx: CodecContext, shapes: Shapes) -> Delta:
+        """The delta the wire tensors stand for; raises `BadTensors` for anything not promised."""
+
+    @abstractmethod
+    def wire_spec(self, shapes: Shapes, ctx: CodecContext) -> WireSpec:
+        """Exact names, shapes and dtypes of the wire tensors for a model's shapes."""
+
+    def params(self, ctx: CodecContext) -> dict:
+        """The codec parameters written into (and checked against) the delta's metadata."""
+        return {}
+
+    def ratio(self, shapes: Shapes, ctx: CodecContext) -> float:
+        """Dense fp32 bytes / wire bytes."""
+        dense = sum(4 * numel(s) for s in shapes.values())
+        wire = sum(numel(s) * dt.itemsize for s, dt in self.wire_spec(shapes, ctx).values())
+        return dense / wire
+
+    def check(self, tensors: dict[str, Tensor], ctx: CodecContext, shapes: Shapes) -> None:
+        """Raise `BadTensors` unless names, shapes and dtypes match `wire_spec` exactly."""
+        spec = self.wire_spec(shapes, ctx)
+        if set(tensors) != set(spec):
+            missing, extra = sorted(set(spec) - set(tensors)), sorted(set(tensors) - set(spec))
+            raise BadTensors(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, (shape, dtype) in spec.items():
+            t = tensors[name]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise BadTensors(f"{name}: {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}")
+
+
+# --- topk ---------------------------------------------------------------------------------------
+
+
+def pack12(idx: Tensor) -> Tensor:
+    """Pack values < 4096 two to three bytes (uint8); an odd count gets one zero pad."""
+    idx = idx.to(torch.int32).reshape(-1)
+    if idx.numel() % 2:
+        idx = torch.cat([idx, idx.new_zeros(1)])
+    a, b = idx[0::2], idx[1::2]
+    out = torch.stack([a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4], dim=1)  # [pairs, 3]
+    return out.to(torch.uint8).reshape(-1)
+
+
+def unpack12(packed: Tensor, count: int) -> Tensor:
+    """Inverse of `pack12`: `count` int64 values; raises `BadTensors` if the pad is not zero."""
+    p = packed.to(torch.int64).reshape(-1, 3)
+    a = p[:, 0] | ((p[:, 1] & 0xF) << 8)
+    b = (p[:, 1] >> 4) | (p[:, 2] << 4)
+    out = torch.stack([a, b], dim=1).reshape(-1)
+    if out.numel() > count and bool((out[count:] != 0).any()):
+        raise BadTensors("non-zero padding in packed indices")
+    return out[:count]
+
+
+class TopK(Codec):
+    name = "topk"
+
+    def k(self, ctx: CodecContext) -> int:
+        return min(ctx.chunk, max(1, round(ctx.chunk / ctx.compression)))
+
+    def params(self, ctx: CodecContext) -> dict:
+        return {"compression": float(ctx.compression), "chunk": ctx.chunk}
+
+    def wire_spec(self, shapes: Shapes, ctx: CodecContext) -> WireSpec:
+        spec: WireSpec = {}
+        k = self.k(ctx)
+        for name, shape in shapes.items():
+            chunks = -(-numel(shape) // ctx.chunk)
+            count = chunks * k
+            if ctx.chunk <= 4096:
+                spec[f"{name}.idx"] = ((3 * -(-count // 2),), torch.uint8)
+            else:
+                spec[f"{name}.idx"] = ((count,), torch.int32)
+            spec[f"{name}.val"] = ((count,), torch.int8)
+            spec[f"{name}.scale"] = ((chunks,), torch.float32)
+        return spec
+
+    def encode(self, delta: dict[str, Tensor], ctx: CodecContext) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        k = self.k(ctx)
+        for name, t in delta.items():
+            flat = t.detach().to("cpu", torch.float32).reshape(-1)
+            chunks = -(-flat.numel() // ctx.chunk)
+            x = torch.nn.functional.pad(flat, (0, chunks * ctx.chunk - flat.numel())).view(chunks, ctx.chunk)
+            idx = x.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # [chunks, k]
+            vals = x.gather(1, idx)
+            scale = vals.abs().amax(dim=1) / 127.0  # [chunks]
+            q = torch.where(scale[:, None] > 0, vals / scale[:, None].clamp_min(1e-38), 0.0)
+            q = q.round().clamp(-127, 127).to(torch.int8)
+            out[f"{name}.idx"] = pack12(idx) if ctx.chunk <= 4096 else idx.to(torch.int32).reshape(-1)
+            out[f"{name}.val"] = q.reshape(-1)
+            out[f"{name}.scale"] = scale.contiguous()
+        return out
+
+    def decode(self, tensors: dict[str, Tensor], ctx: CodecContext, shapes: Shapes) -> Delta:
+        self.check(tensors, ctx, shapes)
+        k, delta = self.k(ctx), {}
+        for name, shape in shapes.items():
+            n = numel(shape)
+            chunks = -(-n // ctx.chunk)
+            raw = tensors[f"{name}.idx"]
+            local = unpack12(raw, chunks * k) if ctx.chunk <= 4096 else raw.to(torch.int64)
+            local = local.view(chunks, k)
+            if bool((local < 0).any() | (local >= ctx.chunk).any()):
+                raise BadTensors(f"{name}: index outside its chunk")
+            if k > 1 and bool((local[:, 1:] <= local[:, :-1]).any()):
+                raise BadTensors(f"{name}: indices within a chunk not strictly increasing")
+            scale = tensors[f"{name}.scale"]
+            if not bool(torch.isfinite(scale).all() & (scale >= 0).all()):
+                raise BadTensors(f"{name}: scales must be finite and >= 0")
+            q = tensors[f"{name}.val"].view(chunks, k)
+            flat = (local + torch.arange(chunks)[:, None] * ctx.chunk).reshape(-1)
+            values = (q.to(torch.float32) * scale[:, None]).reshape(-1)
+            real = flat < n
+            if bool((q.reshape(-1)[~real] != 0).any()):
+                raise BadTensors(f"{name}: non-zero value at a padding position")
+            delta[name] = Sparse(flat[real], values[real])
+        return delta
+
+
+# --- mask ---------------------------------------------------------------------------------------
+
+
+def mask_size(n: int, compression: float) -> int:
+    """How many positions of an n-entry tensor a mask keeps: about n/compression, at least one."""
+    return min(n, max(1, round(n / compression)))
+
+
+@functools.lru_cache(maxsize=4096)
+def mask_positions(netuid: int, window: int, name: str, n: int, k: int) -> Tensor:
+    """k distinct positions in [0, n), sorted, the same on every node and process.
+
+    Drawn on CPU with replacement and de-duplicated in draw order (O(k log k), unlike randperm's
+    O(n)); a stable function of (netuid, window, name) for a given torch version. Cached and
+    shared between calls: never modify the returned tensor.
+    """
+    g = torch.Generator(device="cpu").manual_seed(protocol.seed("mask", netuid, window, name))
+    drawn, distinct = np.empty(0, dtype=np.int64), 0
+    while distinct < k:
+        extra = 2 * (k - distinct) + k // 64 + 16
+        drawn = np.concatenate([drawn, torch.randint(n, (extra,), generator=g, dtype=torch.int64).numpy()])
+        _, first = np.unique(drawn, return_index=True)  # where each distinct value was first drawn
+        distinct = first.size
+    keep = drawn[np.sort(first)[:k]]  # the first k distinct draws
+    return torch.from_numpy(np.sort(keep))
+
+
+class Mask(Codec):
+    name = "mask"
+
+    def params(self, ctx: CodecContext) -> dict:
+        return {"compression": float(ctx.compression)}
+
+    def positions(self, name: str, shape: tuple[int, ...], ctx: CodecContext) -> Tensor:
+        n = numel(shape)
+        return mask_positions(ctx.netuid, ctx.window, name, n, mask_size(n, ctx.compression))
+
+    def wire_spec(self, shapes: Shapes, ctx: CodecContext) -> WireSpec:
+        return {name: ((mask_size(numel(s), ctx.compression),), torch.float32) for name, s in shapes.items()}
+
+    def encode(self, delta: dict[str, Tensor], ctx: CodecContext) -> dict[str, Tensor]:
+        out = {}
+        for name, t in delta.items():
+            flat = t.detach().to("cpu", torch.float32).reshape(-1)
+            out[name] = flat[self.positions(name, tuple(t.shape), ctx)].contiguous()
+        return out
+
+    def decode(self, tensors: dict[str, Tensor], ctx: CodecContext, shapes: Shapes) -> Delta:
+        self.check(tensors, ctx, shapes)
+        return {
+            name: Sparse(self.positions(name, s, ctx), tensors[name].float()) for name, s in shapes.items()
+        }
+
+
+# --- dense --------------------------------------------------------------------------------------
+
+
+class Dense(Codec):
+    name = "dense"
+
+    def wire_spec(self, shapes: Shapes, ctx: CodecContext) -> WireSpec:
+        return {name: (tuple(s), torch.bfloat16) for name, s in shapes.items()}
+
+    def encode(self, delta: dict[str, Tensor], ctx: CodecContext) -> dict[str, Tensor]:
+        return {name: t.detach().to("cpu", torch.bfloat16).contiguous() for name, t in delta.items()}
+
+    def decode(self, tensors: dict[str, Tensor], ctx: CodecContext, shapes: Shapes) -> Delta:
+        self.check(tensors, ctx, shapes)
+        return {name: tensors[name].float() for name in shapes}
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (TopK(), Mask(), Dense())}
+if set(CODECS) != {"topk", "mask", "dense"}:
+    raise ImportError(f"codec registry is inconsistent: {sorted(CODECS)}")
+
+
+# --- error feedback -----------------------------------------------------------------------------
+
+
+def densify(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
+    """Dense fp32 tensors of a decoded delta (zeros where a sparse part has no value)."""
+    out = {}
+    for name, shape in shapes.items():
+        part = delta[name]
+        if isinstance(part, Sparse):
+            flat = torch.zeros(numel(shape), dtype=torch.float32, device=part.values.device)
+            flat[part.indices] = part.values
+            out[name] = flat.view(shape)
+        else:
+            out[name] = part.float().reshape(shape)
+    return out
+
+
+@dataclass
+class ErrorFeedback:
+    """What a miner did not send yet; added to its next window's delta (kept on the miner)."""
+
+    residual: dict[str, Tensor] = field(default_factory=dict)
+
+    PREFIX: ClassVar[str] = "residual/"
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Tensors to persist (safetensors) so a restarted miner loses nothing."""
+        return {self.PREFIX + name: t.detach().cpu().contiguous() for name, t in self.residual.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> ErrorFeedback:
+        bad = [n for n in tensors if not n.startswith(cls.PREFIX)]
+        if bad:
+            raise ValueError(f"not error-feedback tensors: {bad[:3]}")
+        return cls({n[len(cls.PREFIX) :]: t.float() for n, t in tensors.items()})
+
+
+def compress(
+    delta: dict[str, Tensor], codec: Codec, ctx: CodecContext, ef: ErrorFeedback | None
+) -> dict[str, Tensor]:
+    """Encode `delta` (plus the residual); the residual becomes what the wire did not carry."""
+    target = {n: t.detach().float() + (ef.residual[n].to(t.device) if ef and n in ef.residual else 0.0)
+              for n, t in delta.items()}  # fmt: skip
+    wire = codec.encode(target, ctx)
+    if ef is not None:
+        shapes = {n: tuple(t.shape) for n, t in target.items()}
+        sent = densify(codec.decode(wire, ctx, shapes), shapes)
+        ef.residual = {n: target[n] - sent[n].to(target[n].device) for n in target}
+    return wire
