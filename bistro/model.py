@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
+import contextlib
+import hashlib
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from .config import ModelConfig
 
@@ -23,3 +30,84 @@ def llama_config(cfg: ModelConfig) -> LlamaConfig:
         eos_token_id=0,
         pad_token_id=None,
     )
+
+
+def build_model(
+    cfg: ModelConfig, seed: int | None = None, attn_implementation: str = "sdpa"
+) -> LlamaForCausalLM:
+    """A freshly initialised fp32 model: the same bits for the same seed in any process.
+
+    The init draws from torch's global generator inside `fork_rng`, so the caller's RNG state is
+    left exactly as it was.
+    """
+    config = llama_config(cfg)
+    config.use_cache = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed if seed is None else seed)
+        model = LlamaForCausalLM._from_config(
+            config, attn_implementation=attn_implementation, dtype=torch.float32
+        )
+    return model
+
+
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; plain fp32 elsewhere (CPU bf16 autocast is slower for small models)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def token_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """[b, L-1] next-token losses (fp32) of a batch of token rows."""
+    logits = model(input_ids=batch).logits  # [b, L, V]
+    b, length, vocab = logits.shape
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(), batch[:, 1:].reshape(-1), reduction="none"
+    ).view(b, length - 1)
+
+
+def sequence_losses(model: nn.Module, sequences: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Mean next-token loss of each sequence, float64 on the CPU, [n]."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(sequences), dtype=torch.float64)
+    try:
+        with torch.inference_mode(), autocast_for(device):
+            for start in range(0, len(sequences), batch_size):
+                batch = sequences[start : start + batch_size].to(device, non_blocking=True)
+                out[start : start + len(batch)] = token_losses(model, batch).mean(dim=1).double().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate(model: nn.Module, sequences: torch.Tensor, batch_size: int) -> float:
+    """Mean loss over the sequences (every sequence has the same length, so every token counts once)."""
+    if len(sequences) == 0:
+        raise ValueError("evaluate needs at least one sequence")
+    return float(sequence_losses(model, sequences, batch_size).mean())
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name: the tensors that deltas, masters and hashes are defined over.
+
+    Non-persistent buffers (rotary `inv_freq`) are derived from the config and left out; a tied
+    output head appears once, under the embedding's name.
+    """
+    return dict(model.named_parameters())
+
+
+def model_hash(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 over name, dtype, shape and raw bytes of every tensor, in name order."""
+    state = state_tensors(model_or_state) if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        head = f"{name}|{str(t.dtype).removeprefix('torch.')}|{','.join(map(str, t.shape))}|"
+        h.update(len(head).to_bytes(8, "little"))
+        h.update(head.encode())
+        data = t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(data.nbytes.to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
