@@ -1,0 +1,60 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server mode), and fresh buckets on it."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from bistro.config import StorageConfig
+
+TEST_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[object]:
+    """A moto S3 server on 127.0.0.1 for the whole session, with test credentials in the env."""
+    from bistro.storage import s3
+    from bistro.storage.s3server import start_s3_server
+
+    saved = {k: os.environ.get(k) for k in [*TEST_AWS_ENV, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
+    for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(k, None)
+    os.environ.update(TEST_AWS_ENV)
+    for cached in (s3._session, s3._has_credentials, s3._client):  # forget any credential-less session
+        cached.cache_clear()
+    server = start_s3_server()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    for cached in (s3._session, s3._has_credentials, s3._client):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def s3_cfg(s3_server) -> StorageConfig:
+    """Storage settings that point at the loopback S3 server, with short timeouts."""
+    return StorageConfig(backend="s3", endpoint_url=s3_server.url, timeout=10.0, retries=2)
+
+
+@pytest.fixture
+def s3_store(s3_cfg: StorageConfig) -> Iterator[object]:
+    """An S3Store on a fresh, empty bucket; its objects are deleted afterwards (moto keeps them in RAM)."""
+    from bistro.storage.s3 import S3Store
+
+    store = S3Store(f"test-{uuid.uuid4().hex[:12]}", s3_cfg)
+    store.create_bucket()
+    yield store
+    keys = [{"Key": o.key} for o in store.list()]
+    for i in range(0, len(keys), 1000):
+        store.client.delete_objects(Bucket=store.bucket, Delete={"Objects": keys[i : i + 1000]})
