@@ -351,7 +351,7 @@ class LocalChain(Chain):
             db.execute("UPDATE neurons SET commitment=? WHERE uid=?", (data, uid))
 
     def set_weights(self, wallet: Any, uids: Sequence[int], weights: Sequence[float]) -> None:
-        uid_arr, values = self._check_weights(uids, weights)
+        uid_arr, values = check_weights(uids, weights)
         hotkey = _hotkey(wallet)
         with self._lock, self._guard():
             self._catch_up()
@@ -383,19 +383,19 @@ class LocalChain(Chain):
             )
             db.execute("UPDATE neurons SET last_update=? WHERE uid=?", (block, me))
 
-    @staticmethod
-    def _check_weights(uids: Sequence[int], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        """Refuse malformed weights before touching the database."""
-        uid_arr = np.asarray(list(uids))
-        values = np.asarray(list(weights), dtype=np.float64)
-        if uid_arr.ndim != 1 or values.ndim != 1 or len(uid_arr) != len(values):
-            raise ChainError(f"cannot set weights: {len(uid_arr)} uids but {len(values)} weights")
-        if len(uid_arr) and not np.issubdtype(uid_arr.dtype, np.integer):
-            raise ChainError("cannot set weights: uids must be integers")
-        if not np.isfinite(values).all() or (values < 0).any():
-            raise ChainError(
-                "cannot set weights: weights must be finite and non-negative (NaN or negative given)"
-            )
-        if len(set(uid_arr.tolist())) != len(uid_arr):
-            raise ChainError("cannot set weights: duplicate uids")
-        return uid_arr.astype(np.int64), values
+
+def check_weights(uids: Sequence[int], weights: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Refuse malformed weights (any chain) before anything is written; returns int64 uids, float64 weights."""
+    uid_arr = np.asarray(list(uids))
+    values = np.asarray(list(weights), dtype=np.float64)
+    if uid_arr.ndim != 1 or values.ndim != 1 or len(uid_arr) != len(values):
+        raise ChainError(f"cannot set weights: {len(uid_arr)} uids but {len(values)} weights")
+    if len(uid_arr) and not np.issubdtype(uid_arr.dtype, np.integer):
+        raise ChainError("cannot set weights: uids must be integers")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ChainError(
+            "cannot set weights: weights must be finite and non-negative (NaN or negative given)"
+        )
+    if len(set(uid_arr.tolist())) != len(uid_arr):
+        raise ChainError("cannot set weights: duplicate uids")
+    return uid_arr.astype(np.int64), values
