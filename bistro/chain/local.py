@@ -180,9 +180,7 @@ class LocalChain(Chain):
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ChainError(
-                        f"block {block} not reached within {timeout}s (at {now})", transient=True
-                    )
+                    raise ChainError(f"block {block} not reached within {timeout}s (at {now})")
                 wait = min(wait, left)
             time.sleep(max(wait, 1e-3))
         return now
