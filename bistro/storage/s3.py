@@ -26,7 +26,8 @@ Public read for a miner's bucket (AWS): turn off "Block public access" for bucke
        {"Effect": "Allow", "Principal": "*", "Action": "s3:ListBucket",
         "Resource": "arn:aws:s3:::BUCKET"}]}
 
-(the second statement only if validators should list the bucket). Writing stays with the owner:
+(the second statement only if validators should list the bucket; `public_read_policy(bucket)` writes
+this JSON, for `aws s3api put-bucket-policy --bucket BUCKET --policy file://policy.json`). Writing stays with the owner:
 the miner's own credentials (an IAM user or role with s3:PutObject/s3:DeleteObject on the bucket).
 Never give the public s3:PutObject.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -101,7 +103,7 @@ def _classify(e: BaseException) -> tuple[str, str]:
         err = e.response.get("Error", {})
         code = str(err.get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        reason = f"{status} {code}".strip()
+        reason = f"{status} {code}".strip() if code != str(status) else code
         if code in _NOT_FOUND_CODES or status == 404:
             return "notfound", reason
         if status >= 500 or status == 429 or code in _RETRY_CODES:
@@ -169,6 +171,37 @@ def _client(
     )
     with _session_lock:  # sessions are not thread-safe; clients are
         return _session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _total_size(r: dict[str, Any]) -> int:
+    """The whole object's size from a (ranged) GetObject response: `bytes 0-99/1234` -> 1234."""
+    content_range = r.get("ContentRange")
+    if content_range and "/" in content_range:
+        return int(content_range.rsplit("/", 1)[1])
+    return int(r["ContentLength"])
+
+
+def public_read_policy(bucket: str, *, listing: bool = True) -> str:
+    """The bucket policy (JSON) that lets anyone read `bucket`, and list it when `listing`.
+    Apply it with the owner's credentials; it grants no write."""
+    statements = [
+        {
+            "Effect": "Allow",
+            "Principal": "*",
+            "Action": "s3:GetObject",
+            "Resource": f"arn:aws:s3:::{bucket}/*",
+        }
+    ]
+    if listing:
+        statements.append(
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:ListBucket",
+                "Resource": f"arn:aws:s3:::{bucket}",
+            }
+        )
+    return json.dumps({"Version": "2012-10-17", "Statement": statements})
 
 
 def part_size(size: int) -> int:
@@ -249,27 +282,42 @@ class S3Store(Store):
         return self._retry("get", key, lambda: self._get_once(key, max_bytes))
 
     def _get_once(self, key: str, max_bytes: int | None) -> bytes:
-        r = self.client.get_object(Bucket=self.bucket, Key=key)
-        body, size = r["Body"], int(r["ContentLength"])
+        # 1. ask for the first `multipart_threshold` bytes: small objects come whole, large ones
+        #    tell their total size in Content-Range, and the body is not touched before the size check
+        first = self.cfg.multipart_threshold
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{first - 1}")
+        except bce.ClientError as e:
+            if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 416:
+                raise
+            r = self.client.get_object(Bucket=self.bucket, Key=key)  # an empty object has no range
+        body, size = r["Body"], _total_size(r)
         if max_bytes is not None and size > max_bytes:
             body.close()  # drops the connection instead of draining the body
             raise TooLarge(key, size, max_bytes)
-        if size <= self.cfg.multipart_threshold:
+        if size <= first:
             with body:
-                return body.read()
-        return self._get_ranged(key, body, size, r["ETag"])
+                data = body.read()
+            if len(data) != size:
+                raise StorageError(f"get {self.bucket}/{key}: {len(data)} of {size} bytes")
+            return data
+        # 2. the rest in parallel ranges, pinned to the same version by its ETag
+        return self._get_ranged(key, body, first, size, r["ETag"])
 
-    def _get_ranged(self, key: str, first: Any, size: int, etag: str) -> bytes:
-        """The object in parallel ranges; part 0 is read from the response already open."""
+    def _get_ranged(self, key: str, head: Any, first: int, size: int, etag: str) -> bytes:
+        """Bytes [0, first) from the open response `head`, the rest in ranges, all in parallel."""
         step = part_size(size)
+        ranges = [(lo, min(size, lo + step)) for lo in range(first, size, step)]
         out = bytearray(size)
 
-        def fetch(n: int) -> None:
-            lo, hi = n * step, min(size, (n + 1) * step)
-            if n == 0:
-                with first:
-                    out[lo:hi] = first.read(hi - lo)
-                return
+        def read_head() -> None:
+            with head:
+                chunk = head.read()
+            if len(chunk) != first:
+                raise StorageError(f"get {self.bucket}/{key}: short first range")
+            out[:first] = chunk
+
+        def fetch(lo: int, hi: int) -> None:
             rng = f"bytes={lo}-{hi - 1}"
 
             def one() -> bytes:
@@ -283,7 +331,9 @@ class S3Store(Store):
             out[lo:hi] = chunk
 
         with ThreadPoolExecutor(self.cfg.max_workers, thread_name_prefix="s3-get") as pool:
-            list(pool.map(fetch, range(math.ceil(size / step))))
+            jobs = [pool.submit(read_head)] + [pool.submit(fetch, lo, hi) for lo, hi in ranges]
+            for job in jobs:
+                job.result()
         return bytes(out)
 
     # -- the rest -------------------------------------------------------------------------------
