@@ -1,0 +1,141 @@
+"""Apply and remove in place: bit-exact restore, only touched positions, merge, similarity, norm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from bistro.config import build_settings
+from bistro.delta import (
+    CODECS,
+    CodecContext,
+    Sparse,
+    add_,
+    apply_,
+    delta_norm,
+    merge,
+    restore_,
+    similarity,
+    to_dense,
+)
+from bistro.model import llama_config
+
+CTX = CodecContext(netuid=212, window=3, compression=100.0)
+
+
+@pytest.fixture(scope="module")
+def model() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(llama_config(build_settings("tiny").model))
+
+
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters()}
+
+
+def decoded(model: torch.nn.Module, codec: str, seed: int, scale: float = 1e-2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    delta = {n: torch.randn(s, generator=g) * scale for n, s in shapes.items()}
+    return CODECS[codec].decode(CODECS[codec].encode(delta, CTX), CTX, shapes)
+
+
+def bits(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().view(torch.int32) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("codec", ["topk", "mask", "dense"])
+def test_remove_then_restore_is_bit_exact(model: torch.nn.Module, codec: str) -> None:
+    params = params_of(model)
+    before = bits(params)
+    deltas = [decoded(model, codec, seed) for seed in range(3)]
+    for d in deltas:  # θ_eval = θ + Σ m_i Δ_i
+        add_(params, d, 1 / 3)
+    eval_bits = bits(params)
+    for d in deltas:
+        saved = apply_(params, d, -1 / 3)  # remove m_i Δ_i
+        assert any(not torch.equal(params[n].view(torch.int32), eval_bits[n]) for n in params)
+        restore_(params, saved)  # put it back
+        assert all(torch.equal(params[n].view(torch.int32), eval_bits[n]) for n in params)
+    # a float subtraction would not have been exact: that is why we save and restore
+    naive = {n: p.detach().clone() for n, p in params.items()}
+    add_(naive, deltas[0], -1 / 3)
+    add_(naive, deltas[0], 1 / 3)
+    assert any(not torch.equal(naive[n].view(torch.int32), eval_bits[n]) for n in params)
+    with torch.no_grad():  # leave the shared model as the fixture built it
+        for n, p in params.items():
+            p.copy_(before[n].view(torch.float32))
+
+
+def test_sparse_apply_touches_only_its_positions(model: torch.nn.Module) -> None:
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = bits(params)
+    delta = decoded(model, "mask", seed=5)
+    apply_(params, delta, 0.5)
+    for name, part in delta.items():
+        changed = (params[name].view(torch.int32) != before[name]).reshape(-1).nonzero().reshape(-1)
+        assert bool(torch.isin(changed, part.indices).all()), name
+        want = before[name].view(torch.float32).reshape(-1)[part.indices] + 0.5 * part.values
+        assert torch.allclose(params[name].reshape(-1)[part.indices], want)
+
+
+def test_add_matches_dense_arithmetic(model: torch.nn.Module) -> None:
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    for codec in ("topk", "dense"):
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        delta = decoded(model, codec, seed=6)
+        add_(params, delta, 0.25)
+        dense = to_dense(delta, shapes)
+        for n, p in model.named_parameters():
+            assert torch.allclose(params[n], p.detach() + 0.25 * dense[n], atol=1e-7)
+
+
+def test_merge_keeps_sparse_as_a_union_and_equals_the_dense_sum(model: torch.nn.Module) -> None:
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    deltas = [decoded(model, "topk", seed) for seed in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    merged = merge(deltas, weights, shapes)
+    for name in shapes:
+        part = merged[name]
+        assert isinstance(part, Sparse)
+        assert torch.equal(part.indices, torch.cat([d[name].indices for d in deltas]).unique())
+    dense = [to_dense(d, shapes) for d in deltas]
+    want = {n: sum(w * x[n] for x, w in zip(dense, weights, strict=True)) for n in shapes}
+    got = to_dense(merged, shapes)
+    assert all(torch.allclose(got[n], want[n], atol=1e-7) for n in shapes)
+    mixed = merge([deltas[0], decoded(model, "dense", 9)], [1.0, 1.0], shapes)
+    assert all(isinstance(p, torch.Tensor) for p in mixed.values())
+    with pytest.raises(ValueError):
+        merge(deltas, [1.0], shapes)
+
+
+def test_similarity(model: torch.nn.Module) -> None:
+    a, b = decoded(model, "mask", 1), decoded(model, "mask", 2)
+    negated = {n: Sparse(p.indices, -p.values) for n, p in a.items()}
+    assert similarity(a, a) == pytest.approx(1.0)
+    assert similarity(a, negated) == pytest.approx(-1.0)
+    assert abs(similarity(a, b)) < 0.05  # independent noise
+    t1, t2 = decoded(model, "topk", 1), decoded(model, "topk", 2)
+    shared = sum(int(torch.isin(t1[n].indices, t2[n].indices).sum()) for n in t1)
+    assert shared > 0 and abs(similarity(t1, t2)) < 0.2
+    disjoint = {"x": Sparse(torch.tensor([0, 2]), torch.tensor([1.0, 1.0]))}
+    other = {"x": Sparse(torch.tensor([1, 3]), torch.tensor([1.0, 1.0]))}
+    assert similarity(disjoint, other) == 0.0
+    d1, d2 = decoded(model, "dense", 1), decoded(model, "dense", 1)
+    assert similarity(d1, d2) == pytest.approx(1.0)
+    # a copy of a dense delta re-sent through topk still looks like it
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    copied = CODECS["topk"].decode(CODECS["topk"].encode(to_dense(d1, shapes), CTX), CTX, shapes)
+    assert similarity(copied, d1) > 0.99
+
+
+def test_delta_norm() -> None:
+    sparse = {"x": Sparse(torch.tensor([1, 5]), torch.tensor([3.0, 4.0])), "y": torch.tensor([[12.0]])}
+    assert delta_norm(sparse) == pytest.approx(13.0)
+    assert delta_norm({"x": torch.tensor([3e38, 3e38])}) == pytest.approx(
+        3e38 * math.sqrt(2)
+    )  # fp64: no overflow
+    assert math.isinf(delta_norm({"x": torch.tensor([float("inf"), 1.0])}))
