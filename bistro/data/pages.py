@@ -4,7 +4,7 @@ Pure functions of integers and a block hash: every draw is `bistro.protocol.seed
 its inputs, so any process on any machine computes the same ids, never `hash()` or a global RNG.
 
 - Each miner owns a span of `miner_span` consecutive pages (wrapping the corpus). The span starts at
-  a point drawn from (netuid, uid) and moves forward `pages_per_window` pages per window, so over
+  a point set by (netuid, uid), uids spread evenly round the corpus, and moves forward `pages_per_window` pages per window, so over
   time a miner slides through the whole corpus while two uids, starting far apart, rarely meet.
 - local pages: `pages_per_window` distinct pages of the span, drawn from (netuid, uid, window).
 - eval pages: `eval_pages` of the local pages, drawn with the block hash (unknown to the miner
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 from ..config import Settings
 from ..protocol import seed
+
+GOLDEN = 0x9E3779B97F4A7C15
+"""2**64 / golden ratio."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,10 @@ def _smallest(keys: dict[int, int], k: int) -> list[int]:
 
 def span_start(netuid: int, uid: int, window: int, settings: PageSettings) -> int:
     """First page of uid's span in this window: a per-uid offset plus the slide."""
-    offset = seed("bistro-span", netuid, uid) % settings.num_pages
+    # Fibonacci hashing of the uid (golden-ratio steps round the corpus): consecutive uids start
+    # as far apart as possible, so spans overlap only once the uids' spans outgrow the corpus.
+    point = (seed("bistro-span", netuid) + uid * GOLDEN) % 2**64
+    offset = point * settings.num_pages >> 64
     return (offset + window * settings.pages_per_window) % settings.num_pages
 
 
