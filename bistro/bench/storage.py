@@ -93,14 +93,16 @@ def _s3(data: bytes, repeats: int, cfg: StorageConfig) -> dict[str, tuple[float,
 
 
 def run(settings: Settings, *, quick: bool) -> dict:
-    size = (8 if quick else 50) * MB
+    size = (12 if quick else 50) * MB
     repeats = 2 if quick else 3
     data = os.urandom(size)
     cfg = settings.storage
     # one stream: what our wrapper costs over raw boto3 (the object is under the threshold)
     single = StorageConfig(**{**cfg.__dict__, "multipart_threshold": 2 * size})
     # parts: multipart upload and parallel ranged GETs, as the settings do above their threshold
-    parted = StorageConfig(**{**cfg.__dict__, "multipart_threshold": min(cfg.multipart_threshold, size // 2)})
+    parted = StorageConfig(
+        **{**cfg.__dict__, "multipart_threshold": max(5 * MB, min(cfg.multipart_threshold, size // 2))}
+    )
     figures = {
         "local": _local(data, repeats),
         "s3": _s3(data, repeats, single),
