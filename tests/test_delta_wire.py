@@ -170,6 +170,7 @@ def test_bad_headers(shapes: dict) -> None:
         "short hash": with_doc(blob, tensors_sha256="ab"),
         "version 2": with_doc(blob, version=2),
         "other codec": with_doc(blob, codec="mask"),
+        "lone surrogate": with_doc(blob, resign=False, master_hash="\ud800"),  # cannot be canonical JSON
         "other codec params": with_doc(blob, codec_params={"compression": 10.0, "chunk": 4096}),
     }
     for what, bad in cases.items():

@@ -187,6 +187,7 @@ def read_header(blob: bytes, max_bytes: int) -> Header:
         if not isinstance(meta, dict) or set(meta) != {META_KEY} or not isinstance(meta[META_KEY], str):
             raise ValueError(f'metadata must hold exactly one string "{META_KEY}"')
         doc = strict_json(meta[META_KEY])
+        protocol.canonical_json(doc)  # must be signable: lone surrogates, for one, are not UTF-8
     except ValueError as e:  # includes JSONDecodeError and UnicodeDecodeError
         raise SignedObjectError(Reason.bad_header, str(e)[:200]) from e
     if not isinstance(doc, dict):
