@@ -160,7 +160,8 @@ class TopK(Codec):
         for name, t in delta.items():
             flat = t.detach().to("cpu", torch.float32).reshape(-1)
             chunks = -(-flat.numel() // ctx.chunk)
-            x = torch.nn.functional.pad(flat, (0, chunks * ctx.chunk - flat.numel())).view(chunks, ctx.chunk)
+            pad = chunks * ctx.chunk - flat.numel()
+            x = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(chunks, ctx.chunk)
             idx = x.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # [chunks, k]
             vals = x.gather(1, idx)
             scale = vals.abs().amax(dim=1) / 127.0  # [chunks]
@@ -313,12 +314,24 @@ class ErrorFeedback:
 def compress(
     delta: dict[str, Tensor], codec: Codec, ctx: CodecContext, ef: ErrorFeedback | None
 ) -> dict[str, Tensor]:
-    """Encode `delta` (plus the residual); the residual becomes what the wire did not carry."""
-    target = {n: t.detach().float() + (ef.residual[n].to(t.device) if ef and n in ef.residual else 0.0)
-              for n, t in delta.items()}  # fmt: skip
+    """Encode `delta` plus the residual; the residual becomes exactly what the wire did not carry.
+
+    residual = target - sent, computed in place on `target` (only the sent positions change), so
+    no dense copy of the sent delta is ever made.
+    """
+    if ef is None:
+        return codec.encode(delta, ctx)
+    target = {}
+    for name, t in delta.items():
+        t = t.detach().float()
+        target[name] = t + ef.residual[name].to(t.device) if name in ef.residual else t.clone()
     wire = codec.encode(target, ctx)
-    if ef is not None:
-        shapes = {n: tuple(t.shape) for n, t in target.items()}
-        sent = densify(codec.decode(wire, ctx, shapes), shapes)
-        ef.residual = {n: target[n] - sent[n].to(target[n].device) for n in target}
+    sent = codec.decode(wire, ctx, {n: tuple(t.shape) for n, t in target.items()})
+    for name, part in sent.items():
+        t = target[name]
+        if isinstance(part, Sparse):
+            t.view(-1).index_add_(0, part.indices.to(t.device), part.values.to(t.device), alpha=-1.0)
+        else:
+            t.sub_(part.to(t.device).view_as(t))
+    ef.residual = target
     return wire
