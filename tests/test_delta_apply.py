@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -36,10 +37,16 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters()}
 
 
-def decoded(model: torch.nn.Module, codec: str, seed: int, scale: float = 1e-2) -> dict:
+def decoded(model: torch.nn.Module, codec: str, seed: int) -> dict:
+    """A decoded random delta for the model (cached: tests only read it)."""
+    return _decoded(tuple((n, tuple(p.shape)) for n, p in model.named_parameters()), codec, seed)
+
+
+@functools.cache
+def _decoded(shape_items: tuple, codec: str, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    delta = {n: torch.randn(s, generator=g) * scale for n, s in shapes.items()}
+    shapes = dict(shape_items)
+    delta = {n: torch.randn(s, generator=g) * 1e-2 for n, s in shapes.items()}
     return CODECS[codec].decode(CODECS[codec].encode(delta, CTX), CTX, shapes)
 
 
