@@ -52,6 +52,10 @@ class Trainer:
         self.model = model
         self.cfg = cfg
         self.device = torch.device(device)
+        if cfg.threads > 0:
+            # Process-wide, and it matters: two OpenMP threads on two cores shared with other busy
+            # processes (a localnet) run ~30x slower than one thread, as each waits for the other.
+            torch.set_num_threads(cfg.threads)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
