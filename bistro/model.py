@@ -57,13 +57,26 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _shifted_targets(batch: torch.Tensor) -> torch.Tensor:
+    """[b*L] next-token targets, -100 (ignored) at each row's last position.
+
+    Padding the targets instead of slicing the logits avoids copying the [b, L, V] logits.
+    """
+    return F.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1)
+
+
 def token_losses(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """[b, L-1] next-token losses (fp32) of a batch of token rows."""
     logits = model(input_ids=batch).logits  # [b, L, V]
     b, length, vocab = logits.shape
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab).float(), batch[:, 1:].reshape(-1), reduction="none"
-    ).view(b, length - 1)
+    losses = F.cross_entropy(logits.view(-1, vocab).float(), _shifted_targets(batch), reduction="none")
+    return losses.view(b, length)[:, :-1]
+
+
+def train_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of a batch (what transformers' `labels=` computes, without its copies)."""
+    logits = model(input_ids=batch).logits  # [b, L, V]
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), _shifted_targets(batch))
 
 
 def sequence_losses(model: nn.Module, sequences: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import TrainConfig
-from .model import autocast_for, token_losses
+from .model import autocast_for, train_loss
 
 StepCallback = Callable[[int, float], None]
 
@@ -125,7 +125,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step_count)
         with autocast_for(self.device):
-            loss = token_losses(self.model, batch).mean()
+            loss = train_loss(self.model, batch)
         loss.backward()
         _average_gradients(self.params)
         if self.cfg.grad_clip > 0:
