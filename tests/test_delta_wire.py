@@ -128,6 +128,13 @@ def test_round_trip(shapes: dict, codec: str) -> None:
     assert 0 < decoded.norm < 50
 
 
+def test_an_inconsistent_expectation_is_a_programming_error(shapes: dict) -> None:
+    with pytest.raises(ValueError):
+        expectation(shapes, ctx=CodecContext(212, 10, 100.0))
+    with pytest.raises(ValueError):
+        expectation(shapes, codec="gzip")
+
+
 def test_the_reason_set_is_exactly_the_contract() -> None:
     assert {r.value for r in Reason} == {
         "too_large", "bad_header", "bad_signature", "wrong_hotkey", "wrong_netuid", "wrong_window",

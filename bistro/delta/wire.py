@@ -79,6 +79,13 @@ class Expectation:
     master_window: int | None = None
     """When given, the document's master window must be this (wrong_master otherwise)."""
 
+    def __post_init__(self) -> None:
+        # a validator bug, not a miner's fault: the mask would be drawn for another window
+        if (self.ctx.netuid, self.ctx.window) != (self.netuid, self.window):
+            raise ValueError(f"ctx is for netuid {self.ctx.netuid} window {self.ctx.window}")
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}")
+
 
 @dataclass(frozen=True)
 class DecodedDelta:
