@@ -1,0 +1,407 @@
+"""`bistro localnet`: a whole network on this machine, every node its own OS process.
+
+Creates wallets, the embedded chain (`DIR/chain.sqlite`), buckets (`DIR/buckets/<bucket>/`),
+registers every hotkey, stakes the validators, starts the real `bistro miner` / `bistro validator`
+processes, follows the master as any node would, shows a table per window, and at the end writes
+`DIR/summary.json` and plots. Ctrl-C stops everything cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chain.local import LocalChain
+from .config import PERSONAS, Settings, replace
+from .data import Dataset
+from .data.pages import global_pages
+from .master import Follower, MasterError, Position
+from .model import build_model, sequence_losses, state_tensors
+from .node import default_bucket
+from .storage import open_store
+from .wallet import open_wallet
+
+log = logging.getLogger("bistro.localnet")
+
+ADVERSARIAL = tuple(p for p in PERSONAS if p != "honest")
+
+
+@dataclass
+class Member:
+    name: str
+    role: str
+    persona: str
+    hotkey: str = ""
+    uid: int = -1
+    bucket: str = ""
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+
+class LocalNet:
+    def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir = Path(settings.dir).expanduser().resolve()
+        block_time = args.block_time or 2.0
+        self.settings = replace(
+            settings,
+            **{
+                "chain.network": "embedded",
+                "chain.chain_endpoint": str(self.dir / "chain.sqlite"),
+                "chain.block_time": block_time,
+                "chain.tempo": settings.mechanism.blocks_per_window,
+                "chain.weights_rate_limit": 1,
+                "chain.immunity_period": 10_000,
+                "storage.root": str(self.dir),
+                "wallet.path": str(self.dir / "wallets"),
+                "dir": str(self.dir),
+            },
+        )
+        personas = [p.strip() for p in args.personas.split(",") if p.strip()] if args.personas else []
+        if len(personas) > args.miners:
+            raise SystemExit(f"--personas lists {len(personas)} personas for {args.miners} miners")
+        for p in personas:
+            if p not in PERSONAS:
+                raise SystemExit(f"unknown persona {p!r} (choose from {', '.join(PERSONAS)})")
+        personas += ["honest"] * (args.miners - len(personas))
+        self.members = [Member(f"validator-{i}", "validator", "validator") for i in range(args.validators)]
+        self.members += [Member(f"miner-{i}", "miner", p) for i, p in enumerate(personas)]
+        self.s3 = None
+
+    # --- set-up -----------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        for sub in ("chain.sqlite", "chain.sqlite-wal", "chain.sqlite-shm", "buckets", "logs", "nodes",
+                    "wallets", "summary.json", "network.json"):  # fmt: skip
+            path = self.dir / sub
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.settings.storage.backend == "s3":
+            self._start_s3()
+        log.info("preparing data and tokenizer (cached after the first run)")
+        self.dataset = Dataset.open(self.settings)
+        chain = LocalChain(self.dir / "chain.sqlite", self.settings.chain)
+        for i, m in enumerate(self.members):
+            wallet = open_wallet(replace(self.settings, **{"wallet.name": m.name}).wallet, create=True)
+            m.hotkey = wallet.hotkey.ss58_address
+            m.uid = chain.register(wallet)
+            m.bucket = default_bucket(m.hotkey)
+            if m.role == "validator":
+                chain.add_stake(m.hotkey, 1000.0 * (len(self.members) - i))
+        self.chain = chain
+        self._write_network_json()
+
+    def _start_s3(self) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bistro.storage.s3server", "--port", "0"],
+            stdout=subprocess.PIPE, stderr=open(self.dir / "logs" / "s3.log", "w"), text=True,
+        )  # fmt: skip
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http"):
+            proc.kill()
+            raise SystemExit("the loopback S3 server did not start (see logs/s3.log)")
+        self.s3 = proc
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "localnet")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "localnet")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        self.settings = replace(self.settings, **{"storage.endpoint_url": url, "storage.path_style": True})
+        log.info("loopback S3 at %s", url)
+
+    def _write_network_json(self) -> None:
+        s = self.settings
+        doc = {
+            "netuid": s.chain.netuid,
+            "block_time": s.chain.block_time,
+            "blocks_per_window": s.mechanism.blocks_per_window,
+            "storage": s.storage.backend,
+            "s3_endpoint": s.storage.endpoint_url or None,
+            "uids": [
+                {
+                    "uid": m.uid,
+                    "hotkey": m.hotkey,
+                    "name": m.name,
+                    "persona": m.persona,
+                    "role": m.role,
+                    "bucket": m.bucket,
+                    "bucket_dir": str(self.dir / "buckets" / m.bucket),
+                }  # fmt: skip
+                for m in self.members
+            ],
+        }
+        (self.dir / "network.json").write_text(json.dumps(doc, indent=2))
+
+    def _command(self, m: Member) -> list[str]:
+        s = self.settings
+        cmd = [
+            sys.executable, "-m", "bistro.cli", m.role, "--preset", s.preset,
+            "--dir", str(self.dir / "nodes" / m.name), "--wallet.path", s.wallet.path,
+            "--wallet.name", m.name, "--wallet.hotkey", "default", "--subtensor.network", "embedded",
+            "--subtensor.chain_endpoint", s.chain.chain_endpoint, "--netuid", str(s.chain.netuid),
+            "--storage", s.storage.backend, "--storage.root", s.storage.root, "--bucket", m.bucket,
+            "--train.threads", "1", "--device", s.device,
+        ]  # fmt: skip
+        if s.storage.backend == "s3":
+            cmd += ["--s3.endpoint_url", s.storage.endpoint_url, "--s3.path_style", "true"]
+        if m.role == "miner":
+            cmd += ["--persona", m.persona]
+        if self.args.config:
+            cmd += ["--config", self.args.config]
+        return cmd
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        for m in self.members:
+            log_file = open(self.dir / "logs" / f"{m.name}.log", "w")
+            m.process = subprocess.Popen(
+                self._command(m), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        log.info("started %d processes; logs in %s", len(self.members), self.dir / "logs")
+
+    def stop(self) -> None:
+        procs = [m.process for m in self.members if m.process is not None and m.process.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.time() + 20
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.s3 is not None:
+            self.s3.terminate()
+            self.s3.wait(timeout=10)
+
+    def crashed(self) -> list[str]:
+        """Members whose process ended by itself with a non-zero code."""
+        return [m.name for m in self.members if m.process is not None and m.process.poll() not in (None, 0)]
+
+
+class Observer:
+    """Follows the master like any node and evaluates each θ_w on fixed held-out pages."""
+
+    def __init__(self, net: LocalNet) -> None:
+        self.net = net
+        s = net.settings
+        self.model = build_model(s.model, seed=s.model.seed)
+        self.model.eval()
+        self.params = state_tensors(self.model)
+        shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+        self.follower = Follower(s.chain.netuid, shapes, sum(v.numel() * 4 for v in self.params.values()))
+        # Fixed pages, the same for every window: a held-out measure of the master alone.
+        self.pages = global_pages(s.chain.netuid, -1, "held-out", net.dataset.page_settings)
+        self.sequences = net.dataset.sequences(self.pages)[:64]
+        self.position: Position | None = None
+        self.losses: dict[int, float] = {}
+        top = net.members[0]
+        self.store = open_store(top.bucket, s.storage, root=s.storage.root)
+        self.signer = top.hotkey
+
+    def update(self) -> None:
+        try:
+            latest = self.follower.latest(self.store, self.signer)
+        except MasterError:
+            return
+        if latest is None:
+            return
+        start = self.position.window if self.position else int(latest["checkpoint"])
+        for target in range(start, int(latest["window"]) + 1):
+            if target in self.losses:
+                continue
+            try:
+                self.position = self.follower.sync(
+                    self.store, self.signer, self.params, self.position, target
+                )
+            except MasterError as e:
+                log.debug("observer: %s", e)
+                self.position = None
+                return
+            self.losses[target] = float(sequence_losses(self.model, self.sequences, 32).double().mean())
+
+
+def _records(net: LocalNet) -> list[dict]:
+    path = net.dir / "nodes" / net.members[0].name / "validator" / "windows.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written
+    return out
+
+
+def _print_window(net: LocalNet, record: dict, master_loss: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    mg = net.chain.metagraph()
+    by_uid = {m.uid: m for m in net.members}
+    table = Table(
+        title=f"window {record['window']}  (master loss {master_loss if master_loss is None else round(master_loss, 4)})"
+    )
+    for col in ("uid", "persona", "verdict", "score", "moving avg", "weight", "incentive"):
+        table.add_column(col, justify="right" if col not in ("persona", "verdict") else "left")
+    for uid, r in sorted(record["uids"].items(), key=lambda kv: int(kv[0])):
+        m = by_uid.get(int(uid))
+        table.add_row(
+            uid, m.persona if m else "?", r["verdict"], f"{r['score']:+.5f}", f"{r['moving_average']:+.5f}",
+            f"{r['weight']:.3f}", f"{mg.incentive_of(int(uid)):.3f}",
+        )  # fmt: skip
+    Console().print(table)
+
+
+def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: float) -> dict:
+    mg = net.chain.metagraph()
+    last = records[-1] if records else {"uids": {}}
+    uids = []
+    for m in net.members:
+        if m.role != "miner":
+            continue
+        rejections: dict[str, int] = {}
+        for r in records:
+            verdict = r["uids"].get(str(m.uid), {}).get("verdict")
+            if verdict not in (None, "ok", "skip"):
+                rejections[verdict] = rejections.get(verdict, 0) + 1
+        uids.append({
+            "uid": m.uid, "hotkey": m.hotkey, "persona": m.persona, "incentive": mg.incentive_of(m.uid),
+            "weight": last["uids"].get(str(m.uid), {}).get("weight", 0.0),
+            "moving_average": last["uids"].get(str(m.uid), {}).get("moving_average", 0.0),
+            "rejections": rejections,
+        })  # fmt: skip
+    total = sum(u["incentive"] for u in uids)
+    honest = sum(u["incentive"] for u in uids if u["persona"] == "honest")
+    losses = [observer.losses[w] for w in sorted(observer.losses)]
+    return {
+        "windows_completed": len(records),
+        "master_loss": losses,
+        "master_windows": sorted(observer.losses),
+        "uids": uids,
+        "honest_incentive_share": honest / total if total > 0 else 0.0,
+        "wall_seconds": round(wall, 1),
+        "crashed": net.crashed(),
+        "incentive_history": getattr(net, "incentive_history", []),
+        "settings": {
+            "preset": net.settings.preset,
+            "miners": net.args.miners,
+            "validators": net.args.validators,
+            "block_time": net.settings.chain.block_time,
+            "blocks_per_window": net.settings.mechanism.blocks_per_window,
+        },  # fmt: skip
+    }
+
+
+def plot(net: LocalNet, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(summary["master_windows"], summary["master_loss"], marker="o")
+    ax.set(xlabel="window", ylabel="held-out loss", title="master loss per window")
+    fig.tight_layout()
+    fig.savefig(net.dir / "master_loss.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    history = summary["incentive_history"]
+    by_uid = {u["uid"]: u for u in summary["uids"]}
+    for uid, info in by_uid.items():
+        ax.plot([h["window"] for h in history], [h["incentive"].get(str(uid), 0.0) for h in history],
+                label=f"{uid} {info['persona']}", linestyle="-" if info["persona"] == "honest" else "--")  # fmt: skip
+    ax.set(xlabel="window", ylabel="incentive", title="incentive per uid")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(net.dir / "incentive.png", dpi=120)
+    plt.close(fig)
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.validators < 1 or args.miners < 1 or args.windows < 1:
+        log.error("need at least one validator, one miner and one window")
+        return 2
+    net = LocalNet(settings, args)
+    start = time.time()
+    net.prepare()
+    observer = Observer(net)
+    net.incentive_history = []
+    net.start()
+    shown = 0
+    records: list[dict] = []
+    bpw, bt = net.settings.mechanism.blocks_per_window, net.settings.chain.block_time
+    timeout = (args.windows + 4) * bpw * bt + 120
+    try:
+        while len(records) < args.windows:
+            if time.time() - start > timeout:
+                log.error("timed out waiting for the validator")
+                break
+            if net.members[0].process.poll() is not None:
+                log.error("the validator exited (see logs/%s.log)", net.members[0].name)
+                break
+            time.sleep(min(bt, 2.0))
+            records = _records(net)[: args.windows]
+            observer.update()
+            for record in records[shown:]:
+                mg = net.chain.metagraph()
+                net.incentive_history.append({
+                    "window": record["window"],
+                    "incentive": {str(int(u)): float(i) for u, i in zip(mg.uids, mg.I, strict=True)},
+                })  # fmt: skip
+                pos = observer.position
+                _print_window(net, record, observer.losses.get(pos.window) if pos else None)
+            shown = len(records)
+    except KeyboardInterrupt:
+        log.warning("interrupted: stopping the network")
+    finally:
+        crashed = net.crashed()
+        net.stop()
+    observer.update()
+    summary = summarize(net, records, observer, time.time() - start)
+    summary["crashed"] = crashed
+    (net.dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(net, summary)
+    _print_summary(summary, net)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0 if records and not crashed else 1
+
+
+def _print_summary(summary: dict, net: LocalNet) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="localnet summary")
+    for col in ("uid", "persona", "incentive", "weight", "moving avg", "rejections"):
+        table.add_column(col)
+    for u in sorted(summary["uids"], key=lambda u: -u["incentive"]):
+        table.add_row(str(u["uid"]), u["persona"], f"{u['incentive']:.3f}", f"{u['weight']:.3f}",
+                      f"{u['moving_average']:+.5f}", json.dumps(u["rejections"]))  # fmt: skip
+    console = Console()
+    console.print(table)
+    losses = summary["master_loss"]
+    if losses:
+        drop = (losses[0] - losses[-1]) / losses[0] * 100
+        console.print(f"master loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.1f}% lower)")
+    console.print(
+        f"honest incentive share {summary['honest_incentive_share']:.3f}; "
+        f"{summary['windows_completed']} windows in {summary['wall_seconds']:.0f}s; "
+        f"crashed: {summary['crashed'] or 'none'}"
+    )
+    console.print(f"summary: {net.dir / 'summary.json'}; plots: master_loss.png, incentive.png")

@@ -1,0 +1,262 @@
+"""The master model: published by the top-stake validator, followed by everyone else.
+
+Masters are numbered by the window in which miners train from them: θ_w. While window w+1 runs, the
+validator scores the deltas of window w (trained from θ_w) and computes θ_{w+2} = θ_{w+1} + U_{w+1},
+where U is the merged update of the deltas that helped, kept only if it lowers the global loss
+(DESIGN.md "Mechanism" step 8). Miners of window w+2 start from it, so training never waits for
+validation (a one-window pipeline).
+
+In the publisher's bucket (DESIGN.md "Master"):
+
+    bistro/{netuid}/master/checkpoint-{w}.safetensors   θ_w in full, every `checkpoint_every` windows
+    bistro/{netuid}/master/update-{w}.safetensors       U_w, turning θ_w into θ_{w+1}, every window
+    bistro/{netuid}/master/LATEST.json                  newest window and hash, newest checkpoint
+
+Every object is signed by the publisher's hotkey; followers refuse anything else. Catching up =
+the newest checkpoint at or below the target, then each update after it, then a hash check.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from . import protocol
+from .delta import Delta, Sparse, add_
+from .delta.signed import SignedObjectError, pack_signed, unpack_signed
+from .model import model_hash
+from .storage.base import NotFound, Store
+
+log = logging.getLogger("bistro.master")
+
+Params = dict[str, torch.Tensor]
+
+
+class MasterError(Exception):
+    """The master cannot be followed: missing, not signed by the expected hotkey, or a wrong hash."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Which master a node holds."""
+
+    window: int
+    hash: str
+
+
+# --- updates as tensors --------------------------------------------------------------------------
+
+
+def update_to_tensors(update: Delta) -> dict[str, torch.Tensor]:
+    """A merged update as named tensors: `<param>::i` / `<param>::v` (sparse) or `<param>::d`."""
+    out: dict[str, torch.Tensor] = {}
+    for name, part in update.items():
+        if isinstance(part, Sparse):
+            out[f"{name}::i"] = part.indices.to(torch.int64).contiguous()
+            out[f"{name}::v"] = part.values.to(torch.float32).contiguous()
+        else:
+            out[f"{name}::d"] = part.to(torch.float32).contiguous()
+    return out
+
+
+def update_from_tensors(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> Delta:
+    """Inverse of `update_to_tensors`, refusing names, shapes or positions the model does not have."""
+    update: Delta = {}
+    for key, tensor in tensors.items():
+        name, _, kind = key.rpartition("::")
+        if name not in shapes or kind not in ("i", "v", "d"):
+            raise MasterError(f"update names unknown tensor {key!r}")
+        numel = int(torch.Size(shapes[name]).numel())
+        if kind == "d":
+            if tuple(tensor.shape) != tuple(shapes[name]):
+                raise MasterError(f"update {key}: shape {tuple(tensor.shape)} != {shapes[name]}")
+            update[name] = tensor.float()
+        elif kind == "i":
+            values = tensors.get(f"{name}::v")
+            idx = tensor.to(torch.int64)
+            if values is None or values.shape != idx.shape or idx.ndim != 1:
+                raise MasterError(f"update {name}: indices and values do not pair")
+            if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise MasterError(f"update {name}: index out of range")
+            update[name] = Sparse(idx, values.float())
+    if not all(torch.isfinite(p.values if isinstance(p, Sparse) else p).all() for p in update.values()):
+        raise MasterError("update has non-finite values")
+    return update
+
+
+def load_params(params: Params, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Copy a full checkpoint into the model's own tensors (names and shapes must match exactly)."""
+    if set(tensors) != set(params):
+        raise MasterError("checkpoint tensor names do not match the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            t = tensors[name]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise MasterError(
+                    f"checkpoint {name}: {tuple(t.shape)} {t.dtype} != {tuple(p.shape)} {p.dtype}"
+                )
+            p.copy_(t)
+
+
+def apply_update(params: Params, update: Delta) -> None:
+    """θ ← θ + U, the one way every node applies an update (so all get the same bits)."""
+    with torch.no_grad():
+        add_(params, update, 1.0)
+
+
+# --- publishing ----------------------------------------------------------------------------------
+
+
+class Publisher:
+    """Writes master objects to the top validator's own bucket, signed by its hotkey."""
+
+    def __init__(self, store: Store, keypair: protocol.Signer, netuid: int) -> None:
+        self.store, self.keypair, self.netuid = store, keypair, netuid
+
+    def _doc(self, kind: str, window: int, **fields: object) -> dict:
+        return {"kind": kind, "netuid": self.netuid, "window": window, **fields}
+
+    def checkpoint(self, window: int, params: Params, digest: str) -> None:
+        tensors = {k: v.detach() for k, v in params.items()}
+        blob = pack_signed(tensors, self._doc("checkpoint", window, hash=digest), self.keypair)
+        self.store.put(protocol.checkpoint_key(self.netuid, window), blob)
+
+    def update(
+        self, window: int, update: Delta | None, base_hash: str, result_hash: str, **info: object
+    ) -> None:
+        """U_window (None: θ_{window+1} = θ_window)."""
+        tensors = update_to_tensors(update) if update else {}
+        doc = self._doc(
+            "update",
+            window,
+            base_hash=base_hash,
+            result_hash=result_hash,
+            accepted=update is not None,
+            **info,
+        )
+        self.store.put(protocol.update_key(self.netuid, window), pack_signed(tensors, doc, self.keypair))
+
+    def prune(self, checkpoints: list[int]) -> None:
+        """Delete checkpoints not in `checkpoints` and updates older than the oldest kept one."""
+        oldest = min(checkpoints)
+        for info in self.store.list(protocol.master_prefix(self.netuid)):
+            name = info.key.rsplit("/", 1)[-1]
+            kind, _, rest = name.partition("-")
+            window = rest.split(".")[0]
+            if not window.isdigit():
+                continue
+            if (kind == "checkpoint" and int(window) not in checkpoints) or (
+                kind == "update" and int(window) < oldest
+            ):
+                self.store.delete(info.key)
+
+    def latest(self, window: int, digest: str, checkpoints: list[int]) -> None:
+        """Point at θ_window; `checkpoints` lists the retained checkpoint windows, newest last."""
+        doc = protocol.sign_document(
+            self.keypair,
+            self._doc(
+                "latest", window, hash=digest, checkpoint=max(checkpoints), checkpoints=sorted(checkpoints),
+                version=protocol.FORMAT_VERSION,
+            ),
+        )  # fmt: skip
+        self.store.put(protocol.latest_key(self.netuid), json.dumps(doc).encode())
+
+
+# --- following -----------------------------------------------------------------------------------
+
+
+class Follower:
+    """Catches a model up to θ_w from the publisher's bucket, checking signatures and hashes."""
+
+    def __init__(self, netuid: int, shapes: Mapping[str, tuple[int, ...]], param_bytes: int) -> None:
+        self.netuid = netuid
+        self.shapes = dict(shapes)
+        self.max_checkpoint = int(param_bytes * 1.05) + (1 << 20)
+        self.max_update = 2 * self.max_checkpoint + (1 << 20)
+
+    def latest(self, store: Store, signer: str) -> dict | None:
+        """The publisher's LATEST.json, if there is one signed by `signer`."""
+        try:
+            raw = store.get(protocol.latest_key(self.netuid), max_bytes=64 * 1024)
+        except NotFound:
+            return None
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise MasterError("LATEST.json does not parse") from None
+        if not protocol.verify_document(doc, signer):
+            raise MasterError(f"LATEST.json is not signed by the top validator {signer[:10]}…")
+        if doc.get("netuid") != self.netuid or not isinstance(doc.get("window"), int):
+            raise MasterError("LATEST.json is for another subnet or malformed")
+        return doc
+
+    def _get(self, store: Store, key: str, signer: str, max_bytes: int, kind: str, window: int):
+        try:
+            blob = store.get(key, max_bytes=max_bytes)
+        except NotFound:
+            raise MasterError(f"missing {key}") from None
+        try:
+            doc, tensors = unpack_signed(blob, signer=signer, max_bytes=max_bytes)
+        except SignedObjectError as e:
+            raise MasterError(f"{key}: {e}") from None
+        if doc.get("kind") != kind or doc.get("window") != window or doc.get("netuid") != self.netuid:
+            raise MasterError(f"{key}: document is for another object")
+        return doc, tensors
+
+    def sync(
+        self, store: Store, signer: str, params: Params, have: Position | None, target: int | None = None
+    ) -> Position:
+        """Bring `params` (holding master `have`) to θ_target (default: the newest), in place."""
+        latest = self.latest(store, signer)
+        if latest is None:
+            raise MasterError("no master published yet")
+        newest = int(latest["window"])
+        target = newest if target is None else min(target, newest)
+        if have is not None and have.window == target:
+            return have
+        if have is not None and have.window < target:
+            try:
+                return self._replay(store, signer, params, have.window, have.hash, target, latest)
+            except MasterError as e:
+                log.info("cannot continue from θ_%d (%s): loading a checkpoint", have.window, e)
+        checkpoints = [int(c) for c in latest.get("checkpoints", [latest["checkpoint"]]) if int(c) <= target]
+        if not checkpoints:
+            raise MasterError(f"no checkpoint at or before θ_{target}")
+        start = max(checkpoints)
+        doc, tensors = self._get(
+            store,
+            protocol.checkpoint_key(self.netuid, start),
+            signer,
+            self.max_checkpoint,
+            "checkpoint",
+            start,
+        )
+        load_params(params, tensors)
+        digest = model_hash(params)
+        if digest != doc.get("hash"):
+            raise MasterError(f"checkpoint-{start} hash mismatch")
+        return self._replay(store, signer, params, start, digest, target, latest)
+
+    def _replay(
+        self, store: Store, signer: str, params: Params, start: int, digest: str, target: int, latest: dict
+    ) -> Position:
+        """Apply update-{start} … update-{target-1} to `params` (holding θ_start, hash `digest`)."""
+        newest = int(latest["window"])
+        for window in range(start, target):
+            doc, tensors = self._get(
+                store, protocol.update_key(self.netuid, window), signer, self.max_update, "update", window
+            )
+            if doc.get("base_hash") != digest:
+                raise MasterError(f"update-{window} does not start from the master we hold")
+            if doc.get("accepted"):
+                apply_update(params, update_from_tensors(tensors, self.shapes))
+            digest = str(doc.get("result_hash"))
+        if model_hash(params) != digest:
+            raise MasterError(f"θ_{target} hash mismatch after catching up")
+        if target == newest and digest != latest.get("hash"):
+            raise MasterError("LATEST.json hash does not match the updates")
+        return Position(target, digest)
