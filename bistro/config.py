@@ -136,6 +136,8 @@ class MechanismConfig:
     """Chunk size of the topk codec (indices are local to a chunk)."""
     temperature: float = 1.0
     """Softmax temperature on moving-average scores normalised by their mean magnitude."""
+    eligibility: float = 0.1
+    """A uid gets weight only if its moving average exceeds this fraction of the mean positive one."""
     local_dominance: float = 0.5
     """Weight of the own-pages loss difference in a score (the rest is global pages)."""
     ma_alpha: float = 0.3
@@ -189,6 +191,7 @@ class MechanismConfig:
         _check(self.compression >= 1, "mechanism.compression", "must be >= 1")
         _check(self.temperature > 0, "mechanism.temperature", "must be positive")
         _check(0 <= self.local_dominance <= 1, "mechanism.local_dominance", "must be in [0, 1]")
+        _check(0 <= self.eligibility < 1, "mechanism.eligibility", "must be in [0, 1)")
         _check(0 < self.ma_alpha <= 1, "mechanism.ma_alpha", "must be in (0, 1]")
         _check(self.max_delta_norm > 0, "mechanism.max_delta_norm", "must be positive")
         _check(0 < self.copy_threshold <= 1, "mechanism.copy_threshold", "must be in (0, 1]")

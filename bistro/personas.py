@@ -114,10 +114,12 @@ class Copycat(Persona):
 
     def _steal(self, window: int) -> dict[str, torch.Tensor] | None:
         m = self.miner
-        from .validator import expectation
+        from .evaluator import expectation
 
         mg = m.chain.metagraph()
-        for uid, commitment in sorted(m.chain.commitments().items()):
+        # The best-paid miner first: that is whose work is worth stealing.
+        ranked = sorted(m.chain.commitments().items(), key=lambda kv: (-mg.incentive_of(kv[0]), kv[0]))
+        for uid, commitment in ranked:
             hotkey = mg.hotkey_of(uid)
             if uid == m.uid or hotkey is None:
                 continue
@@ -127,7 +129,8 @@ class Copycat(Persona):
                     max_bytes=m.settings.mechanism.max_delta_bytes,
                 )
                 exp = expectation(m.settings, window, hotkey, m.position.hash if m.position else "", m.shapes)
-                decode_delta(blob, exp)  # only copy what a validator would accept
+                if decode_delta(blob, exp).norm == 0.0:  # only copy what a validator would accept
+                    continue
             except (NotFound, StorageError, ValueError, DeltaRejected):
                 continue
             log.info("copycat: copying uid %d's delta of window %d", uid, window)

@@ -7,8 +7,11 @@ The validator of window w, for the valid set V of deltas:
     5. s_i = λ (L_without − L_with)_own pages + (1 − λ) (L_without − L_with)_global pages
        positive when the delta helps (the seed wrote L_with − L_without: that rewards harm)
     6. avg_i ← (1 − α) avg_i + α s_i               for every uid, zero for those with no valid delta
-    7. w_i = softmax(T · avg_i / scale) over {i : avg_i > 0}, 0 elsewhere, scale = mean |avg|
-       (a plain softmax over all uids would pay a uid that did nothing exp(0))
+    7. w_i = softmax(T · avg_i / scale) over the eligible uids, 0 elsewhere, scale = mean |avg|;
+       eligible: avg_i > ε · mean of the positive averages (ε = `eligibility`, 0.1)
+       (a plain softmax over all uids would pay a uid that did nothing exp(0); so would a softmax over
+       every positive average, to a uid whose average is a decaying trace of one good window or noise
+       that helped by chance: measured on the tiny localnet, those drew 7% of the weight each)
 
 Copies: of two deltas with cosine ≥ threshold, the later upload (time, then uid) scores zero.
 No chain, store, clock or device here.
@@ -52,16 +55,21 @@ def update_averages(
     }
 
 
-def weights_from_averages(averages: Mapping[int, float], temperature: float) -> dict[int, float]:
-    """Step 7: softmax(T · avg / scale) over positive averages; every other uid gets 0.
+def weights_from_averages(
+    averages: Mapping[int, float], temperature: float, eligibility: float = 0.0
+) -> dict[int, float]:
+    """Step 7: softmax(T · avg / scale) over eligible averages; every other uid gets 0.
 
-    `scale` is the mean |avg| over uids with a nonzero average, so a temperature means the same early
-    in training (large loss differences) and late (tiny ones)."""
+    Eligible: avg > eligibility × (mean of the positive averages), and > 0. `scale` is the mean |avg|
+    over uids with a nonzero average, so a temperature means the same early in training (large loss
+    differences) and late (tiny ones)."""
     nonzero = [abs(v) for v in averages.values() if v != 0.0 and math.isfinite(v)]
     positive = {uid: v for uid, v in averages.items() if v > 0.0 and math.isfinite(v)}
     weights = {uid: 0.0 for uid in averages}
     if not positive:
         return weights
+    bar = eligibility * sum(positive.values()) / len(positive)
+    positive = {uid: v for uid, v in positive.items() if v > bar}
     scale = sum(nonzero) / len(nonzero)
     logits = {uid: temperature * v / scale for uid, v in positive.items()}
     top = max(logits.values())

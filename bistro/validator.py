@@ -32,45 +32,16 @@ import torch
 from . import protocol, scoring
 from .chain.base import ChainError, Metagraph
 from .config import Settings
-from .data.pages import eval_pages, global_pages
-from .delta import Delta, add_, apply_, merge, restore_, similarity
-from .delta.wire import DeltaRejected, Expectation, decode_delta
+from .delta.wire import DeltaRejected, decode_delta
+from .evaluator import Evaluator, Verdict, expectation
 from .master import Position, Publisher, apply_update, load_params
-from .miner import codec_context
-from .model import build_model, model_hash, sequence_losses
+from .model import build_model, model_hash
 from .node import Node, NotRegistered
 from .statefile import read_json, read_tensors, write_json, write_tensors
 from .storage import gather
 from .storage.base import NotFound, StorageError, TooLarge
 
 log = logging.getLogger("bistro.validator")
-
-
-def expectation(settings: Settings, window: int, hotkey: str, master_hash: str, shapes: dict) -> Expectation:
-    """What a valid delta from `hotkey` for `window` must be."""
-    m = settings.mechanism
-    return Expectation(
-        netuid=settings.chain.netuid, window=window, hotkey=hotkey, master_hash=master_hash, codec=m.codec,
-        ctx=codec_context(settings, window), shapes=shapes, max_bytes=m.max_delta_bytes, max_norm=m.max_delta_norm,
-    )  # fmt: skip
-
-
-@dataclass
-class Verdict:
-    """What happened to one uid's delta this window."""
-
-    uid: int
-    verdict: str = "missing"
-    """ok, missing, copy, storage_error, bad_commitment, or a DeltaRejected reason."""
-    merge_weight: float = 0.0
-    with_local: float | None = None
-    without_local: float | None = None
-    with_global: float | None = None
-    without_global: float | None = None
-    score: float = 0.0
-    uploaded: float | None = None
-    copy_of: int | None = None
-    delta: Delta | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -118,6 +89,7 @@ class Validator(Node):
         self.publisher = Publisher(self.store, self.keypair, self.netuid)
         self.stopping = threading.Event()
         self.model.eval()
+        self.evaluator = Evaluator(settings, self.model, self.dataset)
         self._load_state()
 
     # --- state ------------------------------------------------------------------------------------
@@ -200,26 +172,13 @@ class Validator(Node):
         return True
 
     def master_step(self, window: int, verdicts: dict[int, Verdict], base_global: float, global_seqs) -> dict:
-        """Step 8: θ_{window+1} = θ_window + U if U (the positively scored merge) lowers the global loss."""
+        """Step 8 and publication: θ_{window+1} = θ_window (+ U if it lowers the global loss)."""
         pos = self.state.position
-        helpful = [v for v in verdicts.values() if v.verdict == "ok" and v.score > 0]
-        info: dict = {"global_loss_before": base_global, "global_loss_after": base_global, "accepted": False}
-        update = None
-        if helpful:
-            update = merge([v.delta for v in helpful], [v.merge_weight for v in helpful], self.shapes)
-            self._set_params(self.master)
-            apply_update(self.params, update)
-            after = self.loss(global_seqs)
-            info["global_loss_after"] = after
-            if after < base_global:
-                info["accepted"] = True
-            else:
-                update = None
-                info["global_loss_after"] = base_global
+        update, info = self.evaluator.propose_update(self.master, verdicts, base_global, global_seqs)
         if update is not None:
             apply_update(self.master, update)
         digest = model_hash(self.master) if update is not None else pos.hash
-        self.publisher.update(window, update, pos.hash, digest, uids=sorted(v.uid for v in helpful))
+        self.publisher.update(window, update, pos.hash, digest, uids=info["merged_uids"])
         if (window + 1) % self.settings.mechanism.checkpoint_every == 0:
             self.publisher.checkpoint(window + 1, self.master, digest)
             self.state.checkpoints = sorted({*self.state.checkpoints, window + 1})[-2:]
@@ -231,15 +190,6 @@ class Validator(Node):
         return info
 
     # --- evaluation -------------------------------------------------------------------------------
-
-    def _set_params(self, source: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, p in self.params.items():
-                p.copy_(source[name])
-
-    def loss(self, sequences: torch.Tensor) -> float:
-        losses = sequence_losses(self.model, sequences, self.settings.train.eval_batch_size)
-        return float(losses.double().mean())
 
     def fetch(self, window: int, mg: Metagraph, uids: list[int]) -> dict[int, Verdict]:
         """Download and validate every uid's delta for `window` (step 2)."""
@@ -285,62 +235,6 @@ class Validator(Node):
                     log.warning("uid %d: %s", uid, e)
         return verdicts
 
-    def drop_copies(self, verdicts: dict[int, Verdict]) -> None:
-        ok = [v for v in verdicts.values() if v.verdict == "ok"]
-        order = [v.uid for v in sorted(ok, key=lambda v: (v.uploaded, v.uid))]
-        copies = scoring.find_copies(
-            order,
-            lambda a, b: similarity(verdicts[a].delta, verdicts[b].delta),
-            self.settings.mechanism.copy_threshold,
-        )
-        for uid, source in copies.items():
-            verdicts[uid].verdict, verdicts[uid].copy_of, verdicts[uid].delta = "copy", source, None
-            log.info("uid %d: copy of uid %d", uid, source)
-
-    def score(self, window: int, verdicts: dict[int, Verdict], mg: Metagraph) -> tuple[float, torch.Tensor]:
-        """Steps 3-5 on θ_eval built from the master now held; returns the base master's global loss."""
-        m = self.settings.mechanism
-        valid = [uid for uid, v in verdicts.items() if v.verdict == "ok"]
-        incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
-        weights = scoring.merge_weights(incentive, valid)
-        block_hash = self.chain.block_hash(protocol.window_last_block(window, self.bpw))
-        global_seqs = self.dataset.sequences(global_pages(self.netuid, window, block_hash, self.pages))
-        self._set_params(self.master)
-        base_global = self.loss(global_seqs)
-        if not valid:
-            return base_global, global_seqs
-        # θ_eval = θ + Σ m_i Δ_i
-        with torch.no_grad():
-            for uid in valid:
-                verdicts[uid].merge_weight = weights[uid]
-                add_(self.params, verdicts[uid].delta, weights[uid])
-        own = {
-            uid: self.dataset.sequences(eval_pages(self.netuid, uid, window, block_hash, self.pages))
-            for uid in valid
-        }
-        # All "with" losses share θ_eval: one batched pass over every uid's pages and the global ones.
-        batch = torch.cat([own[uid] for uid in valid] + [global_seqs])
-        losses = sequence_losses(self.model, batch, self.settings.train.eval_batch_size).double()
-        with_global = float(losses[-len(global_seqs) :].mean())
-        offset = 0
-        for uid in valid:
-            n = len(own[uid])
-            v = verdicts[uid]
-            v.with_local, v.with_global = float(losses[offset : offset + n].mean()), with_global
-            offset += n
-            with torch.no_grad():
-                saved = apply_(self.params, v.delta, -v.merge_weight)
-            without = sequence_losses(
-                self.model, torch.cat([own[uid], global_seqs]), self.settings.train.eval_batch_size
-            ).double()
-            with torch.no_grad():
-                restore_(self.params, saved)
-            v.without_local, v.without_global = float(without[:n].mean()), float(without[n:].mean())
-            v.score = scoring.score(
-                v.with_local, v.without_local, v.with_global, v.without_global, m.local_dominance
-            )
-        return base_global, global_seqs
-
     # --- one window -------------------------------------------------------------------------------
 
     def evaluate(self, window: int) -> None:
@@ -354,8 +248,10 @@ class Validator(Node):
         uids = scoring.rotating_sample(uids, window, m.max_uids_per_window)
         verdicts = self.fetch(window, mg, uids)
         self._forgive_own_storage_errors(verdicts)
-        self.drop_copies(verdicts)
-        base_global, global_seqs = self.score(window, verdicts, mg)
+        self.evaluator.drop_copies(verdicts)
+        incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
+        block_hash = self.chain.block_hash(protocol.window_last_block(window, self.bpw))
+        base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
         master_info = (
             self.master_step(window + 1, verdicts, base_global, global_seqs) if self.is_publisher(mg) else {}
         )
@@ -366,7 +262,7 @@ class Validator(Node):
         averages = scoring.update_averages(previous, scores, evaluated, m.ma_alpha)
         # uids outside this window's sample keep their average untouched
         self.state.averages = {**{u: a for u, a in previous.items() if u not in evaluated}, **averages}
-        weights = scoring.weights_from_averages(self.state.averages, m.temperature)
+        weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility)
         if window % m.weights_every == 0 or self.state.weights_pending:
             self.state.weights_pending = not self.set_weights(weights)
         self.state.last_window = window

@@ -65,3 +65,13 @@ def test_rotating_sample_covers_everyone() -> None:
         seen |= set(sample)
     assert seen == set(uids)
     assert scoring.rotating_sample([3, 1], 7, 4) == [1, 3]
+
+
+def test_traces_and_chance_positives_are_not_eligible() -> None:
+    # uid 3: a decaying trace of one good window; uid 4: noise that helped by chance.
+    avg = {1: 0.02, 2: 0.015, 3: 0.0008, 4: 0.0001, 5: -0.01}
+    w = scoring.weights_from_averages(avg, temperature=1.0, eligibility=0.1)
+    assert w[3] == 0.0 and w[4] == 0.0 and w[5] == 0.0
+    assert w[1] + w[2] == pytest.approx(1.0) and w[1] > w[2]
+    loose = scoring.weights_from_averages(avg, temperature=1.0, eligibility=0.0)
+    assert loose[3] > 0.05 and loose[4] > 0.05  # what the bar prevents: exp(~0) for next to nothing
