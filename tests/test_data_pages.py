@@ -82,7 +82,8 @@ def test_uids_rarely_overlap():
 def test_page_settings_clamp_to_a_small_corpus():
     s = build_settings("tiny")
     ps = PageSettings.of(s, num_pages=3)
-    assert ps.miner_span == 3 and ps.pages_per_window == 3 and ps.global_pages == 2
+    assert ps.miner_span == 3 and ps.pages_per_window == 3
+    assert ps.global_pages == min(s.mechanism.global_pages, 3) and ps.eval_pages <= 3
     assert sorted(local_pages(1, 1, 1, ps)) == [0, 1, 2]
 
 
