@@ -27,7 +27,7 @@ page_settings = st.builds(
 )
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(ints, ints, ints, st.text(max_size=66), page_settings)
 def test_pages_in_range_distinct_and_deterministic(netuid, uid, window, block_hash, ps):
     local = local_pages(netuid, uid, window, ps)
