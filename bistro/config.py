@@ -138,6 +138,8 @@ class MechanismConfig:
     """Softmax temperature on moving-average scores normalised by their mean magnitude."""
     eligibility: float = 0.1
     """A uid gets weight only if its moving average exceeds this fraction of the mean positive one."""
+    inactive_windows: int = 2
+    """A uid with no valid delta in this many windows in a row gets no weight."""
     local_dominance: float = 0.5
     """Weight of the own-pages loss difference in a score (the rest is global pages)."""
     ma_alpha: float = 0.3
@@ -173,6 +175,7 @@ class MechanismConfig:
             "checkpoint_every",
             "max_uids_per_window",
             "topk_chunk",
+            "inactive_windows",
         ):
             _check(getattr(self, name) > 0, f"mechanism.{name}", "must be positive")
         _check(self.upload_grace_blocks >= 0, "mechanism.upload_grace_blocks", "must be >= 0")
@@ -516,6 +519,7 @@ ALIASES: dict[str, str] = {
     "s3.region": "storage.region",
     "s3.path_style": "storage.path_style",
     "logging.debug": "debug",
+    "corpus": "data.corpus",
 }
 
 

@@ -141,7 +141,7 @@ class LocalNet:
         }
         (self.dir / "network.json").write_text(json.dumps(doc, indent=2))
 
-    def _command(self, m: Member) -> list[str]:
+    def command(self, m: Member) -> list[str]:
         s = self.settings
         cmd = [
             sys.executable, "-m", "bistro.cli", m.role, "--preset", s.preset,
@@ -169,7 +169,7 @@ class LocalNet:
         for m in self.members:
             log_file = open(self.dir / "logs" / f"{m.name}.log", "w")
             m.process = subprocess.Popen(
-                self._command(m), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(m), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         log.info("started %d processes; logs in %s", len(self.members), self.dir / "logs")
 

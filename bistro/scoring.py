@@ -79,6 +79,20 @@ def weights_from_averages(
     return weights
 
 
+def drop_inactive(
+    weights: Mapping[int, float], last_valid: Mapping[int, int], window: int, inactive_windows: int
+) -> dict[int, float]:
+    """Zero the weight of uids with no valid delta in the last `inactive_windows` windows, and
+    renormalise. The moving average smooths noisy scores of miners who work; it must not keep paying
+    one who stopped."""
+    kept = {
+        uid: (w if window - last_valid.get(uid, -(10**9)) < inactive_windows else 0.0)
+        for uid, w in weights.items()
+    }
+    total = sum(kept.values())
+    return {uid: (w / total if total > 0 else 0.0) for uid, w in kept.items()}
+
+
 def find_copies(
     order: Sequence[int], similarity: Callable[[int, int], float], threshold: float
 ) -> dict[int, int]:

@@ -52,6 +52,8 @@ class State:
     hashes: dict[int, str] = field(default_factory=dict)
     storage_misses: dict[int, int] = field(default_factory=dict)
     weights_pending: bool = False
+    last_valid: dict[int, int] = field(default_factory=dict)
+    """Last window in which each uid's delta was valid (or skipped for our own storage errors)."""
     checkpoints: list[int] = field(default_factory=list)
     """Windows of the master checkpoints we publish and keep (publisher only)."""
 
@@ -64,6 +66,7 @@ class State:
             "storage_misses": {str(k): v for k, v in self.storage_misses.items()},
             "weights_pending": self.weights_pending,
             "checkpoints": self.checkpoints,
+            "last_valid": {str(k): v for k, v in self.last_valid.items()},
         }
 
     @classmethod
@@ -77,6 +80,7 @@ class State:
             storage_misses={int(k): int(v) for k, v in d.get("storage_misses", {}).items()},
             weights_pending=bool(d.get("weights_pending", False)),
             checkpoints=[int(c) for c in d.get("checkpoints", [])],
+            last_valid={int(k): int(v) for k, v in d.get("last_valid", {}).items()},
         )
 
 
@@ -262,7 +266,12 @@ class Validator(Node):
         averages = scoring.update_averages(previous, scores, evaluated, m.ma_alpha)
         # uids outside this window's sample keep their average untouched
         self.state.averages = {**{u: a for u, a in previous.items() if u not in evaluated}, **averages}
+        for uid, v in verdicts.items():
+            if v.verdict in ("ok", "skip"):
+                self.state.last_valid[uid] = window
+        self.state.last_valid = {u: w for u, w in self.state.last_valid.items() if u in keep}
         weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility)
+        weights = scoring.drop_inactive(weights, self.state.last_valid, window, m.inactive_windows)
         if window % m.weights_every == 0 or self.state.weights_pending:
             self.state.weights_pending = not self.set_weights(weights)
         self.state.last_window = window

@@ -75,3 +75,11 @@ def test_traces_and_chance_positives_are_not_eligible() -> None:
     assert w[1] + w[2] == pytest.approx(1.0) and w[1] > w[2]
     loose = scoring.weights_from_averages(avg, temperature=1.0, eligibility=0.0)
     assert loose[3] > 0.05 and loose[4] > 0.05  # what the bar prevents: exp(~0) for next to nothing
+
+
+def test_a_miner_who_stopped_gets_no_weight() -> None:
+    weights = {1: 0.6, 2: 0.4, 3: 0.0}
+    out = scoring.drop_inactive(weights, {1: 10, 2: 8, 3: 10}, window=10, inactive_windows=2)
+    assert out == {1: 1.0, 2: 0.0, 3: 0.0}
+    assert scoring.drop_inactive(weights, {1: 9, 2: 9}, 10, 2) == pytest.approx(weights)
+    assert scoring.drop_inactive({1: 1.0}, {}, 10, 2) == {1: 0.0}

@@ -1,0 +1,35 @@
+"""`torchrun --nproc_per_node 2 -m bistro.cli miner …`: one miner trained data parallel on 2 CPU
+processes (gloo), rank 0 alone talking to chain and buckets; its deltas pass the real validator."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from .netutil import make_net, records, start, stop_all, tail, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_torchrun_miner_on_two_processes(tmp_path: Path) -> None:
+    net = make_net(tmp_path, miners=1, block_time=1.0, steps=4)
+    validator, miner = net.members
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    command = net.command(miner)
+    assert command[1:3] == ["-m", "bistro.cli"]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", *command[1:]]
+    try:
+        start(net, validator)
+        start(net, miner, command)
+        ok = lambda: [r for r in records(net) if r["uids"].get(str(miner.uid), {}).get("verdict") == "ok"]  # noqa: E731
+        scored = wait_for(
+            lambda: len(ok()) >= 2 and ok(), 150, "two valid deltas from the torchrun miner", net
+        )
+        assert all(r["uids"][str(miner.uid)]["score"] > 0 for r in scored), tail(net, miner)
+        log = (net.dir / "logs" / f"{miner.name}.log").read_text()
+        assert "on 2 processes (gloo)" in log
+    finally:
+        stop_all(net)
