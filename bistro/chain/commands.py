@@ -38,7 +38,13 @@ def register(settings: Settings, args: argparse.Namespace | None = None) -> int:
     except ChainError as e:
         print(f"registration refused: {e}")
         return 1
-    print(f"registered uid {uid} hotkey {wallet.hotkey.ss58_address} on netuid {chain.netuid}")
+    stake = float(getattr(args, "stake", 0.0) or 0.0)
+    if stake > 0:
+        chain.add_stake(wallet.hotkey.ss58_address, stake)
+    print(
+        f"registered uid {uid} hotkey {wallet.hotkey.ss58_address} on netuid {chain.netuid}"
+        + (f" with {stake:g} stake" if stake > 0 else "")
+    )
     return 0
 
 
