@@ -245,6 +245,10 @@ class Validator(Node):
         m = self.settings.mechanism
         start = time.perf_counter()
         mg = self.chain.metagraph()
+        if window not in self.state.hashes and not self.is_publisher(mg):
+            # A validator that just joined knows no θ_window yet: without its hash every delta of
+            # this window would be refused as wrong_master and its honest miner scored zero.
+            self.ensure_master(window, mg)
         if not self.ensure_master(window + 1, mg):
             log.warning("window %d: master θ_%d not available: not scored", window, window + 1)
             return
