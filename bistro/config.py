@@ -364,149 +364,47 @@ SECTIONS: dict[str, type] = {
 }
 
 # Presets: a table of named sizes (tests build `tiny`). Each entry overrides the defaults above.
+
+
+def _model(vocab: int, hidden: int, layers: int, heads: int, kv: int, mlp: int, seq: int) -> dict[str, Any]:
+    return dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                intermediate_size=mlp, sequence_length=seq)  # fmt: skip
+
+
+def _mechanism(bpw: int, rows: int, pages: int, global_: int, alpha: float, max_mib: int, max_norm: float,
+               checkpoint: int, retention: int = 4) -> dict[str, Any]:  # fmt: skip
+    """A preset's mechanism; what every size shares (codec, compression 100, temperature 1, two eval
+    pages, even local/global mix, weights every window) is written here once."""
+    return dict(blocks_per_window=bpw, rows_per_page=rows, pages_per_window=pages, eval_pages=2,
+                global_pages=global_, codec="topk", compression=100.0, temperature=1.0, local_dominance=0.5,
+                ma_alpha=alpha, weights_every=1, retention_windows=retention, max_delta_bytes=max_mib * 2**20,
+                max_delta_norm=max_norm, checkpoint_every=checkpoint)  # fmt: skip
+
+
+# fmt: off
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        # ~1.9M parameters: thousands of tokens/s on 2 CPU cores.
-        "model": dict(
-            vocab_size=4096,
-            hidden_size=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=4,
-            intermediate_size=384,
-            sequence_length=128,
-        ),
-        "train": dict(lr=3e-3, batch_size=8, steps_per_window=10, warmup_steps=20),
-        "mechanism": dict(
-            blocks_per_window=10,
-            rows_per_page=2,
-            pages_per_window=8,
-            eval_pages=2,
-            global_pages=4,
-            compression=100.0,
-            temperature=1.0,
-            local_dominance=0.5,
-            ma_alpha=0.3,
-            weights_every=1,
-            retention_windows=4,
-            max_delta_bytes=16 * 2**20,
-            max_delta_norm=50.0,
-            checkpoint_every=5,
-        ),
-    },
-    "small": {
-        # ~10M parameters.
-        "model": dict(
-            vocab_size=8192,
-            hidden_size=256,
-            num_layers=7,
-            num_heads=8,
-            num_kv_heads=8,
-            intermediate_size=768,
-            sequence_length=256,
-        ),
-        "train": dict(lr=2e-3, batch_size=8, steps_per_window=30, warmup_steps=30),
-        "mechanism": dict(
-            blocks_per_window=10,
-            pages_per_window=6,
-            eval_pages=2,
-            global_pages=3,
-            compression=100.0,
-            temperature=1.0,
-            local_dominance=0.5,
-            ma_alpha=0.3,
-            weights_every=1,
-            retention_windows=4,
-            max_delta_bytes=32 * 2**20,
-            max_delta_norm=100.0,
-            checkpoint_every=5,
-        ),
-    },
-    "150M": {
-        "model": dict(
-            vocab_size=32000,
-            hidden_size=768,
-            num_layers=12,
-            num_heads=12,
-            num_kv_heads=12,
-            intermediate_size=2560,
-            sequence_length=1024,
-        ),
-        "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
-        "mechanism": dict(
-            blocks_per_window=25,
-            pages_per_window=8,
-            eval_pages=2,
-            global_pages=4,
-            compression=100.0,
-            temperature=1.0,
-            local_dominance=0.5,
-            ma_alpha=0.2,
-            weights_every=1,
-            retention_windows=4,
-            max_delta_bytes=128 * 2**20,
-            max_delta_norm=500.0,
-            checkpoint_every=10,
-        ),
-        "data": dict(tokenizer="bpe"),
-    },
-    "1B": {
-        # TinyLlama's shape: ~1.1B parameters.
-        "model": dict(
-            vocab_size=32000,
-            hidden_size=2048,
-            num_layers=22,
-            num_heads=32,
-            num_kv_heads=4,
-            intermediate_size=5632,
-            sequence_length=2048,
-        ),
-        "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
-        "mechanism": dict(
-            blocks_per_window=50,
-            pages_per_window=8,
-            eval_pages=2,
-            global_pages=4,
-            compression=100.0,
-            temperature=1.0,
-            local_dominance=0.5,
-            ma_alpha=0.2,
-            weights_every=1,
-            retention_windows=4,
-            max_delta_bytes=512 * 2**20,
-            max_delta_norm=2000.0,
-            checkpoint_every=20,
-        ),
-    },
-    "7B": {
-        # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
-        "model": dict(
-            vocab_size=32000,
-            hidden_size=4096,
-            num_layers=32,
-            num_heads=32,
-            num_kv_heads=32,
-            intermediate_size=11008,
-            sequence_length=2048,
-        ),
-        "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
-        "mechanism": dict(
-            blocks_per_window=100,
-            pages_per_window=8,
-            eval_pages=2,
-            global_pages=4,
-            compression=100.0,
-            temperature=1.0,
-            local_dominance=0.5,
-            ma_alpha=0.2,
-            weights_every=1,
-            retention_windows=3,
-            max_delta_bytes=2048 * 2**20,
-            max_delta_norm=5000.0,
-            checkpoint_every=20,
-        ),
-    },
+    # ~1.9M parameters: thousands of tokens/s on 2 CPU cores; sized so a 10-miner localnet keeps up.
+    "tiny": {"model": _model(4096, 128, 4, 4, 4, 384, 128),
+             "train": dict(lr=3e-3, batch_size=8, steps_per_window=10, warmup_steps=20),
+             "mechanism": _mechanism(10, 2, 8, 4, 0.3, 16, 50.0, 5)},
+    # ~10M parameters.
+    "small": {"model": _model(8192, 256, 7, 8, 8, 768, 256),
+              "train": dict(lr=2e-3, batch_size=8, steps_per_window=30, warmup_steps=30),
+              "mechanism": _mechanism(10, 8, 6, 3, 0.3, 32, 100.0, 5)},
+    # ~148M parameters.
+    "150M": {"model": _model(32000, 768, 12, 12, 12, 2560, 1024),
+             "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
+             "mechanism": _mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10)},
+    # TinyLlama's shape: ~1.1B parameters.
+    "1B": {"model": _model(32000, 2048, 22, 32, 4, 5632, 2048),
+           "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
+           "mechanism": _mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20)},
+    # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
+    "7B": {"model": _model(32000, 4096, 32, 32, 32, 11008, 2048),
+           "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
+           "mechanism": _mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3)},
 }
+# fmt: on
 
 # The seed's flags, and other short names, mapped onto dotted setting paths.
 ALIASES: dict[str, str] = {

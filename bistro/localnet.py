@@ -235,8 +235,10 @@ class Observer:
             self.losses[target] = float(sequence_losses(self.model, self.sequences, 32).double().mean())
 
 
-def _records(net: LocalNet) -> list[dict]:
-    path = net.dir / "nodes" / net.members[0].name / "validator" / "windows.jsonl"
+def records(net: LocalNet, validator: Member | None = None) -> list[dict]:
+    """The per-window records a validator (default: the top one) has written so far."""
+    v = validator or net.members[0]
+    path = net.dir / "nodes" / v.name / "validator" / "windows.jsonl"
     if not path.exists():
         return []
     out = []
@@ -356,7 +358,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 log.error("the validator exited (see logs/%s.log)", net.members[0].name)
                 break
             time.sleep(min(bt, 2.0))
-            records = _records(net)[: args.windows]
+            records = records(net)[: args.windows]
             observer.update()
             for record in records[shown:]:
                 mg = net.chain.metagraph()

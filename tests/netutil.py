@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
 from bistro.config import build_settings
-from bistro.localnet import LocalNet, Member
+from bistro.localnet import LocalNet, Member, records  # noqa: F401 - tests import records from here
 
 FAST = """
 [train]
@@ -40,20 +39,6 @@ def start(net: LocalNet, m: Member, command: list[str] | None = None) -> subproc
     log = open(net.dir / "logs" / f"{m.name}.log", "a")
     m.process = subprocess.Popen(command or net.command(m), stdout=log, stderr=subprocess.STDOUT, env=env)
     return m.process
-
-
-def records(net: LocalNet, validator: Member | None = None) -> list[dict]:
-    v = validator or net.members[0]
-    path = net.dir / "nodes" / v.name / "validator" / "windows.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
 
 
 def wait_for(predicate, timeout: float, what: str, net: LocalNet):
