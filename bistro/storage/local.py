@@ -109,24 +109,36 @@ class LocalStore(Store):
             raise StorageError(f"put {self.bucket}/{key}: {e.strerror}") from None
         _fsync_dir(path.parent)
 
+    def _inside(self, path: Path) -> bool:
+        """Whether `path`, symlinks resolved, stays in the bucket: a bucket's owner may plant a
+        symlink to another bucket or to the reader's own files (its wallet), which we never read."""
+        return os.path.realpath(path).startswith(os.path.realpath(self.dir) + os.sep)
+
     def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
+        if not self._inside(path):
+            raise NotFound(f"{self.bucket}/{key}")
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO planted at the key would otherwise block until a writer comes
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"{self.bucket}/{key}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a directory or FIFO: fdopen would raise IsADirectoryError
+            os.close(fd)
+            raise NotFound(f"{self.bucket}/{key}")
         with os.fdopen(fd, "rb") as f:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise NotFound(f"{self.bucket}/{key}")
             # the size of the very file we opened, checked before one byte is read
             if max_bytes is not None and st.st_size > max_bytes:
                 raise TooLarge(key, st.st_size, max_bytes)
             return f.read()
 
     def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        if not self._inside(path):
+            return None
         try:
-            st = self._path(key).stat()
+            st = path.stat()
         except (FileNotFoundError, NotADirectoryError):
             return None
         if not stat.S_ISREG(st.st_mode):
