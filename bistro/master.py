@@ -1,10 +1,16 @@
 """The master model: published by the top-stake validator, followed by everyone else.
 
-Masters are numbered by the window in which miners train from them: θ_w. While window w+1 runs, the
-validator scores the deltas of window w (trained from θ_w) and computes θ_{w+2} = θ_{w+1} + U_{w+1},
-where U is the merged update of the deltas that helped, kept only if it lowers the global loss
-(DESIGN.md "Mechanism" step 8). Miners of window w+2 start from it, so training never waits for
-validation (a one-window pipeline).
+Masters are numbered by the window in which miners train from them: θ_w. Right after window w's
+upload deadline, the validator scores the deltas of window w on θ_w (the master they were trained
+from) and computes θ_{w+1} = θ_w + U_w, where U_w is the merged update of the deltas that helped,
+kept only if it lowers the global loss (DESIGN.md "Mechanism" step 8). Miners of window w+1 wait for
+θ_{w+1} before they train.
+
+Why not pipeline (train window w+1 from θ_w while the validator works, and apply those deltas to
+θ_{w+1})? Measured on the tiny localnet: a delta applied one master late double-steps along the
+direction the previous update already took; from window 10 on honest deltas scored negative in
+half the windows, the master step was refused, and the weights went to noise. Waiting costs the
+miner the grace period plus the validator's scoring time at the start of each window.
 
 In the publisher's bucket (DESIGN.md "Master"):
 

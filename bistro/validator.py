@@ -5,12 +5,13 @@ While window w+1 runs, after window w's upload deadline:
     1. metagraph and commitments
     2. download every uid's delta for w in parallel; validate (wire.decode_delta); drop copies
     3. merge weights m_i = normalize(max(I_i, 1/|V|))
-    4. θ_eval = θ_{w+1} + Σ m_i Δ_i        (θ_{w+1}: the master of the window now running)
+    4. θ_eval = θ_w + Σ m_i Δ_i            (θ_w: the master these deltas were trained from)
     5. per uid: loss with (one batched pass shared by all uids) and without its delta, on its eval
        pages and on the global pages; the delta goes back bit-exactly (saved values restored)
     6. moving averages; 7. softmax weights, set on the chain every `weights_every` windows
-    8. the top-stake validator: θ_{w+2} = θ_{w+1} + Σ_{s_i>0} m_i Δ_i if that lowers the global
-       loss, else θ_{w+1}; published as update-{w+1} (+ checkpoint) and LATEST.json
+    8. the top-stake validator: θ_{w+1} = θ_w + Σ_{s_i>0} m_i Δ_i if that lowers the global
+       loss, else θ_w; published as update-{w} (+ checkpoint) and LATEST.json; miners of window
+       w+1 wait for it
 
 State (moving averages, last window done, master position) is saved atomically after every window,
 so a validator killed at any instant resumes with nothing lost and nothing counted twice.
@@ -245,12 +246,9 @@ class Validator(Node):
         m = self.settings.mechanism
         start = time.perf_counter()
         mg = self.chain.metagraph()
-        if window not in self.state.hashes and not self.is_publisher(mg):
-            # A validator that just joined knows no θ_window yet: without its hash every delta of
-            # this window would be refused as wrong_master and its honest miner scored zero.
-            self.ensure_master(window, mg)
-        if not self.ensure_master(window + 1, mg):
-            log.warning("window %d: master θ_%d not available: not scored", window, window + 1)
+        # The deltas of window w were trained from θ_w: score them on it and merge them into it.
+        if not self.ensure_master(window, mg):
+            log.warning("window %d: master θ_%d not available: not scored", window, window)
             return
         uids = [int(u) for u in mg.uids if int(u) != self.uid]
         uids = scoring.rotating_sample(uids, window, m.max_uids_per_window)
@@ -261,7 +259,7 @@ class Validator(Node):
         block_hash = self.chain.block_hash(protocol.window_last_block(window, self.bpw))
         base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
         master_info = (
-            self.master_step(window + 1, verdicts, base_global, global_seqs) if self.is_publisher(mg) else {}
+            self.master_step(window, verdicts, base_global, global_seqs) if self.is_publisher(mg) else {}
         )
         scores = {uid: v.score for uid, v in verdicts.items() if v.verdict != "skip"}
         keep = {int(u) for u in mg.uids} - {self.uid}
