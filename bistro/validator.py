@@ -160,6 +160,11 @@ class Validator(Node):
         self.state.position = position
         if position is None:
             return False
+        if self.is_publisher(mg) and not self.state.checkpoints:
+            # Our state is gone but our bucket holds the master: go on from its checkpoints (else
+            # the next LATEST.json would name none and the master step would fail every window).
+            latest = self.follower.latest(self.store, self.hotkey) or {}
+            self.state.checkpoints = [int(c) for c in latest.get("checkpoints", [])]
         self.state.hashes[position.window] = position.hash
         return position.window == window
 
