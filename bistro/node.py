@@ -19,7 +19,7 @@ from .data import Dataset
 from .master import Follower, MasterError, Position
 from .model import build_model, state_tensors
 from .storage import open_store
-from .storage.base import Store
+from .storage.base import StorageError, Store, TooLarge
 from .wallet import open_wallet
 
 log = logging.getLogger("bistro.node")
@@ -150,4 +150,7 @@ class Node:
             return self.follower.sync(store, signer, params, have, target)
         except MasterError as e:
             log.info("master θ_%s not available: %s", target, e)
+            return None
+        except (StorageError, TooLarge) as e:  # the publisher's bucket failed us: try again later
+            log.warning("master θ_%s not available: %s", target, e)
             return None
