@@ -268,7 +268,7 @@ class Validator(Node):
         )
         scores = {uid: v.score for uid, v in verdicts.items() if v.verdict != "skip"}
         keep = {int(u) for u in mg.uids} - {self.uid}
-        evaluated = set(uids)
+        evaluated = {u for u in uids if verdicts[u].verdict != "skip"}  # a skip keeps its average
         previous = {u: a for u, a in self.state.averages.items() if u in keep}
         averages = scoring.update_averages(previous, scores, evaluated, m.ma_alpha)
         # uids outside this window's sample keep their average untouched
