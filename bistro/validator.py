@@ -38,7 +38,7 @@ from .evaluator import Evaluator, Verdict, expectation
 from .master import Position, Publisher, apply_update, load_params
 from .model import build_model, model_hash
 from .node import Node, NotRegistered
-from .statefile import read_json, read_tensors, write_json, write_tensors
+from .statefile import read_json, read_tensors, write_atomic, write_json, write_tensors
 from .storage import gather
 from .storage.base import NotFound, StorageError, TooLarge
 
@@ -107,6 +107,7 @@ class Validator(Node):
         if raw is None:
             return
         self.state = State.from_json(raw)
+        self._drop_unsaved_records()
         pos = self.state.position
         tensors = read_tensors(self._master_file(pos.window)) if pos else None
         if pos is not None and tensors is not None:
@@ -128,6 +129,23 @@ class Validator(Node):
         for old in self.state_dir.glob("master-*.safetensors"):
             if pos is None or old != self._master_file(pos.window):
                 old.unlink(missing_ok=True)
+
+    def _drop_unsaved_records(self) -> None:
+        """Forget records of windows the saved state does not hold (killed between writing the record
+        and the state): the window is scored again, and must not be listed twice."""
+        path = self.state_dir / "windows.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["window"] <= self.state.last_window:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a line cut short by the kill
+        if len(kept) != len(lines):
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
     def _record(self, record: dict) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
