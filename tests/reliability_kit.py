@@ -98,7 +98,7 @@ def base_settings(tmp: Path, **overrides) -> Settings:
     return build_settings("tiny", None, flags)
 
 
-def make_world(tmp: Path, miners: list[str], **overrides) -> World:
+def make_world(tmp: Path, miners: list[str], *, publish: bool = True, **overrides) -> World:
     """Chain, wallets, registrations, stake, commitments and the published master under `tmp`."""
     torch.set_num_threads(1)
     settings = base_settings(tmp, **overrides)
@@ -113,7 +113,8 @@ def make_world(tmp: Path, miners: list[str], **overrides) -> World:
         world.members[name] = Member(name, s, wallet, uid, bucket)
     chain.add_stake(world.members["top"].hotkey, 2000.0)
     chain.add_stake(world.members["val"].hotkey, 1000.0)
-    publish_master(world)
+    if publish:
+        publish_master(world)
     return world
 
 

@@ -157,3 +157,67 @@ def test_miner_killed_resumes_with_its_residual_and_optimizer(world: World) -> N
     tensors, _ = miner.trainer.state_dict()
     assert all(torch.equal(tensors[k], optimizer[k]) for k in optimizer)
     assert miner.sync(FIRST + 2) and miner.position.hash == world.master_hash  # back on the master
+
+
+def node_command(world: World, name: str, role: str) -> list[str]:
+    m = world.members[name]
+    return [
+        sys.executable, "-m", "bistro.cli", role, "--preset", "tiny", "--dir", str(world.dir / "nodes" / name),
+        "--wallet.path", str(world.dir / "wallets"), "--wallet.name", name, "--wallet.hotkey", "default",
+        "--subtensor.network", "embedded", "--subtensor.chain_endpoint", str(world.dir / "chain.sqlite"),
+        "--storage", "local", "--storage.root", str(world.dir), "--bucket", m.bucket, "--train.threads", "1",
+        "--train.steps_per_window", "2", "--train.batch_size", "4", "--mechanism.eval_pages", "1",
+        "--mechanism.global_pages", "1",
+    ]  # fmt: skip
+
+
+def test_sigint_and_sigterm_stop_a_miner_and_a_validator_cleanly(tmp_path: Path) -> None:
+    """The top validator (it publishes the initial master) and one miner run as real processes;
+    once a window is scored, SIGTERM the miner and SIGINT the validator: both save and exit 0."""
+    from .test_security import SENTINEL, wallet_secrets
+
+    world = make_world(tmp_path, ["a"], publish=False, **{"chain.block_time": 0.2})
+    env = {**ENV, "AWS_SECRET_ACCESS_KEY": SENTINEL, "AWS_ACCESS_KEY_ID": "AKIASENTINEL"}
+    logs = {name: tmp_path / f"{name}.log" for name in ("top", "a")}
+    procs = {
+        name: subprocess.Popen(
+            node_command(world, name, role),
+            stdout=open(logs[name], "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+        )  # fmt: skip
+        for name, role in (("top", "validator"), ("a", "miner"))
+    }
+    records = tmp_path / "nodes" / "top" / "validator" / "windows.jsonl"
+    uid = str(world.members["a"].uid)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            done = records.read_text().splitlines() if records.exists() else []
+            if any(json.loads(line)["uids"].get(uid, {}).get("verdict") == "ok" for line in done):
+                break
+            assert all(p.poll() is None for p in procs.values()), {
+                n: f.read_text()[-2000:] for n, f in logs.items()
+            }
+            time.sleep(0.5)
+        else:
+            raise AssertionError({n: f.read_text()[-2000:] for n, f in logs.items()})
+        procs["a"].send_signal(signal.SIGTERM)
+        procs["top"].send_signal(signal.SIGINT)
+        codes = {name: p.wait(timeout=60) for name, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = {name: f.read_text() for name, f in logs.items()}
+    assert codes == {"top": 0, "a": 0}, text
+    for name, log in text.items():
+        assert "Traceback" not in log, log
+        assert "stopped after" in log, log
+        for secret in [SENTINEL, *wallet_secrets(world.members[name].settings)]:
+            assert secret not in log
+    json.loads((tmp_path / "nodes" / "top" / "validator" / "state.json").read_text())
+    miner_state = json.loads((tmp_path / "nodes" / "a" / "miner" / "state.json").read_text())
+    assert miner_state["last_window"] >= 0
