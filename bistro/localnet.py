@@ -347,11 +347,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     net.incentive_history = []
     net.start()
     shown = 0
-    records: list[dict] = []
+    scored: list[dict] = []
     bpw, bt = net.settings.mechanism.blocks_per_window, net.settings.chain.block_time
     timeout = (args.windows + 4) * bpw * bt + 120
     try:
-        while len(records) < args.windows:
+        while len(scored) < args.windows:
             if time.time() - start > timeout:
                 log.error("timed out waiting for the validator")
                 break
@@ -359,9 +359,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 log.error("the validator exited (see logs/%s.log)", net.members[0].name)
                 break
             time.sleep(min(bt, 2.0))
-            records = records(net)[: args.windows]
+            scored = records(net)[: args.windows]
             observer.update()
-            for record in records[shown:]:
+            for record in scored[shown:]:
                 mg = net.chain.metagraph()
                 net.incentive_history.append({
                     "window": record["window"],
@@ -369,21 +369,21 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
                 })  # fmt: skip
                 pos = observer.position
                 _print_window(net, record, observer.losses.get(pos.window) if pos else None)
-            shown = len(records)
+            shown = len(scored)
     except KeyboardInterrupt:
         log.warning("interrupted: stopping the network")
     finally:
         crashed = net.crashed()
         net.stop()
     observer.update()
-    summary = summarize(net, records, observer, time.time() - start)
+    summary = summarize(net, scored, observer, time.time() - start)
     summary["crashed"] = crashed
     (net.dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(net, summary)
     _print_summary(summary, net)
     if args.json:
         print(json.dumps(summary, indent=2))
-    return 0 if records and not crashed else 1
+    return 0 if scored and not crashed else 1
 
 
 def _print_summary(summary: dict, net: LocalNet) -> None:
