@@ -25,6 +25,8 @@ from bistro.statefile import read_tensors
 from .reliability_kit import FIRST, LAST, World, base_settings, honest_blob, make_miner, make_world
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 VALIDATOR = """
