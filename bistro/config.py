@@ -386,7 +386,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~1.9M parameters: thousands of tokens/s on 2 CPU cores; sized so a 10-miner localnet keeps up.
     "tiny": {"model": _model(4096, 128, 4, 4, 4, 384, 128),
              "train": dict(lr=3e-3, batch_size=8, steps_per_window=10, warmup_steps=20),
-             "mechanism": _mechanism(10, 2, 8, 4, 0.3, 16, 50.0, 5)},
+             "mechanism": {**_mechanism(10, 2, 8, 2, 0.3, 16, 50.0, 5), "upload_grace_blocks": 1}},
     # ~10M parameters.
     "small": {"model": _model(8192, 256, 7, 8, 8, 768, 256),
               "train": dict(lr=2e-3, batch_size=8, steps_per_window=30, warmup_steps=30),

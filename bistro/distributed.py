@@ -29,7 +29,7 @@ STOP, GO = 0, 1
 
 
 def _broadcast_header(values: list[int] | None) -> list[int]:
-    header = torch.tensor(values if values is not None else [0, 0, 0], dtype=torch.int64)
+    header = torch.tensor(values if values is not None else [0, 0, 0, 0], dtype=torch.int64)
     dist.broadcast(header, src=0)
     return [int(x) for x in header]
 
@@ -46,13 +46,14 @@ def _broadcast_params(params: dict[str, torch.Tensor], device: torch.device) -> 
 class RankZeroMiner(Miner):
     """The real miner, telling the other ranks what to train before it trains."""
 
-    def train(self, window: int):
-        _broadcast_header([GO, window, self.uid])
+    def train(self, window: int, steps: int | None = None):
+        steps = self.steps_that_fit(window) if steps is None else steps
+        _broadcast_header([GO, window, self.uid, steps])
         _broadcast_params(self.master, self.device)
-        return super().train(window)
+        return super().train(window, steps)
 
     def stop_ranks(self) -> None:
-        _broadcast_header([STOP, 0, 0])
+        _broadcast_header([STOP, 0, 0, 0])
 
 
 def follow(settings: Settings) -> None:
@@ -63,13 +64,13 @@ def follow(settings: Settings) -> None:
     params = state_tensors(model)
     trainer = Trainer(model, settings.train, settings.device)
     while True:
-        go, window, uid = _broadcast_header(None)
+        go, window, uid, steps = _broadcast_header(None)
         if go == STOP:
             return
         with torch.no_grad():
             _broadcast_params(params, device)
         pages = local_pages(settings.chain.netuid, uid, window, dataset.page_settings)
-        trainer.train(dataset.sequences(pages), settings.train.steps_per_window)
+        trainer.train(dataset.sequences(pages), steps)
 
 
 def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
@@ -91,7 +92,7 @@ def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
             miner = RankZeroMiner(settings)
         except NotRegistered as e:
             log.error("%s", e)
-            _broadcast_header([STOP, 0, 0])
+            _broadcast_header([STOP, 0, 0, 0])
             return 1
         _install_signals(miner.stopping)
         log.info("miner uid %d on %d processes (%s)", miner.uid, world, dist.get_backend())

@@ -138,7 +138,7 @@ class Evaluator:
             v.without_local, v.without_global = float(without[:n].mean()), float(without[n:].mean())
             v.score = scoring.score(
                 v.with_local, v.without_local, v.with_global, v.without_global,
-                self.settings.mechanism.local_dominance,
+                self.settings.mechanism.local_dominance, v.merge_weight,
             )  # fmt: skip
         return base_global, global_seqs
 

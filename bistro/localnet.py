@@ -149,8 +149,9 @@ class LocalNet:
             "--wallet.name", m.name, "--wallet.hotkey", "default", "--subtensor.network", "embedded",
             "--subtensor.chain_endpoint", s.chain.chain_endpoint, "--netuid", str(s.chain.netuid),
             "--storage", s.storage.backend, "--storage.root", s.storage.root, "--bucket", m.bucket,
-            # Miners wait while the validator scores at the start of a window, so it gets both cores.
-            "--train.threads", "2" if m.role == "validator" else "1", "--device", s.device,
+            # One thread each: on 2 cores shared by a dozen busy processes, two OpenMP threads per
+            # process wait on each other and run many times slower.
+            "--train.threads", "1", "--device", s.device,
         ]  # fmt: skip
         if s.storage.backend == "s3":
             cmd += ["--s3.endpoint_url", s.storage.endpoint_url, "--s3.path_style", "true"]

@@ -58,6 +58,12 @@ class Miner(Node):
         self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self.pending: Future | None = None
         self.last_window = -1
+        self.step_seconds: float | None = None
+        """Seconds per training step (moving average): how many steps fit before a deadline."""
+        self.send_seconds = 2.0
+        """Seconds to compress, sign and upload (moving average), kept free before a deadline."""
+        self.upload_seconds = 0.0
+        """Duration of the last finished upload."""
         self.stopping = threading.Event()
         self._load_state()
 
@@ -103,14 +109,36 @@ class Miner(Node):
             time.sleep(max(getattr(self.chain, "block_time", 1.0) / 2, 0.1))
         return False
 
-    def train(self, window: int) -> tuple[dict[str, torch.Tensor], object]:
+    def steps_that_fit(self, window: int) -> int:
+        """`steps_per_window`, or fewer if that many would miss the upload deadline.
+
+        Miners start when θ_window is published, after the previous window's scoring, so the time
+        left varies with the validator's load; a miner on a slow or busy machine sends a smaller
+        delta on time rather than none."""
+        target = self.settings.train.steps_per_window
+        if self.step_seconds is None:
+            return target
+        block_time = float(getattr(self.chain, "block_time", 12.0))
+        deadline = protocol.upload_deadline(window, self.bpw, self.settings.mechanism.upload_grace_blocks)
+        seconds_left = (deadline - self.chain.block() - 1) * block_time - self.send_seconds
+        return max(1, min(target, int(seconds_left / self.step_seconds)))
+
+    def train(self, window: int, steps: int | None = None) -> tuple[dict[str, torch.Tensor], object]:
         """Train from θ_window on our local pages; return Δ = trained − θ_window."""
+        steps = self.steps_that_fit(window) if steps is None else steps
+        if steps < self.settings.train.steps_per_window:
+            log.info("window %d: %d of %d steps fit before the deadline", window, steps,
+                     self.settings.train.steps_per_window)  # fmt: skip
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self.master[name])
         pages = local_pages(self.netuid, self.uid, window, self.pages)
         sequences = self.dataset.sequences(pages)
-        stats = self.trainer.train(sequences, self.settings.train.steps_per_window)
+        stats = self.trainer.train(sequences, steps)
+        per_step = stats.seconds / max(stats.steps, 1)
+        self.step_seconds = (
+            per_step if self.step_seconds is None else 0.5 * self.step_seconds + 0.5 * per_step
+        )
         with torch.no_grad():
             delta = {name: (p.detach() - self.master[name]) for name, p in self.params.items()}
         return delta, stats
@@ -144,6 +172,7 @@ class Miner(Node):
                 return None
             start = time.perf_counter()
             self.store.put(key, blob)
+            self.upload_seconds = time.perf_counter() - start
             log.info(
                 "window %d: uploaded %s (%.1f KiB in %.2fs)", window, key.rsplit("/", 1)[-1][:12],
                 len(blob) / 1024, time.perf_counter() - start,
@@ -179,6 +208,9 @@ class Miner(Node):
         blob, stats = self.persona.produce(window)
         if blob is not None:
             self.upload(window, blob)
+            if stats is not None:  # compress + sign now, plus the last upload's duration
+                spent = time.perf_counter() - start - stats.seconds + self.upload_seconds
+                self.send_seconds = 0.5 * self.send_seconds + 0.5 * spent
         incentive = self.chain.metagraph().incentive_of(self.uid)
         if stats is not None:
             log.info(

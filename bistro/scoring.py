@@ -4,8 +4,11 @@ The validator of window w, for the valid set V of deltas:
 
     3. m_i = normalize(max(I_i, 1/|V|))          merge weights with a bootstrap floor
     4. θ_eval = θ + Σ_{i∈V} m_i Δ_i
-    5. s_i = λ (L_without − L_with)_own pages + (1 − λ) (L_without − L_with)_global pages
-       positive when the delta helps (the seed wrote L_with − L_without: that rewards harm)
+    5. s_i = [λ (L_without − L_with)_own pages + (1 − λ) (L_without − L_with)_global pages] / m_i
+       positive when the delta helps (the seed wrote L_with − L_without: that rewards harm); per
+       unit of merge weight, because taking out m_i Δ_i moves the loss in proportion to m_i, and
+       m_i follows incentive: unnormalised, one lucky early window locked a miner at 0.8 of the
+       weight on the tiny localnet while four identical miners shared the rest
     6. avg_i ← (1 − α) avg_i + α s_i               for every uid, zero for those with no valid delta
     7. w_i = softmax(T · avg_i / scale) over the eligible uids, 0 elsewhere, scale = mean |avg|;
        eligible: avg_i > ε · mean of the positive averages (ε = `eligibility`, 0.1)
@@ -36,12 +39,18 @@ def merge_weights(incentive: Mapping[int, float], valid: Iterable[int]) -> dict[
 
 
 def score(
-    with_local: float, without_local: float, with_global: float, without_global: float, local_dominance: float
+    with_local: float,
+    without_local: float,
+    with_global: float,
+    without_global: float,
+    local_dominance: float,
+    merge_weight: float = 1.0,
 ) -> float:
-    """Step 5: how much the loss rises when the delta is taken out. Positive means it helps."""
+    """Step 5: how much the loss rises when the delta (merged at `merge_weight`) is taken out, per
+    unit of merge weight. Positive means it helps."""
     local = without_local - with_local
     global_ = without_global - with_global
-    return local_dominance * local + (1.0 - local_dominance) * global_
+    return (local_dominance * local + (1.0 - local_dominance) * global_) / merge_weight
 
 
 def update_averages(

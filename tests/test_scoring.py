@@ -25,6 +25,8 @@ def test_score_sign_rewards_deltas_that_help() -> None:
     assert scoring.score(2.0, 2.5, 3.0, 3.1, local_dominance=0.5) == pytest.approx(0.5 * 0.5 + 0.5 * 0.1)
     assert scoring.score(2.0, 1.5, 3.0, 3.0, local_dominance=1.0) == pytest.approx(-0.5)
     assert scoring.score(2.0, 2.0, 3.0, 3.0, local_dominance=0.3) == 0.0
+    # per unit of merge weight: the same delta merged at a quarter moves the loss a quarter as much
+    assert scoring.score(2.0, 2.1, 3.0, 3.1, 0.5, merge_weight=0.25) == pytest.approx(0.4)
 
 
 def test_moving_average_updates_every_uid_and_drops_the_gone() -> None:
