@@ -68,7 +68,9 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
     elif name == "data":
         parser.add_argument("action", choices=["prepare"], help="what to do")
     elif name == "register":
-        parser.add_argument("--stake", type=float, default=0.0, help="embedded chain: stake to add (validators)")
+        parser.add_argument(
+            "--stake", type=float, default=0.0, help="embedded chain: stake to add (validators)"
+        )
     elif name in ("miner", "validator"):
         parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")
 

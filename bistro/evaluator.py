@@ -15,7 +15,7 @@ from . import scoring
 from .config import Settings
 from .data import Dataset
 from .data.pages import eval_pages, global_pages
-from .delta import Delta, add_, apply_, merge, restore_, similarity
+from .delta import Delta, add_, apply_, merge, restore_, similarity, sketch
 from .delta.wire import Expectation
 from .master import apply_update
 from .miner import codec_context
@@ -24,6 +24,10 @@ from .model import sequence_losses, state_tensors
 log = logging.getLogger("bistro.evaluator")
 
 Params = dict[str, torch.Tensor]
+
+SCREEN = 0.05
+"""Pairs whose sketched cosine is this far below the copy threshold are not compared exactly (the
+sketch's error is about 0.006)."""
 
 
 def expectation(settings: Settings, window: int, hotkey: str, master_hash: str, shapes: dict) -> Expectation:
@@ -88,15 +92,26 @@ class Evaluator:
         )
 
     def drop_copies(self, verdicts: dict[int, Verdict]) -> None:
-        """Of near-identical deltas, keep the earliest upload; the others become `copy`."""
+        """Of near-identical deltas, keep the earliest upload; the others become `copy`.
+
+        Sketches screen every pair at once; only pairs within `SCREEN` of the threshold are compared
+        exactly, so 255 uids cost one matrix product, not 32k sparse intersections."""
         ok = [v for v in verdicts.values() if v.verdict == "ok"]
+        if len(ok) < 2:
+            return
         order = [v.uid for v in sorted(ok, key=lambda v: (v.uploaded, v.uid))]
-        copies = scoring.find_copies(
-            order,
-            lambda a, b: similarity(verdicts[a].delta, verdicts[b].delta),
-            self.settings.mechanism.copy_threshold,
-        )
-        for uid, source in copies.items():
+        row = {uid: k for k, uid in enumerate(order)}
+        sketches = torch.stack([sketch(verdicts[uid].delta, self.shapes) for uid in order])
+        gram = sketches @ sketches.T
+        threshold = self.settings.mechanism.copy_threshold
+
+        def similar(a: int, b: int) -> float:
+            estimate = float(gram[row[a], row[b]])
+            if estimate < threshold - SCREEN:
+                return estimate
+            return similarity(verdicts[a].delta, verdicts[b].delta)
+
+        for uid, source in scoring.find_copies(order, similar, threshold).items():
             verdicts[uid].verdict, verdicts[uid].copy_of, verdicts[uid].delta = "copy", source, None
             log.info("uid %d: copy of uid %d", uid, source)
 

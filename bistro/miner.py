@@ -152,7 +152,7 @@ class Miner(Node):
             uid=self.uid,
             window=window,
             codec=m.codec,
-            codec_params=codec_params(self.settings),
+            codec_params=self.codec.params(self.ctx(window)),
             master_window=self.position.window if self.position else window,
             master_hash=self.position.hash if self.position else "",
         )
@@ -254,11 +254,6 @@ def codec_context(settings: Settings, window: int) -> CodecContext:
     return CodecContext(
         netuid=settings.chain.netuid, window=window, compression=m.compression, chunk=m.topk_chunk
     )
-
-
-def codec_params(settings: Settings) -> dict:
-    m = settings.mechanism
-    return {"compression": m.compression, "chunk": m.topk_chunk}
 
 
 def _install_signals(stop: threading.Event) -> None:

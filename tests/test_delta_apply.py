@@ -20,6 +20,7 @@ from bistro.delta import (
     merge,
     restore_,
     similarity,
+    sketch,
     to_dense,
 )
 from bistro.model import llama_config
@@ -150,3 +151,16 @@ def test_delta_norm() -> None:
         3e38 * math.sqrt(2)
     )  # fp64: no overflow
     assert math.isinf(delta_norm({"x": torch.tensor([float("inf"), 1.0])}))
+
+
+def test_sketch_estimates_similarity(model: torch.nn.Module) -> None:
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    deltas = [decoded(model, "topk", seed) for seed in (1, 2, 3)] + [decoded(model, "dense", 4)]
+    copy = {n: Sparse(p.indices, p.values * 1.0001) for n, p in deltas[0].items()}
+    deltas.append(copy)
+    sketches = [sketch(d, shapes) for d in deltas]
+    for i, a in enumerate(deltas):
+        for j, b in enumerate(deltas):
+            estimate = float(sketches[i] @ sketches[j])
+            assert estimate == pytest.approx(similarity(a, b), abs=0.03), (i, j)
+    assert float(sketches[0] @ sketches[4]) > 0.99

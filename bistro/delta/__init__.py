@@ -1,7 +1,7 @@
 """Deltas: codecs (`codec`), the signed wire format and its strict validation (`wire`, `signed`),
 and exact in-place apply and remove (`apply`)."""
 
-from .apply import Saved, add_, apply_, delta_norm, merge, restore_, similarity, to_dense
+from .apply import Saved, add_, apply_, delta_norm, merge, restore_, similarity, sketch, to_dense
 from .codec import (
     CODECS,
     BadTensors,
@@ -41,6 +41,7 @@ __all__ = [
     "pack_signed",
     "restore_",
     "similarity",
+    "sketch",
     "to_dense",
     "unpack_signed",
 ]
