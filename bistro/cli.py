@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bistro",
         description="BISTRO: incentivized decentralized training of one language model on Bittensor.",
+        epilog=(
+            "Every command takes the settings flags: --wallet.name, --wallet.hotkey, --wallet.path, "
+            "--subtensor.network, --subtensor.chain_endpoint, --netuid (212), --bucket, --device, "
+            "--preset, --storage {local,s3}, --s3.endpoint_url, --logging.debug, --config FILE, "
+            "--print-config, and any setting as --section.field (bistro COMMAND --help lists them all)."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
