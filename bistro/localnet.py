@@ -99,6 +99,8 @@ class LocalNet:
             m.bucket = default_bucket(m.hotkey)
             if m.role == "validator":
                 chain.add_stake(m.hotkey, 1000.0 * (len(self.members) - i))
+            if self.settings.storage.backend == "s3":
+                open_store(m.bucket, self.settings.storage).create_bucket()
         self.chain = chain
         self._write_network_json()
 
@@ -134,7 +136,9 @@ class LocalNet:
                     "persona": m.persona,
                     "role": m.role,
                     "bucket": m.bucket,
-                    "bucket_dir": str(self.dir / "buckets" / m.bucket),
+                    "bucket_dir": str(self.dir / "buckets" / m.bucket)
+                    if s.storage.backend == "local"
+                    else None,
                 }  # fmt: skip
                 for m in self.members
             ],

@@ -50,13 +50,8 @@ DOC_FIELDS: dict[str, type] = {
 }
 
 
-class DeltaRejected(Exception):
+class DeltaRejected(SignedObjectError):
     """A delta the validator refuses: scored zero, logged with `.reason`, and the window goes on."""
-
-    def __init__(self, reason: Reason, detail: str = "") -> None:
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
