@@ -139,3 +139,19 @@ def test_same_tokens_in_two_processes(tmp_path, settings, data):
     assert out[0] == out[1]
     assert out[0]["tok"] == data.tokenizer.hash
     assert out[0]["seqs"] == hashlib.sha256(data.sequences([3, 1, 400]).numpy().tobytes()).hexdigest()
+
+
+def test_pages_of_another_cut_do_not_share_a_cache(tmp_path) -> None:
+    """The same corpus cut into pages of 2 and of 8 documents: page 0 differs, and so must its cache."""
+    from bistro.config import build_settings
+    from bistro.data import Dataset
+
+    def page0(rows: int):
+        s = build_settings("tiny", None, {"data.cache_dir": str(tmp_path), "mechanism.rows_per_page": rows})
+        ds = Dataset.open(s)
+        return ds, ds.sequences([0])
+
+    small, a = page0(2)
+    large, b = page0(8)
+    assert small.cache != large.cache
+    assert len(b) > len(a)

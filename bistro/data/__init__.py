@@ -6,7 +6,7 @@ dropped (a page's rows never depend on its neighbours). A page with fewer tokens
 repeated until it fills exactly one, so every page gives at least one sequence.
 
 Tokenized pages are cached on disk as safetensors under
-`<cache_dir>/pages/<corpus hash>-<tokenizer hash>/<page>.safetensors`, holding the page's whole token
+`<cache_dir>/pages/<corpus hash>-r<rows per page>-<tokenizer hash>/<page>.safetensors`, holding the page's whole token
 stream and, in the header, the sha256 of its bytes: a corrupted entry is detected and rebuilt. An
 in-memory LRU in front of it means a validator asking for a page twice does not touch disk.
 """
@@ -66,7 +66,9 @@ class Dataset:
         self.tokenizer = tokenizer
         self.sequence_length = sequence_length
         self.page_settings = page_settings
-        key = f"{corpus.manifest.content_hash[:16]}-{tokenizer.hash[:16]}"
+        # A page is a run of rows_per_page documents: the same corpus cut another way has other pages.
+        m = corpus.manifest
+        key = f"{m.content_hash[:16]}-r{m.rows_per_page}-{tokenizer.hash[:16]}"
         self.cache = Path(cache_dir).expanduser() / "pages" / key
         self.memory: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.disk_reads = 0
