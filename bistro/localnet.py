@@ -28,6 +28,7 @@ from .master import Follower, MasterError, Position
 from .model import build_model, sequence_losses, state_tensors
 from .node import default_bucket
 from .storage import open_store
+from .storage.base import StorageError
 from .wallet import open_wallet
 
 log = logging.getLogger("bistro.localnet")
@@ -190,9 +191,12 @@ class LocalNet:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+    def stop_s3(self) -> None:
         if self.s3 is not None:
             self.s3.terminate()
             self.s3.wait(timeout=10)
+            self.s3 = None
 
     def crashed(self) -> list[str]:
         """Members whose process ended by itself with a non-zero code."""
@@ -222,7 +226,8 @@ class Observer:
     def update(self) -> None:
         try:
             latest = self.follower.latest(self.store, self.signer)
-        except MasterError:
+        except (MasterError, StorageError) as e:
+            log.debug("observer: %s", e)
             return
         if latest is None:
             return
@@ -234,7 +239,7 @@ class Observer:
                 self.position = self.follower.sync(
                     self.store, self.signer, self.params, self.position, target
                 )
-            except MasterError as e:
+            except (MasterError, StorageError) as e:
                 log.debug("observer: %s", e)
                 self.position = None
                 return
@@ -347,7 +352,15 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     net = LocalNet(settings, args)
     start = time.time()
-    net.prepare()
+    try:
+        net.prepare()
+        return _run(net, args, start)
+    finally:
+        net.stop_s3()  # also when set-up or the run fails
+
+
+def _run(net: LocalNet, args: argparse.Namespace, start: float) -> int:
+    """Start the nodes, show each window as the top validator scores it, summarise, plot."""
     observer = Observer(net)
     net.incentive_history = []
     net.start()
