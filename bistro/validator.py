@@ -273,8 +273,10 @@ class Validator(Node):
         if not self.ensure_master(window, mg):
             log.warning("window %d: master θ_%d not available: not scored", window, window)
             return
-        uids = [int(u) for u in mg.uids if int(u) != self.uid]
-        uids = scoring.rotating_sample(uids, window, m.max_uids_per_window)
+        everyone = [int(u) for u in mg.uids if int(u) != self.uid]
+        uids = scoring.rotating_sample(everyone, window, m.max_uids_per_window)
+        if len(uids) < len(everyone):
+            log.info("window %d: scoring a rotating sample of %d of %d uids", window, len(uids), len(everyone))
         verdicts = self.fetch(window, mg, uids)
         self._forgive_own_storage_errors(verdicts)
         self.evaluator.drop_copies(verdicts)
