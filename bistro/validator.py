@@ -276,7 +276,9 @@ class Validator(Node):
         everyone = [int(u) for u in mg.uids if int(u) != self.uid]
         uids = scoring.rotating_sample(everyone, window, m.max_uids_per_window)
         if len(uids) < len(everyone):
-            log.info("window %d: scoring a rotating sample of %d of %d uids", window, len(uids), len(everyone))
+            log.info(
+                "window %d: scoring a rotating sample of %d of %d uids", window, len(uids), len(everyone)
+            )
         verdicts = self.fetch(window, mg, uids)
         self._forgive_own_storage_errors(verdicts)
         self.evaluator.drop_copies(verdicts)
