@@ -205,13 +205,11 @@ class Follower:
             blob = store.get(key, max_bytes=max_bytes)
         except NotFound:
             raise MasterError(f"missing {key}") from None
+        expect = {"kind": kind, "window": window, "netuid": self.netuid}
         try:
-            doc, tensors = unpack_signed(blob, signer=signer, max_bytes=max_bytes)
+            return unpack_signed(blob, signer=signer, max_bytes=max_bytes, expect=expect)
         except SignedObjectError as e:
             raise MasterError(f"{key}: {e}") from None
-        if doc.get("kind") != kind or doc.get("window") != window or doc.get("netuid") != self.netuid:
-            raise MasterError(f"{key}: document is for another object")
-        return doc, tensors
 
     def sync(
         self, store: Store, signer: str, params: Params, have: Position | None, target: int | None = None

@@ -51,7 +51,6 @@ class Miner(Node):
         self.state_dir = settings.home / "miner"
         self.codec = CODECS[settings.mechanism.codec]
         self.trainer = Trainer(self.model, settings.train, settings.device)
-        self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
         self.position: Position | None = None
         self.ef = ErrorFeedback()
         self.persona: Persona = make_persona(settings.persona, self)

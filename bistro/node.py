@@ -61,6 +61,8 @@ class Node:
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         param_bytes = sum(v.numel() * v.element_size() for v in self.params.values())
         self.follower = Follower(self.netuid, self.shapes, param_bytes)
+        self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
+        """θ as published, kept apart from the model's own parameters (which train or hold θ_eval)."""
         self.uid = self._check_registered()
 
     # --- chain ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from . import protocol
+from .delta import delta_norm
 from .delta.wire import DeltaRejected, decode_delta
 from .storage.base import NotFound, StorageError
 
@@ -70,10 +71,10 @@ class Noise(Persona):
         stats = None
         if self.norm is None:
             delta, stats = self.miner.train(window)
-            self.norm = float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta.values())))
+            self.norm = delta_norm(delta)
         g = torch.Generator().manual_seed(protocol.seed("noise", self.miner.uid, window))
         noise = {k: torch.randn(v.shape, generator=g) for k, v in self.miner.master.items()}
-        scale = self.norm / float(torch.sqrt(sum((n.double() ** 2).sum() for n in noise.values())))
+        scale = self.norm / delta_norm(noise)
         return self.compress_plain(window, {k: n * scale for k, n in noise.items()}), stats
 
 

@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import protocol, scoring
 from .chain.base import ChainError, Metagraph
 from .config import Settings
@@ -90,7 +88,6 @@ class Validator(Node):
         super().__init__(settings, "validator")
         self.state_dir = settings.home / "validator"
         self.state = State()
-        self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
         self.publisher = Publisher(self.store, self.keypair, self.netuid)
         self.stopping = threading.Event()
         self.model.eval()

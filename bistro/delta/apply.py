@@ -80,11 +80,7 @@ def restore_(params: dict[str, Tensor], saved: Saved) -> None:
 
 def delta_norm(delta: Delta) -> float:
     """L2 norm over every part (float64 accumulation, so huge values give inf, not NaN)."""
-    total = 0.0
-    for part in delta.values():
-        values = part.values if isinstance(part, Sparse) else part
-        total += float(values.double().square().sum())
-    return math.sqrt(total)
+    return math.sqrt(sum(_square(p) for p in delta.values()))
 
 
 def to_dense(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
