@@ -1,4 +1,4 @@
-"""One entry point: `bistro miner|validator|localnet|register|status|bench|report|data`.
+"""One entry point: `bistro miner|validator|localnet|register|status|bench|export|report|data`.
 
 Parse, build one `Settings`, hand it to the command, return its exit code. Each command's code
 lives in its own module and is imported only when that command runs.
@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -20,14 +21,32 @@ log = logging.getLogger("bistro")
 
 # command -> (module, function, one-line help). The function takes (settings, args) -> exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "miner": ("bistro.miner", "main", "train on your pages and upload deltas every window"),
+    "miner": ("bistro.cli", "run_miner", "train on your pages and upload deltas every window"),
     "validator": ("bistro.validator", "main", "score every miner's delta and set weights"),
     "localnet": ("bistro.localnet", "main", "run a whole network on this machine"),
     "register": ("bistro.chain.commands", "register", "create (if needed) and register a wallet"),
     "status": ("bistro.chain.commands", "status", "print the subnet's metagraph"),
     "bench": ("bistro.bench", "main", "measure speed and learning efficiency"),
     "data": ("bistro.data.commands", "main", "prepare and inspect corpora"),
+    "export": ("bistro.export", "main", "write the master as a Hugging Face transformers directory"),
+    "report": ("bistro.report", "main", "render a run directory as one self-contained HTML page"),
+    "doctor": ("bistro.doctor", "main", "check wallet, chain, registration, bucket and disk before starting"),
+    "plan": ("bistro.plan", "main", "memory, bandwidth and disk a miner and a validator need"),
 }
+
+
+def run_miner(settings: Settings, args: argparse.Namespace) -> int:
+    """`bistro miner`: one process, or rank r of `torchrun --nproc_per_node N` (WORLD_SIZE > 1).
+
+    The choice lives here, above both, so that `miner` and `distributed` (whose rank 0 is a Miner)
+    do not import each other."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import run_distributed
+
+        return run_distributed(settings, args)
+    from .miner import main as miner_main
+
+    return miner_main(settings, args)
 
 
 def _flag_dest(path: str) -> str:
@@ -61,15 +80,38 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--personas", default="", help="comma list, one per miner")
         parser.add_argument("--block-time", type=float, default=None, help="seconds per block")
         parser.add_argument("--json", action="store_true", help="print summary.json at the end")
+        parser.add_argument(
+            "--nproc-per-miner", type=int, default=1, help="run each miner under torchrun on N processes"
+        )
     elif name == "bench":
         parser.add_argument("suite", nargs="?", default="all", help="all, or one suite's name")
         parser.add_argument("--json", dest="json_path", default=None, help="write results here")
         parser.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+        parser.add_argument("--ablation", action="store_true", help="learning: one run per ablation row")
+    elif name == "export":
+        parser.add_argument("--out", required=True, help="directory to write (save_pretrained)")
+        parser.add_argument(
+            "--checkpoint", default=None, help="a local safetensors file instead of the bucket"
+        )
+        parser.add_argument("--window", type=int, default=None, help="θ of this window (default: newest)")
+        parser.add_argument("--sample", action="store_true", help="print a short generation from the export")
+        parser.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload to this Hub repo")
+    elif name == "report":
+        parser.add_argument("run_dir", metavar="DIR", help="a localnet dir, a validator dir or windows.jsonl")
+        parser.add_argument("--out", default=None, help="HTML file to write (default: DIR/report.html)")
     elif name == "data":
         parser.add_argument("action", choices=["prepare"], help="what to do")
+    elif name == "plan":
+        parser.add_argument("--nproc", type=int, default=1, help="miner ranks (FSDP2 with --train.fsdp)")
+        parser.add_argument("--uids", type=int, default=256, help="uids a validator downloads from")
+        parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     elif name == "register":
         parser.add_argument(
             "--stake", type=float, default=0.0, help="embedded chain: stake to add (validators)"
+        )
+    elif name == "doctor":
+        parser.add_argument(
+            "--role", choices=["miner", "validator"], default="miner", help="the node you will start"
         )
     elif name in ("miner", "validator"):
         parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -94,6 +95,10 @@ class TrainConfig:
     """Sequences per forward pass when evaluating."""
     threads: int = 0
     """torch intra-op threads (0 leaves torch's default)."""
+    fsdp: bool = False
+    """Under torchrun, shard parameters, gradients and AdamW state over the ranks (FSDP2)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "train.lr", "must be positive")
@@ -107,7 +112,8 @@ class TrainConfig:
         _check(self.threads >= 0, "train.threads", "must be >= 0")
 
 
-CODEC_NAMES = ("topk", "mask", "dense")
+CODEC_NAMES = ("topk", "topk2", "mask", "dense")
+MERGE_RULES = ("sum", "mean")
 
 
 @dataclass
@@ -128,18 +134,33 @@ class MechanismConfig:
     """Of a miner's local pages, how many the validator checks."""
     global_pages: int = 2
     """Pages from the whole corpus on which every validator also scores each delta."""
-    codec: str = "topk"
-    """Delta codec on the wire: topk, mask or dense."""
-    compression: float = 100.0
+    codec: str = "topk2"
+    """Delta codec on the wire: topk2 (the default: 64 of 4096 at 2 bits, Elias-Fano indices), topk,
+    mask or dense."""
+    compression: float = 64.0
     """Target ratio of kept values for topk and mask (1/compression of each tensor)."""
     topk_chunk: int = 4096
     """Chunk size of the topk codec (indices are local to a chunk)."""
+    value_bits: int = 2
+    """Bits a value for the topk2 codec (1-4)."""
+    ef_decay: float = 0.95
+    """Error-feedback decay beta of miners: e <- beta e + delta, top-k of e, e <- e - sent (1: plain)."""
+    merge: str = "mean"
+    """How the master merges the helpful deltas: sum (of merge weight x delta) or mean (per index, of the
+    peers that sent it, each clipped to the median norm)."""
     temperature: float = 1.0
     """Softmax temperature on moving-average scores normalised by their mean magnitude."""
-    eligibility: float = 0.1
-    """A uid gets weight only if its moving average exceeds this fraction of the mean positive one."""
+    eligibility: float = 0.3
+    """A uid gets weight only if its moving average exceeds this fraction of the mean positive one
+    (0.3: under the own-page test a noisy copy's average reached 0.13 of the honest mean on the tiny
+    localnet, and drew 7% of the weight at 0.1; an honest newcomer passes 0.3 in its second window)."""
     inactive_windows: int = 2
     """A uid with no valid delta in this many windows in a row gets no weight."""
+    fault_penalty: float = 0.5
+    """A window whose verdict is the peer's fault (`bistro.verdicts.PEER_FAULTS`: missing, copy,
+    timeout, peer_error, a rejected delta ...) scores minus this fraction of the mean positive moving
+    average, not 0: a miner that uploads one real window in three stays under the eligibility bar,
+    one that delivers every other window keeps about a third of an honest average (docs/mechanism.md)."""
     local_dominance: float = 0.5
     """Weight of the own-pages loss difference in a score (the rest is global pages)."""
     ma_alpha: float = 0.3
@@ -152,15 +173,18 @@ class MechanismConfig:
     """Largest delta object a validator downloads."""
     max_delta_norm: float = 100.0
     """Largest L2 norm of a decoded delta that a validator accepts."""
-    copy_threshold: float = 0.98
-    """Cosine similarity at or above which a later delta counts as a copy."""
+    copy_threshold: float = 0.8
+    """Cosine similarity at or above which two deltas form a near-copy group (the one with the most
+    own-page evidence is the original). Measured on `tiny` (docs/mechanism.md): honest deltas of one
+    window 0.08-0.18, a jittered copy 0.97, an exact copy 1.0."""
     checkpoint_every: int = 5
     """The master publishes a full checkpoint every this many windows."""
     max_uids_per_window: int = 256
     """Validator evaluates at most this many uids a window (a rotating sample above it)."""
-    storage_tolerance: int = 2
-    """Windows in a row a uid's object may be unreachable through our own storage errors
-    before it is scored zero."""
+    fetch_seconds: float = 30.0
+    """Seconds a validator gives all peer I/O of one window together (every uid's object, fetched
+    in parallel, must be in whole by then, else that uid is `timeout`); keep it well under the
+    window's duration (blocks_per_window × block time: 120 s on Bittensor)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -178,6 +202,7 @@ class MechanismConfig:
             "inactive_windows",
         ):
             _check(getattr(self, name) > 0, f"mechanism.{name}", "must be positive")
+        _check(self.fault_penalty >= 0, "mechanism.fault_penalty", "must be >= 0")
         _check(self.upload_grace_blocks >= 0, "mechanism.upload_grace_blocks", "must be >= 0")
         _check(self.global_pages >= 0, "mechanism.global_pages", "must be >= 0")
         _check(
@@ -192,13 +217,16 @@ class MechanismConfig:
         )
         _check(self.codec in CODEC_NAMES, "mechanism.codec", f"must be one of {CODEC_NAMES}")
         _check(self.compression >= 1, "mechanism.compression", "must be >= 1")
+        _check(self.value_bits in (1, 2, 3, 4), "mechanism.value_bits", "must be 1, 2, 3 or 4")
+        _check(0 < self.ef_decay <= 1, "mechanism.ef_decay", "must be in (0, 1]")
+        _check(self.merge in MERGE_RULES, "mechanism.merge", f"must be one of {MERGE_RULES}")
         _check(self.temperature > 0, "mechanism.temperature", "must be positive")
         _check(0 <= self.local_dominance <= 1, "mechanism.local_dominance", "must be in [0, 1]")
         _check(0 <= self.eligibility < 1, "mechanism.eligibility", "must be in [0, 1)")
         _check(0 < self.ma_alpha <= 1, "mechanism.ma_alpha", "must be in (0, 1]")
         _check(self.max_delta_norm > 0, "mechanism.max_delta_norm", "must be positive")
         _check(0 < self.copy_threshold <= 1, "mechanism.copy_threshold", "must be in (0, 1]")
-        _check(self.storage_tolerance >= 0, "mechanism.storage_tolerance", "must be >= 0")
+        _check(self.fetch_seconds > 0, "mechanism.fetch_seconds", "must be positive")
 
 
 CHAIN_NETWORKS = ("embedded", "finney", "test", "local", "archive")
@@ -227,6 +255,21 @@ class ChainConfig:
     """Blocks after registration during which a uid cannot be replaced."""
     max_validators: int = 64
     """Top-stake hotkeys that get a validator permit."""
+    activity_cutoff: int = 5000
+    """Blocks after its last weights (or registration) that a validator's stake still counts in
+    the embedded chain's Yuma (subtensor's `activity_cutoff`)."""
+    version_key: int = -1
+    """Weights version key sent with set_weights on a real network; -1 reads the subnet's
+    `weights_version` from the chain."""
+    call_timeout: float = 60.0
+    """Seconds any one call to a real network may take before it counts as a transient failure."""
+    finality_timeout: float = 120.0
+    """Seconds to wait for a block to be finalized before its hash is used as a seed."""
+
+    @property
+    def embedded(self) -> bool:
+        """The SQLite chain; a ws:// `chain_endpoint` means a Bittensor node whatever `network` says."""
+        return self.network == "embedded" and not self.chain_endpoint.startswith(("ws://", "wss://"))
 
     def __post_init__(self) -> None:
         _check(
@@ -241,6 +284,10 @@ class ChainConfig:
         _check(0 < self.max_uids <= 4096, "chain.max_uids", "must be in 1..4096")
         _check(self.immunity_period >= 0, "chain.immunity_period", "must be >= 0")
         _check(self.max_validators > 0, "chain.max_validators", "must be positive")
+        _check(self.activity_cutoff > 0, "chain.activity_cutoff", "must be positive")
+        _check(-1 <= self.version_key < 2**64, "chain.version_key", "must be -1 (read it) or a u64")
+        _check(self.call_timeout > 0, "chain.call_timeout", "must be positive")
+        _check(self.finality_timeout > 0, "chain.finality_timeout", "must be positive")
 
 
 @dataclass
@@ -284,9 +331,29 @@ class StorageConfig:
     """Objects above this size are uploaded in parts and downloaded in ranges."""
     max_workers: int = 16
     """Parallel transfers (connection pool size) for gathers and multipart."""
+    allow_private_endpoints: bool = False
+    """Let peer reads go to loopback/private/link-local hosts (tests, private deployments); the
+    embedded chain implies it. Off on a real network: such commitments are `bad_commitment`."""
+    public_url: str = ""
+    """A public base URL validators GET this node's objects from (`{public_url}/{key}`): an R2
+    r2.dev subdomain or custom domain. Committed (as https+get://…) instead of the bucket."""
+    read_key_id: str = ""
+    """Access key id (32 hex) of a READ-ONLY R2 API token for this bucket, published on chain in
+    an r2:// commitment so validators can sign their reads (R2 refuses unsigned S3 reads)."""
+    read_secret: str = ""
+    """Secret (64 hex) of that read-only token: it is published too, so never a write key."""
+    r2_account: str = ""
+    """R2 account id (32 hex) for an r2:// commitment (empty: from endpoint_url's host)."""
+    r2_endpoint: str = "https://{account}.r2.cloudflarestorage.com"
+    """Where r2:// commitments are read (`{account}` is filled in); tests point it at loopback."""
 
     def __post_init__(self) -> None:
         _check(self.backend in ("local", "s3"), "storage.backend", "must be local or s3")
+        _check(
+            bool(self.read_key_id) == bool(self.read_secret),
+            "storage.read_key_id",
+            "set read_key_id and read_secret together",
+        )
         _check(self.timeout > 0, "storage.timeout", "must be positive")
         _check(self.retries >= 0, "storage.retries", "must be >= 0")
         _check(self.multipart_threshold >= 5 * 1024 * 1024, "storage.multipart_threshold", ">= 5 MiB")
@@ -299,15 +366,45 @@ class DataConfig:
 
     corpus: str = "shakespeare"
     """`shakespeare` (embedded), a path or glob of .txt/.jsonl/.parquet, or a hub dataset
-    (`hf:tiiuae/falcon-refinedweb`, `hf:HuggingFaceFW/fineweb-edu`)."""
+    (`hf:NAME@REVISION[:SPLIT]`, e.g. `hf:HuggingFaceFW/fineweb-edu@<commit>:train`)."""
     tokenizer: str = "bpe"
     """`bpe` (byte-level BPE trained on the corpus) or a Hugging Face tokenizer name/path."""
     cache_dir: str = "~/.cache/bistro"
     """Where corpora, tokenizers and tokenized pages are cached."""
+    page_cache_bytes: int = 4 << 30
+    """Bytes of tokenized pages kept on disk; past it the least recently used go."""
+    hub_root: str = ""
+    """`hf:` corpora: a directory laid out like the hub (`datasets/NAME@REVISION/...`) to read
+    instead of the Hugging Face Hub (empty: the hub)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.corpus), "data.corpus", "must not be empty")
         _check(bool(self.tokenizer), "data.tokenizer", "must not be empty")
+        _check(self.page_cache_bytes > 0, "data.page_cache_bytes", "must be positive")
+
+
+@dataclass
+class MetricsConfig:
+    """What a node exports for dashboards: a Prometheus endpoint and, optionally, Weights & Biases."""
+
+    port: int = 0
+    """Port of the Prometheus endpoint (`/metrics`); 0: no endpoint."""
+    host: str = "127.0.0.1"
+    """Address the endpoint listens on (0.0.0.0 for a scraper on another machine)."""
+    wandb_project: str = ""
+    """Weights & Biases project to log each window to (empty: no W&B)."""
+    wandb_entity: str = ""
+    """W&B entity (team or user; empty: the account's default)."""
+    wandb_mode: str = "online"
+    """`online`, `offline` (writes the run under wandb_dir, no account needed) or `disabled`."""
+    wandb_dir: str = ""
+    """Where W&B writes its run files (empty: <dir>/wandb)."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, "metrics.port", "must be 0 (off) or a TCP port")
+        _check(bool(self.host), "metrics.host", "must not be empty")
+        _check(self.wandb_mode in ("online", "offline", "disabled"), "metrics.wandb_mode",
+               "must be online, offline or disabled")  # fmt: skip
 
 
 @dataclass
@@ -323,6 +420,7 @@ class Settings:
     wallet: WalletConfig = field(default_factory=WalletConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     device: str = "cpu"
     """torch device: cpu, cuda, cuda:N, mps."""
     dir: str = "~/.bistro"
@@ -330,8 +428,9 @@ class Settings:
     debug: bool = False
     """Log at debug level."""
     persona: str = "honest"
-    """Miner behaviour (localnet research): honest, idle, freeloader, noise, copycat, poison,
-    stale."""
+    """Miner behaviour (localnet research): honest, idle, freeloader, noise, copycat, poison, stale,
+    backdater, noisy_copier, blender, copy_finetune, one_in_three, bad_commitment, or
+    hostile:<server behaviour> (bistro/personas.py)."""
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
@@ -340,7 +439,12 @@ class Settings:
             "device",
             "must be cpu, cuda, cuda:N or mps",
         )
-        _check(self.persona in PERSONAS, "persona", f"must be one of {PERSONAS}")
+        _check(
+            self.persona in PERSONAS
+            or re.fullmatch(rf"{HOSTILE_PREFIX}[a-z0-9_]+", self.persona) is not None,
+            "persona",
+            f"must be one of {PERSONAS} or {HOSTILE_PREFIX}<server behaviour>",
+        )
 
     @property
     def home(self) -> Path:
@@ -351,7 +455,24 @@ class Settings:
         return dataclasses.asdict(self)
 
 
-PERSONAS = ("honest", "idle", "freeloader", "noise", "copycat", "poison", "stale")
+PERSONAS = (
+    "honest",
+    "idle",
+    "freeloader",
+    "noise",
+    "copycat",
+    "poison",
+    "stale",
+    "backdater",
+    "noisy_copier",
+    "blender",
+    "copy_finetune",
+    "one_in_three",
+    "bad_commitment",
+)
+HOSTILE_PREFIX = "hostile:"
+"""`hostile:<behaviour>`: an honest miner behind its own misbehaving server (the behaviour's name is
+checked against `bistro.storage.hostile.BEHAVIOURS` when the persona starts)."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -361,6 +482,7 @@ SECTIONS: dict[str, type] = {
     "wallet": WalletConfig,
     "storage": StorageConfig,
     "data": DataConfig,
+    "metrics": MetricsConfig,
 }
 
 # Presets: a table of named sizes (tests build `tiny`). Each entry overrides the defaults above.
@@ -373,10 +495,11 @@ def _model(vocab: int, hidden: int, layers: int, heads: int, kv: int, mlp: int, 
 
 def _mechanism(bpw: int, rows: int, pages: int, global_: int, alpha: float, max_mib: int, max_norm: float,
                checkpoint: int, retention: int = 4) -> dict[str, Any]:  # fmt: skip
-    """A preset's mechanism; what every size shares (codec, compression 100, temperature 1, two eval
-    pages, even local/global mix, weights every window) is written here once."""
+    """A preset's mechanism; what every size shares (temperature 1, two eval pages, even local/global
+    mix, weights every window) is written here once. Codec, compression, error feedback and merge
+    are `MechanismConfig`'s defaults (part of the protocol: one place)."""
     return dict(blocks_per_window=bpw, rows_per_page=rows, pages_per_window=pages, eval_pages=2,
-                global_pages=global_, codec="topk", compression=100.0, temperature=1.0, local_dominance=0.5,
+                global_pages=global_, temperature=1.0, local_dominance=0.5,
                 ma_alpha=alpha, weights_every=1, retention_windows=retention, max_delta_bytes=max_mib * 2**20,
                 max_delta_norm=max_norm, checkpoint_every=checkpoint)  # fmt: skip
 
@@ -411,6 +534,7 @@ ALIASES: dict[str, str] = {
     "netuid": "chain.netuid",
     "subtensor.network": "chain.network",
     "subtensor.chain_endpoint": "chain.chain_endpoint",
+    "subtensor.version_key": "chain.version_key",
     "bucket": "storage.bucket",
     "storage": "storage.backend",
     "s3.endpoint_url": "storage.endpoint_url",
@@ -418,6 +542,10 @@ ALIASES: dict[str, str] = {
     "s3.path_style": "storage.path_style",
     "logging.debug": "debug",
     "corpus": "data.corpus",
+    "wandb.project": "metrics.wandb_project",
+    "wandb.entity": "metrics.wandb_entity",
+    "wandb.mode": "metrics.wandb_mode",
+    "wandb.dir": "metrics.wandb_dir",
 }
 
 

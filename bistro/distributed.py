@@ -4,13 +4,19 @@ Rank 0 is the whole miner (chain, buckets, master, codec, upload). Before each w
 broadcasts the window, its uid and θ_w; every other rank loads θ_w, takes the same local pages and
 trains the same number of steps (the Trainer gives each rank its shard of every batch and averages
 the gradients), so all ranks end the window with identical weights. gloo on CPU, NCCL on GPU.
+
+With `train.fsdp` the ranks instead hold shards (FSDP2, see `training.py` and `Shards` below):
+rank 0 still alone talks to chain and buckets and holds the full master; each rank computes its
+shard of the delta and of the error feedback, and rank 0 joins the wire tensors.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -18,10 +24,12 @@ import torch.distributed as dist
 from .config import Settings, replace
 from .data import Dataset
 from .data.pages import local_pages
-from .miner import Miner, _install_signals
+from .delta.codec import CODECS, Codec, CodecContext, ErrorFeedback, codec_context, compress, pack12, unpack12
+from .miner import Miner
 from .model import build_model, state_tensors
-from .node import NotRegistered
-from .training import Trainer
+from .node import NotRegistered, install_signals
+from .statefile import read_json, write_json
+from .training import Trainer, TrainStats, local_tensor
 
 log = logging.getLogger("bistro.distributed")
 
@@ -85,17 +93,22 @@ def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
         log.error("torchrun runs honest miners only")
         return 2
     try:
+        sharded = settings.train.fsdp
         if rank != 0:
-            follow(settings)
+            # torchrun passes SIGTERM to every rank: the others wait for rank 0's STOP at the end of
+            # its window (a second signal still interrupts them).
+            install_signals(threading.Event())
+            (follow_sharded if sharded else follow)(settings)
             return 0
         try:
-            miner = RankZeroMiner(settings)
+            miner = (ShardedMiner if sharded else RankZeroMiner)(settings)
         except NotRegistered as e:
             log.error("%s", e)
             _broadcast_header([STOP, 0, 0, 0])
             return 1
-        _install_signals(miner.stopping)
-        log.info("miner uid %d on %d processes (%s)", miner.uid, world, dist.get_backend())
+        install_signals(miner.stopping)
+        log.info("miner uid %d on %d processes (%s)%s", miner.uid, world, dist.get_backend(),
+                 ", FSDP2" if sharded else "")  # fmt: skip
         try:
             miner.run(args.windows)
         finally:
@@ -103,3 +116,215 @@ def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         dist.destroy_process_group()
+
+
+# --- FSDP2: one miner sharded over the ranks (train.fsdp) -----------------------------------------
+
+
+def shard_rows(rows: int, world: int) -> list[tuple[int, int]]:
+    """[start, stop) of dim 0 on each rank, as FSDP2 splits it (torch.chunk: ceil-sized, trailing
+    ranks possibly empty)."""
+    size = -(-rows // world)
+    return [(min(r * size, rows), min((r + 1) * size, rows)) for r in range(world)]
+
+
+def aligned(shape: tuple[int, ...], world: int, chunk: int) -> bool:
+    """Whether every rank's shard starts on a codec chunk boundary of the flattened tensor: then
+    each rank can pick its chunks' top-k and keep its residual on its own, and the wire is the
+    concatenation of the ranks' pieces (all large Llama matrices are, at 2-8 ranks)."""
+    if len(shape) == 0:
+        return False
+    cols = math.prod(shape[1:])
+    return all(start * cols % chunk == 0 for start, _ in shard_rows(shape[0], world))
+
+
+class Shards:
+    """What every rank of an FSDP2 miner does in a window: load θ_w into its shards, train, and
+    encode its part of the delta; rank 0 ends up with the whole wire, encoded exactly as one
+    process would encode the same delta (DESIGN.md "Deltas on the wire": top-k per chunk of the
+    whole flattened tensor).
+
+    Memory: every rank keeps its parameter, gradient, AdamW and residual shards and a copy of its
+    master shard (rank 0 slices its full master instead); loading θ_w holds one full tensor at a
+    time; tensors whose shards do not start on a chunk boundary (the small norm vectors) are
+    gathered whole to rank 0 to be encoded, one at a time.
+    """
+
+    def __init__(self, settings: Settings, model: torch.nn.Module, trainer: Trainer, dataset: Dataset,
+                 ef: ErrorFeedback) -> None:  # fmt: skip
+        self.settings, self.trainer, self.dataset, self.ef = settings, trainer, dataset, ef
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.params = dict(model.named_parameters())
+        self.shapes = {name: tuple(p.shape) for name, p in self.params.items()}
+        self.names = sorted(self.params)
+        self.master: dict[str, torch.Tensor] = {}
+        """This rank's shard of θ_w, flattened (rank 0: views into its full master)."""
+        self.device = torch.device(settings.device)
+
+    def _local(self, name: str) -> torch.Tensor:
+        return local_tensor(self.params[name].data)
+
+    @torch.no_grad()
+    def load(self, full_master: dict[str, torch.Tensor] | None) -> None:
+        """θ_w from rank 0 into every rank's shards, one full tensor at a time."""
+        for name in self.names:
+            shape = self.shapes[name]
+            if self.rank == 0:
+                full = full_master[name].detach().to(self.device).contiguous()
+            else:
+                full = torch.empty(shape, dtype=torch.float32, device=self.device)
+            dist.broadcast(full, src=0)
+            start, stop = shard_rows(shape[0], self.world)[self.rank]
+            part = full[start:stop]
+            self._local(name).copy_(part)
+            self.master[name] = part.reshape(-1) if self.rank == 0 else part.reshape(-1).clone()
+
+    def train(self, window: int, uid: int, steps: int) -> TrainStats:
+        pages = local_pages(self.settings.chain.netuid, uid, window, self.dataset.page_settings)
+        return self.trainer.train(self.dataset.sequences(pages), steps)
+
+    @torch.no_grad()
+    def delta(self, name: str) -> torch.Tensor:
+        """This rank's shard of Δ = trained − θ_w, flattened (fp32)."""
+        return self._local(name).float().reshape(-1) - self.master[name]
+
+    def encode(self, codec: Codec, ctx: CodecContext, full_master: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:  # fmt: skip
+        """The wire tensors of this window's delta with error feedback (on rank 0; None elsewhere)."""
+        sharded = codec.name == "topk" and ctx.chunk <= 4096
+        wire: dict[str, torch.Tensor] = {}
+        pieces: list[tuple[str, dict[str, torch.Tensor]]] = []
+        for name in self.names:
+            if sharded and aligned(self.shapes[name], self.world, ctx.chunk):
+                pieces.append((name, self._encode_shard(name, codec, ctx)))
+            else:
+                full = self._gather(name)
+                if self.rank == 0:
+                    wire.update(
+                        self._compress(name, full - full_master[name].to(full.device).float(), codec, ctx)
+                    )
+        joined = self._join(pieces, codec, ctx)
+        return None if self.rank != 0 else {**wire, **joined}
+
+    def _encode_shard(self, name: str, codec: Codec, ctx: CodecContext) -> dict[str, torch.Tensor]:
+        """Top-k of this rank's chunks, the residual kept here; indices unpacked for joining."""
+        delta = self.delta(name)
+        if delta.numel() == 0:
+            return {}
+        wire = self._compress(name, delta, codec, ctx)
+        chunks = -(-delta.numel() // ctx.chunk)
+        k = codec.k(ctx)
+        return {"idx": unpack12(wire[f"{name}.idx"], chunks * k).to(torch.int16),
+                "val": wire[f"{name}.val"], "scale": wire[f"{name}.scale"]}  # fmt: skip
+
+    def _compress(self, name: str, delta: torch.Tensor, codec: Codec, ctx: CodecContext) -> dict[str, torch.Tensor]:  # fmt: skip
+        """`compress` of one tensor with its residual (compress replaces the residual dict it gets)."""
+        one = ErrorFeedback({name: self.ef.residual[name]} if name in self.ef.residual else {})
+        wire = compress({name: delta}, codec, ctx, one)
+        self.ef.residual[name] = one.residual[name]
+        return wire
+
+    def _gather(self, name: str) -> torch.Tensor:
+        """The whole trained tensor (fp32, CPU) on rank 0; every rank takes part."""
+        return (
+            self.params[name].data.full_tensor().float().cpu()
+            if self.rank == 0
+            else _gather_quietly(self.params[name])
+        )
+
+    def _counts(self, name: str, ctx: CodecContext, k: int) -> list[int]:
+        cols = math.prod(self.shapes[name][1:])
+        return [
+            -(-(stop - start) * cols // ctx.chunk)
+            for start, stop in shard_rows(self.shapes[name][0], self.world)
+        ]
+
+    def _join(self, pieces: list[tuple[str, dict[str, torch.Tensor]]], codec: Codec, ctx: CodecContext) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Rank 0 receives every rank's pieces (sizes known from the shapes) and lays them end to end."""
+        k = codec.k(ctx)
+        kinds = (("idx", torch.int16, k), ("val", torch.int8, k), ("scale", torch.float32, 1))
+        flat = {kind: [p[kind] for _, p in pieces if p] for kind, _, _ in kinds}
+        mine = {
+            kind: torch.cat(v) if v else torch.empty(0, dtype=dt)
+            for (kind, dt, _), v in zip(kinds, flat.values(), strict=True)
+        }
+        if self.rank != 0:
+            for kind, _, _ in kinds:
+                dist.send(mine[kind].contiguous(), dst=0)
+            return {}
+        by_rank = [mine]
+        for r in range(1, self.world):
+            got = {}
+            for kind, dtype, per in kinds:
+                n = sum(self._counts(name, ctx, k)[r] * per for name, _ in pieces)
+                buf = torch.empty(n, dtype=dtype)
+                dist.recv(buf, src=r)
+                got[kind] = buf
+            by_rank.append(got)
+        out: dict[str, torch.Tensor] = {}
+        offsets = [dict.fromkeys(("idx", "val", "scale"), 0) for _ in range(self.world)]
+        for name, _ in pieces:
+            counts = self._counts(name, ctx, k)
+            parts: dict[str, list[torch.Tensor]] = {"idx": [], "val": [], "scale": []}
+            for r in range(self.world):
+                for kind, _, per in kinds:
+                    n = counts[r] * per
+                    parts[kind].append(by_rank[r][kind][offsets[r][kind] : offsets[r][kind] + n])
+                    offsets[r][kind] += n
+            out[f"{name}.idx"] = pack12(torch.cat(parts["idx"]).to(torch.int32))
+            out[f"{name}.val"] = torch.cat(parts["val"]).contiguous()
+            out[f"{name}.scale"] = torch.cat(parts["scale"]).contiguous()
+        return out
+
+
+def _gather_quietly(param: torch.Tensor) -> torch.Tensor:
+    """Ranks > 0 take part in rank 0's all-gather and drop the result at once."""
+    param.data.full_tensor()
+    return torch.empty(0)
+
+
+class ShardedMiner(RankZeroMiner):
+    """Rank 0 of an FSDP2 miner: the whole miner, with its model, optimizer and residual sharded.
+
+    Restarts keep the last window only: the optimizer and residual shards live on every rank, and
+    a resumed rank 0 alone could not put them back (they start fresh, as for a new miner)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)  # the Trainer shards self.model
+        self.params = dict(self.model.named_parameters())  # the sharded ones; drop the full copies
+        self.shards = Shards(settings, self.model, self.trainer, self.dataset, self.ef)
+
+    def _load_state(self) -> None:
+        meta = read_json(self.state_dir / "state.json")
+        self.last_window = int(meta.get("last_window", -1)) if meta else -1
+
+    def _save_state(self) -> None:
+        write_json(self.state_dir / "state.json", {"last_window": self.last_window, "sharded": True})
+
+    def honest(self, window: int) -> tuple[bytes, TrainStats]:
+        steps = self.steps_that_fit(window)
+        _broadcast_header([GO, window, self.uid, steps])
+        self.shards.load(self.master)
+        stats = self.shards.train(window, self.uid, steps)
+        per_step = stats.seconds / max(stats.steps, 1)
+        self.step_seconds = (
+            per_step if self.step_seconds is None else 0.5 * self.step_seconds + 0.5 * per_step
+        )
+        wire = self.shards.encode(self.codec, self.ctx(window), self.master)
+        return self.encode(window, wire), stats
+
+
+def follow_sharded(settings: Settings) -> None:
+    """Ranks 1..N-1 of an FSDP2 miner: their shards of every window rank 0 announces."""
+    device = torch.device(settings.device)
+    dataset = Dataset.open(settings)
+    model = build_model(settings.model, seed=settings.model.seed).to(device)
+    trainer = Trainer(model, settings.train, settings.device)
+    shards = Shards(settings, model, trainer, dataset, ErrorFeedback())
+    codec = CODECS[settings.mechanism.codec]
+    while True:
+        go, window, uid, steps = _broadcast_header(None)
+        if go == STOP:
+            return
+        shards.load(None)
+        shards.train(window, uid, steps)
+        shards.encode(codec, codec_context(settings, window), None)

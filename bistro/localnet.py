@@ -20,15 +20,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import protocol
 from .chain.local import LocalChain
 from .config import PERSONAS, Settings, replace
 from .data import Dataset
 from .data.pages import global_pages
+from .export import localnet_model
 from .master import Follower, MasterError, Position
 from .model import build_model, sequence_losses, state_tensors
 from .node import default_bucket
+from .personas import persona_problem
 from .storage import open_store
-from .storage.base import StorageError
+from .storage.base import StorageError, Store
+from .storage.s3server import S3SimUnavailable, require_moto
 from .wallet import open_wallet
 
 log = logging.getLogger("bistro.localnet")
@@ -45,6 +49,28 @@ class Member:
     uid: int = -1
     bucket: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
+
+
+FORWARDED = ("model.", "train.", "mechanism.")
+"""Flags given to `bistro localnet` that every member gets as well (the rest, such as `--dir`,
+`--wallet.*` or `--train.threads`, the network sets per member)."""
+
+
+def forwarded_flags(args: argparse.Namespace) -> list[str]:
+    """`--train.steps_per_window 2` and the like, as given to `bistro localnet`, for a member's
+    command line: a localnet flag that reached only the localnet process (the miners trained 30
+    steps of `small` for `--train.steps_per_window 2`) changed nothing the network did."""
+    out: list[str] = []
+    for key, value in sorted(vars(args).items()):
+        name = key.removeprefix("cfg:")
+        if (
+            key.startswith("cfg:")
+            and value is not None
+            and name.startswith(FORWARDED)
+            and name != "train.threads"
+        ):
+            out += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
 
 
 class LocalNet:
@@ -70,8 +96,9 @@ class LocalNet:
         if len(personas) > args.miners:
             raise SystemExit(f"--personas lists {len(personas)} personas for {args.miners} miners")
         for p in personas:
-            if p not in PERSONAS:
-                raise SystemExit(f"unknown persona {p!r} (choose from {', '.join(PERSONAS)})")
+            problem = persona_problem(p)
+            if problem is not None:
+                raise SystemExit(problem)
         personas += ["honest"] * (args.miners - len(personas))
         self.members = [Member(f"validator-{i}", "validator", "validator") for i in range(args.validators)]
         self.members += [Member(f"miner-{i}", "miner", p) for i, p in enumerate(personas)]
@@ -101,11 +128,16 @@ class LocalNet:
             if m.role == "validator":
                 chain.add_stake(m.hotkey, 1000.0 * (len(self.members) - i))
             if self.settings.storage.backend == "s3":
-                open_store(m.bucket, self.settings.storage).create_bucket()
+                # public-read: peers read each other's buckets unsigned (open_peer_store)
+                open_store(m.bucket, self.settings.storage).create_bucket(public_read=True)
         self.chain = chain
         self._write_network_json()
 
     def _start_s3(self) -> None:
+        try:
+            require_moto()
+        except S3SimUnavailable as e:
+            raise SystemExit(f"--storage s3: {e}") from None
         proc = subprocess.Popen(
             [sys.executable, "-m", "bistro.storage.s3server", "--port", "0"],
             stdout=subprocess.PIPE, stderr=open(self.dir / "logs" / "s3.log", "w"), text=True,
@@ -146,6 +178,16 @@ class LocalNet:
         }
         (self.dir / "network.json").write_text(json.dumps(doc, indent=2))
 
+    def threads(self, m: Member) -> int:
+        """One thread a miner: on 2 cores shared by a dozen busy processes, two OpenMP threads per
+        process wait on each other and run many times slower. A validator scores while the miners
+        wait for the master it publishes, so a lone validator takes two (24 s to 16 s a window of
+        the demo on 2 cores; miners missed every other deadline at one)."""
+        if m.role != "validator":
+            return 1
+        validators = sum(1 for x in self.members if x.role == "validator")
+        return max(1, min(2, (os.cpu_count() or 1) // max(1, validators)))
+
     def command(self, m: Member) -> list[str]:
         s = self.settings
         cmd = [
@@ -154,16 +196,28 @@ class LocalNet:
             "--wallet.name", m.name, "--wallet.hotkey", "default", "--subtensor.network", "embedded",
             "--subtensor.chain_endpoint", s.chain.chain_endpoint, "--netuid", str(s.chain.netuid),
             "--storage", s.storage.backend, "--storage.root", s.storage.root, "--bucket", m.bucket,
-            # One thread each: on 2 cores shared by a dozen busy processes, two OpenMP threads per
-            # process wait on each other and run many times slower.
-            "--train.threads", "1", "--device", s.device,
+            "--train.threads", str(self.threads(m)), "--device", s.device,
         ]  # fmt: skip
         if s.storage.backend == "s3":
             cmd += ["--s3.endpoint_url", s.storage.endpoint_url, "--s3.path_style", "true"]
+        d = s.data
+        cmd += ["--data.corpus", d.corpus, "--data.tokenizer", d.tokenizer, "--data.cache_dir", d.cache_dir]
+        if d.hub_root:
+            cmd += ["--data.hub_root", d.hub_root]
         if m.role == "miner":
             cmd += ["--persona", m.persona]
+            if s.train.fsdp:
+                cmd += ["--train.fsdp", "true"]
+            if s.train.activation_checkpointing:
+                cmd += ["--train.activation_checkpointing", "true"]
         if self.args.config:
             cmd += ["--config", self.args.config]
+        cmd += forwarded_flags(self.args)
+        nproc = int(getattr(self.args, "nproc_per_miner", 1) or 1)
+        if m.role == "miner" and nproc > 1:
+            # One miner on N processes (gloo on CPU, NCCL on GPU); --standalone picks a free port.
+            torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+            cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
         return cmd
 
     def start(self) -> None:
@@ -219,45 +273,82 @@ class Observer:
         self.sequences = net.dataset.sequences(self.pages)[:64]
         self.position: Position | None = None
         self.losses: dict[int, float] = {}
-        top = net.members[0]
-        self.store = open_store(top.bucket, s.storage, root=s.storage.root)
-        self.signer = top.hotkey
+        self.hashes: dict[int, str] = {}
+        """Hash of each θ_w followed."""
+
+    def source(self, window: int) -> tuple[Store, str] | None:
+        """The bucket and hotkey θ_window comes from: its publisher, as every node reads it."""
+        hotkey = publisher_of(self.net, window - 1)
+        member = next((m for m in self.net.members if m.hotkey == hotkey), None)
+        if member is None:
+            return None
+        s = self.net.settings
+        return open_store(member.bucket, s.storage, root=s.storage.root), hotkey
 
     def update(self) -> None:
+        now = protocol.window_of(self.net.chain.block(), self.net.settings.mechanism.blocks_per_window)
+        newest = self.source(now)  # θ_now is the newest a node can hold
         try:
-            latest = self.follower.latest(self.store, self.signer)
+            latest = newest and self.follower.latest(*newest)
         except (MasterError, StorageError) as e:
             log.debug("observer: %s", e)
             return
-        if latest is None:
+        if not latest:
             return
         start = self.position.window if self.position else int(latest["checkpoint"])
         for target in range(start, int(latest["window"]) + 1):
             if target in self.losses:
                 continue
+            source = self.source(target)
             try:
-                self.position = self.follower.sync(
-                    self.store, self.signer, self.params, self.position, target
-                )
+                if source is None:
+                    raise MasterError(f"no publisher for θ_{target}")
+                self.position = self.follower.sync(*source, self.params, self.position, target)
             except (MasterError, StorageError) as e:
                 log.debug("observer: %s", e)
                 self.position = None
                 return
+            self.hashes[target] = self.position.hash
             self.losses[target] = float(sequence_losses(self.model, self.sequences, 32).double().mean())
 
 
-def records(net: LocalNet, validator: Member | None = None) -> list[dict]:
-    """The per-window records a validator (default: the top one) has written so far."""
-    v = validator or net.members[0]
-    path = net.dir / "nodes" / v.name / "validator" / "windows.jsonl"
-    if not path.exists():
-        return []
+def publisher_of(net: LocalNet, window: int) -> str | None:
+    """The hotkey that publishes update-{window}: the top-stake validator at the window's first
+    block (`Node.publisher_of`, the same rule every node follows)."""
+    block = max(protocol.window_start(window, net.settings.mechanism.blocks_per_window), 0)
+    return net.chain.top_validator_at(block) or net.chain.metagraph().top_validator()
+
+
+def validator_records(net: LocalNet, v: Member) -> list[dict]:
+    """Every record `v` has written so far (its archives, then windows.jsonl)."""
+    d = net.dir / "nodes" / v.name / "validator"
     out = []
-    for line in path.read_text().splitlines():
+    for path in [*sorted(d.glob("windows-*.jsonl")), d / "windows.jsonl"]:
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line being written
+            text = path.read_text()
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line being written
+    return out
+
+
+def records(net: LocalNet, validator: Member | None = None) -> list[dict]:
+    """The per-window records written so far: `validator`'s, or by default, for each window, the
+    record of the validator that published it (the publisher's view, as stake moves)."""
+    if validator is not None:
+        return validator_records(net, validator)
+    by_hotkey = {m.hotkey: validator_records(net, m) for m in net.members if m.role == "validator"}
+    windows = sorted({r["window"] for rs in by_hotkey.values() for r in rs})
+    out = []
+    for w in windows:
+        mine = by_hotkey.get(publisher_of(net, w) or "", [])
+        record = next((r for r in mine if r["window"] == w), None)
+        if record is not None:
+            out.append(record)
     return out
 
 
@@ -299,6 +390,12 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
             "moving_average": last["uids"].get(str(m.uid), {}).get("moving_average", 0.0),
             "rejections": rejections,
         })  # fmt: skip
+    # Each validator's trust: how much of its weight survived consensus clipping (1: it agrees).
+    validators = [
+        {"uid": m.uid, "hotkey": m.hotkey, "validator_trust": mg.validator_trust_of(m.uid)}
+        for m in net.members
+        if m.role == "validator"
+    ]
     total = sum(u["incentive"] for u in uids)
     honest = sum(u["incentive"] for u in uids if u["persona"] == "honest")
     losses = [observer.losses[w] for w in sorted(observer.losses)]
@@ -307,6 +404,7 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
         "master_loss": losses,
         "master_windows": sorted(observer.losses),
         "uids": uids,
+        "validators": validators,
         "honest_incentive_share": honest / total if total > 0 else 0.0,
         "wall_seconds": round(wall, 1),
         "crashed": net.crashed(),
@@ -373,8 +471,9 @@ def _run(net: LocalNet, args: argparse.Namespace, start: float) -> int:
             if time.time() - start > timeout:
                 log.error("timed out waiting for the validator")
                 break
-            if net.members[0].process.poll() is not None:
-                log.error("the validator exited (see logs/%s.log)", net.members[0].name)
+            validators = [m for m in net.members if m.role == "validator"]
+            if all(m.process.poll() is not None for m in validators):
+                log.error("every validator exited (see logs/%s.log)", validators[0].name)
                 break
             time.sleep(min(bt, 2.0))
             scored = records(net)[: args.windows]
@@ -396,6 +495,9 @@ def _run(net: LocalNet, args: argparse.Namespace, start: float) -> int:
     observer.update()
     summary = summarize(net, scored, observer, time.time() - start)
     summary["crashed"] = crashed
+    summary["model"] = localnet_model(
+        net.settings, observer.params, observer.position, net.dataset, net.dir / "model"
+    )
     (net.dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(net, summary)
     _print_summary(summary, net)
@@ -426,3 +528,7 @@ def _print_summary(summary: dict, net: LocalNet) -> None:
         f"crashed: {summary['crashed'] or 'none'}"
     )
     console.print(f"summary: {net.dir / 'summary.json'}; plots: master_loss.png, incentive.png")
+    if summary.get("model"):
+        m = summary["model"]
+        console.print(f"model θ_{m['window']} exported to {m['dir']} (transformers); a sample:")
+        console.print(m["sample"], markup=False, highlight=False)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,18 +22,23 @@ from dataclasses import dataclass
 import torch
 
 from . import protocol
-from .config import Settings
+from .chain.base import ChainError
+from .config import ConfigError, Settings
 from .data.pages import local_pages
-from .delta.codec import CODECS, CodecContext, ErrorFeedback, compress
+from .delta import Sparse
+from .delta.codec import CODECS, CodecContext, ErrorFeedback, codec_context, compress
 from .delta.wire import encode_delta
 from .master import Position
-from .node import Node, NotRegistered
+from .node import Node, NotRegistered, install_signals
 from .personas import Persona, make_persona
 from .statefile import read_json, read_tensors, write_json, write_tensors
 from .storage.base import StorageError
 from .training import Trainer
 
 log = logging.getLogger("bistro.miner")
+
+RETRY_PAUSE = (0.25, 2.0)
+"""First and longest pause (seconds) between upload attempts within a window."""
 
 
 @dataclass
@@ -54,9 +57,15 @@ class Miner(Node):
         self.position: Position | None = None
         self.ef = ErrorFeedback()
         self.persona: Persona = make_persona(settings.persona, self)
+        self.commitment = self.persona.commitment(self.commitment)  # a hostile persona's own server
         self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self.pending: Future | None = None
+        self.unsent: tuple[int, dict[str, torch.Tensor]] | None = None
+        """(window, wire) of the honest delta whose upload is not confirmed yet: if it never
+        happens, what it carried goes back into the error-feedback residual."""
         self.last_window = -1
+        self.mg = None
+        """The metagraph of the window being mined (read once by `sync`)."""
         self.step_seconds: float | None = None
         """Seconds per training step (moving average): how many steps fit before a deadline."""
         self.send_seconds = 2.0
@@ -93,10 +102,11 @@ class Miner(Node):
     def sync(self, window: int) -> bool:
         """Hold θ_window in `self.master`, waiting for it while the window lasts."""
         end = protocol.window_start(window + 1, self.bpw)
+        mg = self.chain.metagraph()  # once a window: polite to a public endpoint
+        self.mg = mg
         while not self.stopping.is_set():
             if self.position is not None and self.position.window == window:
                 return True
-            mg = self.chain.metagraph()
             position = self.sync_master(self.master, self.position, window, mg)
             self.position = position
             if position is not None and position.window == window:
@@ -160,33 +170,76 @@ class Miner(Node):
         return codec_context(self.settings, window)
 
     def upload(self, window: int, blob: bytes) -> None:
-        """Upload in the background unless the deadline has passed; one upload in flight at a time."""
+        """Upload in the background until it lands or the deadline passes; one upload at a time.
+
+        A ChainError or StorageError inside is logged and retried (with backoff) until the deadline:
+        it never ends the miner. An upload that would land late is skipped, not sent."""
         self.wait_upload()
         deadline = protocol.upload_deadline(window, self.bpw, self.settings.mechanism.upload_grace_blocks)
         key = protocol.delta_key(self.netuid, window, self.hotkey)
+        block_time = float(getattr(self.chain, "block_time", 12.0))
+        # the deadline in our own clock, for when the chain does not answer
+        try:
+            ends = time.monotonic() + (deadline - self.chain.block()) * block_time
+        except ChainError:
+            ends = time.monotonic() + self.bpw * block_time
 
         def run() -> Upload | None:
-            if self.chain.block() >= deadline:
-                log.warning("window %d: upload would be late (deadline block %d): skipped", window, deadline)
-                return None
-            start = time.perf_counter()
-            self.store.put(key, blob)
-            self.upload_seconds = time.perf_counter() - start
-            log.info(
-                "window %d: uploaded %s (%.1f KiB in %.2fs)", window, key.rsplit("/", 1)[-1][:12],
-                len(blob) / 1024, time.perf_counter() - start,
-            )  # fmt: skip
-            return Upload(window, key, len(blob))
+            pause = RETRY_PAUSE[0]
+            while not self.stopping.is_set():
+                try:
+                    return self._put_once(window, key, blob, deadline)
+                except (ChainError, StorageError) as e:
+                    if time.monotonic() + pause >= ends:
+                        log.warning("window %d: upload failed before the deadline: %s", window, e)
+                        return None
+                    log.warning("window %d: upload: %s (retry in %.1fs)", window, e, pause)
+                    time.sleep(pause)
+                    pause = min(pause * 2, RETRY_PAUSE[1])
+            return None
 
         self.pending = self.uploader.submit(run)
 
-    def wait_upload(self) -> None:
-        if self.pending is not None:
-            try:
-                self.pending.result()
-            except StorageError as e:
-                log.warning("upload failed: %s", e)
-            self.pending = None
+    def _put_once(self, window: int, key: str, blob: bytes, deadline: int) -> Upload | None:
+        if self.chain.block() >= deadline:
+            log.warning("window %d: upload would be late (deadline block %d): skipped", window, deadline)
+            return None
+        start = time.perf_counter()
+        self.store.put(key, blob)
+        self.upload_seconds = time.perf_counter() - start
+        log.info(
+            "window %d: uploaded %s (%.1f KiB in %.2fs)", window, key.rsplit("/", 1)[-1][:12],
+            len(blob) / 1024, self.upload_seconds,
+        )  # fmt: skip
+        return Upload(window, key, len(blob))
+
+    def wait_upload(self) -> Upload | None:
+        """Wait for the upload in flight; settle the residual by whether it landed."""
+        if self.pending is None:
+            return None
+        try:
+            done = self.pending.result()
+        except Exception:  # noqa: BLE001 -- a bug in the upload path must not end the miner
+            log.exception("upload failed")
+            done = None
+        self.pending = None
+        unsent, self.unsent = self.unsent, None
+        if unsent is not None and (done is None or done.window != unsent[0]):
+            self._restore_unsent(*unsent)
+        return done
+
+    def _restore_unsent(self, window: int, wire: dict[str, torch.Tensor]) -> None:
+        """The upload of `window` never happened: add what it carried back into the residual, so the
+        residual is again everything not sent (target, not target − sent)."""
+        sent = self.codec.decode(wire, self.ctx(window), self.shapes)
+        with torch.no_grad():
+            for name, part in sent.items():
+                t = self.ef.residual[name]
+                if isinstance(part, Sparse):
+                    t.view(-1).index_add_(0, part.indices.to(t.device), part.values.to(t.device))
+                else:
+                    t.add_(part.to(t.device).view_as(t))
+        log.info("window %d: not uploaded: its delta stays in the error-feedback residual", window)
 
     def cleanup(self, window: int) -> None:
         """Delete our own deltas older than retention_windows."""
@@ -210,7 +263,10 @@ class Miner(Node):
             if stats is not None:  # compress + sign now, plus the last upload's duration
                 spent = time.perf_counter() - start - stats.seconds + self.upload_seconds
                 self.send_seconds = 0.5 * self.send_seconds + 0.5 * spent
-        incentive = self.chain.metagraph().incentive_of(self.uid)
+        # The master of the next window comes after this one's deadline anyway: wait for the upload
+        # here, so the residual is settled (and saved) by whether it landed.
+        self.wait_upload()
+        incentive = self.mg.incentive_of(self.uid)  # this window's, read by sync
         if stats is not None:
             log.info(
                 "window %d: loss %.4f  %.0f tok/s  %d steps  %.1fs  incentive %.4f",
@@ -219,6 +275,12 @@ class Miner(Node):
             )  # fmt: skip
         else:
             log.info("window %d: %s  incentive %.4f", window, self.persona.name, incentive)
+        self.metrics.window({
+            "window": window, "loss": getattr(stats, "loss", None), "tokens_per_s": getattr(stats, "tokens_per_s", None),
+            "bytes_uploaded": len(blob) if blob else 0, "upload_seconds": self.upload_seconds, "incentive": incentive,
+            "master_window": self.position.window if self.position else None,
+            "master_hash": self.position.hash if self.position else None,
+        })  # fmt: skip
         self.last_window = window
         self._save_state()
         self.cleanup(window)
@@ -226,57 +288,47 @@ class Miner(Node):
     def honest(self, window: int) -> tuple[bytes, object]:
         """The honest path: train, compress with error feedback, sign."""
         delta, stats = self.train(window)
+        self.wait_upload()  # the residual must be settled before it feeds this window's delta
         wire = compress(delta, self.codec, self.ctx(window), self.ef)
+        self.unsent = (window, wire)
         return self.encode(window, wire), stats
 
     def run(self, max_windows: int = 0) -> None:
-        self.ensure_commitment()
-        done = 0
+        stop = self.stopping.is_set
+        self.keep_trying("commit", self.ensure_commitment, stop)
+        done = failures = 0
         window = max(self.window(), self.last_window + 1)
-        while not self.stopping.is_set() and (max_windows == 0 or done < max_windows):
-            if not self.wait_for_block(protocol.window_start(window, self.bpw), self.stopping.is_set):
+        while not stop() and (max_windows == 0 or done < max_windows):
+            if not self.wait_for_block(protocol.window_start(window, self.bpw), stop):
                 break
-            current = self.window()
-            if current > window:
-                log.info("window %d already over: joining window %d", window, current)
-                window = current
-            self.step(window)
+            try:
+                current = self.window()
+                if current > window:
+                    log.info("window %d already over: joining window %d", window, current)
+                    window = current
+                self.step(window)
+                failures = 0
+            except ChainError as e:  # the endpoint is down or the runtime changed: carry on later
+                failures += 1
+                log.warning("window %d: skipped: chain failed (%s)", window, e)
+                self.retry_chain(f"window {window}", e, failures, stop)
+                continue  # the same window if there is still time, else the loop joins the next
             done += 1
             window += 1
         self.wait_upload()
         self.uploader.shutdown(wait=True)
+        self.persona.close()
         log.info("miner stopped after %d windows", done)
 
 
-def codec_context(settings: Settings, window: int) -> CodecContext:
-    m = settings.mechanism
-    return CodecContext(
-        netuid=settings.chain.netuid, window=window, compression=m.compression, chunk=m.topk_chunk
-    )
-
-
-def _install_signals(stop: threading.Event) -> None:
-    def handler(signum, frame) -> None:  # noqa: ARG001
-        log.info("signal %d: finishing the current window, then stopping", signum)
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-
-
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .distributed import run_distributed
-
-        return run_distributed(settings, args)
+    """One miner process (`bistro miner`; under torchrun the CLI calls `distributed.run_distributed`)."""
     try:
         miner = Miner(settings)
-    except NotRegistered as e:
+    except (NotRegistered, ConfigError) as e:
         log.error("%s", e)
         return 1
-    _install_signals(miner.stopping)
+    install_signals(miner.stopping)
     log.info(
         "miner uid %d hotkey %s bucket %s persona %s",
         miner.uid,

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import signal
+import threading
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -17,12 +20,51 @@ from .chain.base import Chain, ChainError, Metagraph
 from .config import Settings
 from .data import Dataset
 from .master import Follower, MasterError, Position
+from .metrics import Metrics
 from .model import build_model, state_tensors
-from .storage import open_store
+from .storage import open_peer_store, open_store, private_allowed
 from .storage.base import StorageError, Store, TooLarge
 from .wallet import open_wallet
 
 log = logging.getLogger("bistro.node")
+
+MAX_PEER_STORES = 512
+"""Peer stores kept open (keyed by commitments, which miners choose): least recently used go first."""
+MAX_PUBLISHERS = 64
+"""Windows whose publisher we remember."""
+
+
+def install_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop` (the node finishes its window, then exits); a second one
+    interrupts at once."""
+
+    def handler(signum, frame) -> None:  # noqa: ARG001
+        log.info("signal %d: finishing the current window, then stopping", signum)
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+MAX_CHAIN_BACKOFF = 300.0
+"""Seconds between two tries at most while the chain keeps failing."""
+
+
+def chain_backoff(failures: int, block_time: float) -> float:
+    """Seconds to wait after `failures` chain failures in a row: a block, doubling, capped."""
+    return min(MAX_CHAIN_BACKOFF, max(block_time, 0.05) * 2 ** max(failures - 1, 0))
+
+
+def pause(seconds: float, stop=None) -> bool:
+    """Sleep `seconds`, checking `stop()` at least every second; False if it became true."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if stop is not None and stop():
+            return False
+        time.sleep(min(left, 1.0))
+    return stop is None or not stop()
 
 
 class NotRegistered(Exception):
@@ -52,8 +94,9 @@ class Node:
         self.store_root = settings.storage.root or str(settings.home)
         self.store: Store = open_store(self.bucket, settings.storage, root=self.store_root)
         self.commitment = self._own_commitment()
-        self._peers: dict[str, Store] = {}
-        self.dataset = Dataset.open(settings)
+        self._peers: OrderedDict[str, Store] = OrderedDict()
+        self._publishers: OrderedDict[int, str] = OrderedDict()
+        self.dataset = Dataset.open(settings, index_source=self._hub_index_source())
         self.pages = self.dataset.page_settings
         self.device = torch.device(settings.device)
         self.model = build_model(settings.model, seed=settings.model.seed).to(self.device)
@@ -64,6 +107,20 @@ class Node:
         self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
         """θ as published, kept apart from the model's own parameters (which train or hold θ_eval)."""
         self.uid = self._check_registered()
+        self.metrics = Metrics(settings, role, self.uid, self.hotkey)
+        """Prometheus endpoint / W&B run (both off by default), fed once per window."""
+
+    def _hub_index_source(self):  # noqa: ANN202 - a data.hub.IndexSource or None
+        """`hf:` corpora: the publisher's signed copy of the row-group index (data/hub.py)."""
+        if not self.settings.data.corpus.startswith("hf:"):
+            return None
+        from .data.hub import fetch_index
+
+        try:
+            source = self.master_source(self.window(), self.chain.metagraph())
+        except ChainError:
+            return None
+        return None if source is None else fetch_index(*source, self.netuid, self.settings.data.corpus)
 
     # --- chain ------------------------------------------------------------------------------------
 
@@ -81,7 +138,7 @@ class Node:
             w = self.settings.wallet
             hint = (
                 f"bistro register --wallet.name {w.name} --wallet.hotkey {w.hotkey}"
-                if self.settings.chain.network == "embedded"
+                if self.settings.chain.embedded
                 else f"btcli subnets register --wallet.name {w.name} --wallet.hotkey {w.hotkey} "
                 f"--netuid {self.netuid} --subtensor.network {self.settings.chain.network}"
             )
@@ -99,53 +156,119 @@ class Node:
     def window(self) -> int:
         return protocol.window_of(self.chain.block(), self.bpw)
 
+    def block_time(self) -> float:
+        """Seconds per block as the chain reports it (12 s if the chain cannot say right now)."""
+        try:
+            return float(self.chain.block_time)
+        except ChainError as e:
+            log.warning("chain: block time unknown (%s): assuming 12 s", e)
+            return 12.0
+
     def wait_for_block(self, block: int, stop=None) -> bool:
-        """Sleep until the chain reaches `block`; False if `stop()` became true first."""
-        block_time = getattr(self.chain, "block_time", 1.0)
+        """Sleep until the chain reaches `block`; False if `stop()` became true first.
+
+        Polite to a public endpoint: one request, then sleep until the block is due by the chain's
+        block time, then about three requests a block. A failing chain is asked again after a
+        block, then after twice as long each time, at most every `MAX_CHAIN_BACKOFF` seconds.
+        """
+        block_time = self.block_time()
+        failures = 0
         while True:
             try:
                 now = self.chain.block()
+                failures = 0
             except ChainError as e:
-                log.warning("chain: %s", e)
-                now = -1
+                failures += 1
+                wait = chain_backoff(failures, block_time)
+                log.warning("chain: %s (asking again in %.1fs)", e, wait)
+                if not pause(wait, stop):
+                    return False
+                continue
             if now >= block:
                 return True
             if stop is not None and stop():
                 return False
-            time.sleep(min(max(block_time / 4, 0.05), 2.0))
+            if not pause(max((block - now - 1) * block_time, block_time / 3), stop):
+                return False
+
+    def keep_trying(self, what: str, fn, stop=None) -> bool:
+        """`fn()` until it gets through the chain (backoff between tries); False if stopped first."""
+        failures = 0
+        while stop is None or not stop():
+            try:
+                fn()
+                return True
+            except ChainError as e:
+                failures += 1
+                self.retry_chain(what, e, failures, stop)
+        return False
+
+    def retry_chain(self, what: str, error: ChainError, failures: int, stop=None) -> bool:
+        """Log a chain failure of `what` and sleep its backoff; False if `stop()` became true."""
+        wait = chain_backoff(failures, self.block_time())
+        log.warning("%s: chain failed (%s): retrying in %.1fs", what, error, wait)
+        return pause(wait, stop)
 
     # --- buckets ----------------------------------------------------------------------------------
 
     def peer_store(self, commitment: str) -> Store:
-        """The store a uid committed (opened once, cached). Raises ValueError for a bad commitment."""
+        """The store a uid committed, read-only and read without our credentials (opened once,
+        cached, at most MAX_PEER_STORES of them). Raises BadCommitment (a ValueError)."""
         store = self._peers.get(commitment)
         if store is None:
-            store = open_store(commitment, self.settings.storage, root=self.store_root)
+            store = open_peer_store(
+                commitment, self.settings.storage, root=self.store_root,
+                allow_private=private_allowed(self.settings),
+            )  # fmt: skip
             self._peers[commitment] = store
+            while len(self._peers) > MAX_PEER_STORES:
+                self._peers.popitem(last=False)
+        self._peers.move_to_end(commitment)
         return store
 
-    def master_source(self, mg: Metagraph) -> tuple[Store, str] | None:
-        """The top-stake validator's bucket and hotkey: where the master is published."""
-        top = mg.top_validator()
-        if top is None:
-            return None
-        if top == self.hotkey:
-            return self.store, top
-        commitment = self.chain.commitments().get(mg.uid_of(top))
+    def publisher_of(self, window: int, mg: Metagraph) -> str | None:
+        """The hotkey that publishes update-{window} (θ_{window+1}): the top-stake validator at the
+        first block of `window`, so every node agrees whenever it asks. Before any validator had
+        stake there, the top validator now (the network's first publisher)."""
+        known = self._publishers.get(window)
+        if known is not None:
+            return known
+        hotkey = self.chain.top_validator_at(max(protocol.window_start(window, self.bpw), 0))
+        if hotkey is None:
+            return mg.top_validator()
+        self._publishers[window] = hotkey
+        while len(self._publishers) > MAX_PUBLISHERS:
+            self._publishers.popitem(last=False)
+        return hotkey
+
+    def bucket_of(self, hotkey: str, mg: Metagraph) -> Store | None:
+        """The bucket `hotkey` committed (our own store for our own hotkey), None if it has none."""
+        if hotkey == self.hotkey:
+            return self.store
+        commitment = self.chain.commitments().get(mg.uid_of(hotkey))
         if commitment is None:
             return None
         try:
-            return self.peer_store(commitment), top
+            return self.peer_store(commitment)
         except ValueError:
             return None
+
+    def master_source(self, window: int, mg: Metagraph) -> tuple[Store, str] | None:
+        """Where θ_window is published: the bucket and hotkey of the publisher of window - 1."""
+        signer = self.publisher_of(window - 1, mg)
+        if signer is None:
+            return None
+        store = self.bucket_of(signer, mg)
+        return None if store is None else (store, signer)
 
     def sync_master(
         self, params: dict[str, torch.Tensor], have: Position | None, target: int | None, mg: Metagraph
     ) -> Position | None:
-        """Catch `params` up to θ_target from the top validator; None if it is not there (yet)."""
-        source = self.master_source(mg)
+        """Catch `params` up to θ_target from its publisher; None if it is not there (yet)."""
+        window = target if target is not None else self.window()
+        source = self.master_source(window, mg)
         if source is None:
-            log.info("no top validator with a bucket yet")
+            log.info("no publisher with a bucket for θ_%d yet", window)
             return None
         store, signer = source
         try:
@@ -153,6 +276,9 @@ class Node:
         except MasterError as e:
             log.info("master θ_%s not available: %s", target, e)
             return None
-        except (StorageError, TooLarge) as e:  # the publisher's bucket failed us: try again later
+        except (StorageError, TooLarge, TimeoutError) as e:  # the publisher's bucket failed us: later
             log.warning("master θ_%s not available: %s", target, e)
+            return None
+        except Exception:  # noqa: BLE001 -- the publisher is a peer too: a bug of ours on its bytes is loud, not fatal
+            log.exception("following θ_%s from %s… failed", target, signer[:10])
             return None

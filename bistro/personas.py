@@ -7,13 +7,29 @@
     copycat     re-signs another miner's delta of the same window as its own, after it appears
     poison      uploads its trained delta reversed and amplified
     stale       re-uploads its delta of an older window
+    backdater   a copycat that uploads itself and sets its object's time back to the window's start
+                (os.utime on a local bucket; on S3 its own server would lie in Last-Modified)
+    noisy_copier  a copy with its sent values jittered and re-encoded, decoded cosine about 0.92 to
+                the original (the old copy_threshold 0.98 missed it, 0.8 catches it)
+    blender     the mean of two other miners' deltas, re-encoded (cosine about 0.5-0.7 to each)
+    copy_finetune  a copy plus a few training steps (a fifth of a window's) on its own pages
+    hostile:B   trains, signs and uploads honestly, but commits its own loopback HTTP server
+                (`bistro.storage.hostile`), which serves its bucket with misbehaviour B
+                (`no_last_modified`, `content_range_star`, `status_500`, `trickle`,
+                `hang_after_headers`, `slow_first_byte`, `redirect_metadata`, `huge_header`,
+                `reset_mid_body`, `endless_chunked`, … : any of `BEHAVIOURS`)
+    one_in_three  trains and uploads one real window in three (the first it mines, then every
+                third); its server answers 500 for the others (the issue-13 attack that made a peer's failures look like ours)
+    bad_commitment  commits `http://169.254.169.254/latest` (the cloud metadata service) as its
+                bucket and uploads nothing
 
-Each persona runs inside the real miner process; only what it uploads differs.
+Each persona runs inside the real miner process; only what it uploads (and commits) differs.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -21,9 +37,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from . import protocol
-from .delta import delta_norm
-from .delta.wire import DeltaRejected, decode_delta
+from .config import HOSTILE_PREFIX, ConfigError
+from .data.pages import local_pages
+from .delta import Delta, delta_norm, similarity
+from .delta.codec import Sparse, compress, densify
+from .delta.wire import DeltaRejected, decode_delta, expectation
 from .storage.base import NotFound, StorageError
+from .storage.hostile import BEHAVIOURS, Behaviour, HostileServer, status_500
 
 if TYPE_CHECKING:
     from .miner import Miner
@@ -41,10 +61,15 @@ class Persona:
         """The blob to upload for `window` (None: nothing) and training stats (None: no training)."""
         return self.miner.honest(window)
 
+    def commitment(self, own: str) -> str:
+        """What the miner commits on chain as its bucket (`own`: its real bucket's commitment)."""
+        return own
+
+    def close(self) -> None:
+        """Release what the persona started (the miner is stopping)."""
+
     def compress_plain(self, window: int, delta: dict[str, torch.Tensor]) -> bytes:
         """Encode without error feedback (cheats keep no residual)."""
-        from .delta.codec import compress
-
         return self.miner.encode(window, compress(delta, self.miner.codec, self.miner.ctx(window), None))
 
 
@@ -102,45 +127,263 @@ class Copycat(Persona):
     """Waits for another miner's delta of this window, then re-signs it as its own."""
 
     name = "copycat"
+    sources = 1
+    """How many other miners' deltas it needs."""
 
     def produce(self, window: int) -> tuple[bytes | None, object]:
+        stolen = self.wait_for(window)
+        return (None, None) if stolen is None else (self.forge(window, stolen), None)
+
+    def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
+        """The blob to upload from the stolen (wire tensors, decoded delta) pairs."""
+        return self.miner.encode(window, stolen[0][0])
+
+    def wait_for(self, window: int) -> list[tuple[dict[str, torch.Tensor], Delta]] | None:
         m = self.miner
-        deadline = protocol.window_start(window + 1, m.bpw) - 1
+        # up to the last block before the upload deadline: the honest uploads land late in a window
+        grace = m.settings.mechanism.upload_grace_blocks
+        deadline = protocol.upload_deadline(window, m.bpw, grace) - 1
         while m.chain.block() < deadline and not m.stopping.is_set():
-            wire = self._steal(window)
-            if wire is not None:
-                return m.encode(window, wire), None
+            # Only paid work is worth stealing (a noise or idle uid's upload lands first) until the
+            # last block before the deadline; then whatever is there.
+            stolen = self._steal(window, paid_only=m.chain.block() < deadline - 1)
+            if len(stolen) >= self.sources:
+                return stolen
             time.sleep(0.5)
-        return None, None
+        return None
 
-    def _steal(self, window: int) -> dict[str, torch.Tensor] | None:
+    def _steal(self, window: int, paid_only: bool = False) -> list[tuple[dict[str, torch.Tensor], Delta]]:
         m = self.miner
-        from .evaluator import expectation
-
         mg = m.chain.metagraph()
-        # The best-paid miner first: that is whose work is worth stealing.
+        # The best-paid miners first: that is whose work is worth stealing.
         ranked = sorted(m.chain.commitments().items(), key=lambda kv: (-mg.incentive_of(kv[0]), kv[0]))
+        anyone_paid = any(mg.incentive_of(uid) > 0 for uid, _ in ranked)
+        stolen = []
         for uid, commitment in ranked:
             hotkey = mg.hotkey_of(uid)
             if uid == m.uid or hotkey is None:
                 continue
+            if paid_only and anyone_paid and mg.incentive_of(uid) <= 0:
+                break  # ranked: the rest are unpaid too
             try:
                 blob = m.peer_store(commitment).get(
                     protocol.delta_key(m.netuid, window, hotkey),
                     max_bytes=m.settings.mechanism.max_delta_bytes,
                 )
                 exp = expectation(m.settings, window, hotkey, m.position.hash if m.position else "", m.shapes)
-                if decode_delta(blob, exp).norm == 0.0:  # only copy what a validator would accept
+                decoded = decode_delta(blob, exp)
+                if decoded.norm == 0.0:  # only copy what a validator would accept
                     continue
             except (NotFound, StorageError, ValueError, DeltaRejected):
                 continue
-            log.info("copycat: copying uid %d's delta of window %d", uid, window)
-            return dict(load_safetensors(blob))
+            log.info("%s: copying uid %d's delta of window %d", self.name, uid, window)
+            stolen.append((dict(load_safetensors(blob)), decoded.delta))
+            if len(stolen) == self.sources:
+                break
+        return stolen
+
+
+class Backdater(Copycat):
+    """A copy whose object claims to be older than the original: uploads it itself, then sets the
+    file's time to the window's start. Copy order by storage time would make the honest miner the
+    copy; by own-page evidence, the backdate changes nothing."""
+
+    name = "backdater"
+
+    def produce(self, window: int) -> tuple[bytes | None, object]:
+        stolen = self.wait_for(window)
+        if stolen is None:
+            return None, None
+        m = self.miner
+        key = protocol.delta_key(m.netuid, window, m.hotkey)
+        m.store.put(key, self.forge(window, stolen))
+        path = getattr(m.store, "dir", None)
+        if path is not None:  # a local bucket: the file's mtime is what it reports as Last-Modified
+            started = time.time() - (m.chain.block() - protocol.window_start(window, m.bpw)) * float(
+                getattr(m.chain, "block_time", 12.0)
+            )
+            os.utime(path / key, (started, started))
+            log.info("backdater: window %d object dated %.0fs earlier", window, time.time() - started)
+        return None, None
+
+
+class NoisyCopier(Copycat):
+    """A copy with its sent values jittered, at the same positions, and re-encoded with the codec
+    (whatever its layout), the jitter sized so the decoded cosine to the original is about
+    `cosine`: under the old copy_threshold 0.98, over today's 0.8. A quantising codec snaps small
+    jitter back to the original's bins, so the size is found by bisection on the decoded result."""
+
+    name = "noisy_copier"
+    cosine = 0.92
+
+    def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
+        m, original = self.miner, stolen[0][1]
+        g = torch.Generator().manual_seed(protocol.seed("noisy-copier", m.uid, window))
+        noise = {
+            n: torch.randn(p.values.shape, generator=g) for n, p in original.items() if isinstance(p, Sparse)
+        }
+        rms = {n: float(original[n].values.float().pow(2).mean().sqrt()) for n in noise}
+
+        def wire_at(size: float) -> dict[str, torch.Tensor]:
+            jittered = {
+                n: Sparse(p.indices, p.values.float() + size * rms[n] * noise[n]) if n in noise else p
+                for n, p in original.items()
+            }
+            return compress(densify(jittered, m.shapes), m.codec, m.ctx(window), None)
+
+        low, high = 0.0, 2.0
+        for _ in range(8):
+            size = (low + high) / 2
+            got = similarity(original, m.codec.decode(wire_at(size), m.ctx(window), m.shapes))
+            low, high = (size, high) if got > self.cosine else (low, size)
+        return m.encode(window, wire_at((low + high) / 2))
+
+
+class Blender(Copycat):
+    """The mean of two other miners' deltas, re-encoded: trains nothing, still lowers the loss."""
+
+    name = "blender"
+    sources = 2
+
+    def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
+        dense = [densify(delta, self.miner.shapes) for _, delta in stolen]
+        blend = {k: sum(d[k] for d in dense) / len(dense) for k in dense[0]}
+        return self.compress_plain(window, blend)
+
+
+class CopyFinetune(Copycat):
+    """A copy plus a few steps on its own pages: only those steps may earn anything."""
+
+    name = "copy_finetune"
+    fraction = 0.2
+    """Of a window's training steps, how many it spends."""
+
+    def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
+        m = self.miner
+        copied = densify(stolen[0][1], m.shapes)
+        with torch.no_grad():
+            for name, p in m.params.items():
+                p.copy_(m.master[name] + copied[name].to(p.device))
+        steps = max(1, int(m.settings.train.steps_per_window * self.fraction))
+        m.trainer.train(m.dataset.sequences(local_pages(m.netuid, m.uid, window, m.pages)), steps)
+        with torch.no_grad():
+            delta = {name: p.detach() - m.master[name] for name, p in m.params.items()}
+        return self.compress_plain(window, delta)
+
+
+class Hostile(Persona):
+    """An honest miner behind a hostile server: trains, signs and uploads to its own bucket as the
+    honest one does, but commits `http+get://127.0.0.1:PORT/<behaviour>`, a `HostileServer` in this
+    process that serves its own deltas (read from its bucket) with that behaviour. On loopback, so
+    only for the embedded chain (a real network refuses the address: `bad_commitment`)."""
+
+    name = "hostile"
+
+    def __init__(self, miner: Miner, behaviour: str) -> None:
+        super().__init__(miner)
+        self.behaviour = behaviour
+        self.name = f"{HOSTILE_PREFIX}{behaviour}"
+        self.server: HostileServer | None = None
+
+    def commitment(self, own: str) -> str:
+        if self.server is None:
+            self.server = HostileServer(source=self._own_delta, missing=self.missing())
+            log.info("%s: serving our bucket at %s", self.name, self.server.url)
+        return f"http+get://127.0.0.1:{self.server.server_address[1]}/{self.behaviour.replace('_', '-')}"
+
+    def missing(self) -> Behaviour | None:
+        """What the server answers for a delta we do not have (None: a plain 404)."""
         return None
 
+    def _own_delta(self, key: str) -> bytes | None:
+        """Our own delta at `key` from our bucket, or None: the server serves nothing else."""
+        m = self.miner
+        parsed = protocol.parse_delta_key(key)
+        if parsed is None or parsed[0] != m.netuid or parsed[2] != m.hotkey:
+            return None
+        try:
+            return m.store.get(key, max_bytes=m.settings.mechanism.max_delta_bytes)
+        except (NotFound, StorageError, ValueError):
+            return None
 
-PERSONAS = {p.name: p for p in (Persona, Idle, Freeloader, Noise, Poison, Stale, Copycat)}
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+class OneInThree(Hostile):
+    """Trains and uploads one real window in three (the first it mines, then every third) and saves
+    the compute of the others; its server answers 500 for the deltas it never made, so that the
+    missing windows look like a storage failure (which validators once forgave as their own)."""
+
+    name = "one_in_three"
+    first: int | None = None
+
+    def __init__(self, miner: Miner) -> None:
+        super().__init__(miner, "honest")
+        self.name = OneInThree.name
+
+    def missing(self) -> Behaviour | None:
+        return status_500
+
+    def produce(self, window: int) -> tuple[bytes | None, object]:
+        self.first = window if self.first is None else self.first
+        return self.miner.honest(window) if (window - self.first) % 3 == 0 else (None, None)
+
+
+class BadCommitmentPersona(Persona):
+    """Commits the cloud metadata service as its bucket (a request-forgery probe); uploads nothing,
+    since no validator may read it."""
+
+    name = "bad_commitment"
+    target = "http://169.254.169.254/latest"
+
+    def commitment(self, own: str) -> str:
+        return self.target
+
+    def produce(self, window: int) -> tuple[bytes | None, object]:
+        return None, None
+
+
+PERSONAS = {  # fmt: skip
+    p.name: p
+    for p in (
+        Persona,
+        Idle,
+        Freeloader,
+        Noise,
+        Poison,
+        Stale,
+        Copycat,
+        Backdater,
+        NoisyCopier,
+        Blender,
+        CopyFinetune,
+        OneInThree,
+        BadCommitmentPersona,
+    )
+}
+
+
+def persona_problem(name: str) -> str | None:
+    """Why `name` is no persona, or None if it is one."""
+    if name.startswith(HOSTILE_PREFIX):
+        behaviour = name[len(HOSTILE_PREFIX) :]
+        if behaviour not in BEHAVIOURS:
+            return (
+                f"persona {name!r}: no server behaviour {behaviour!r} (choose from {', '.join(BEHAVIOURS)})"
+            )
+        return None
+    if name not in PERSONAS:
+        return f"persona {name!r}: choose from {', '.join(PERSONAS)} or {HOSTILE_PREFIX}<behaviour>"
+    return None
 
 
 def make_persona(name: str, miner: Miner) -> Persona:
+    problem = persona_problem(name)
+    if problem is not None:
+        raise ConfigError(problem)
+    if name.startswith(HOSTILE_PREFIX):
+        return Hostile(miner, name[len(HOSTILE_PREFIX) :])
     return PERSONAS[name](miner)

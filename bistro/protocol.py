@@ -11,8 +11,9 @@ import json
 import re
 from typing import Any, Protocol
 
-FORMAT_VERSION = 1
-"""Version of the delta and master object formats."""
+FORMAT_VERSION = 2
+"""Version of the delta and master object formats. 2: the topk2 codec, the mean merge and error
+feedback 0.95 became the defaults (what a node of version 1 would merge differently)."""
 
 PREFIX = "bistro"
 
@@ -31,13 +32,22 @@ def window_start(window: int, blocks_per_window: int) -> int:
 
 
 def window_last_block(window: int, blocks_per_window: int) -> int:
-    """Last block of a window: its hash seeds the window's eval and global pages."""
+    """Last block of a window."""
     return (window + 1) * blocks_per_window - 1
 
 
 def upload_deadline(window: int, blocks_per_window: int, grace_blocks: int) -> int:
     """The first block at which an upload for `window` is late."""
     return (window + 1) * blocks_per_window + grace_blocks
+
+
+def seed_block(window: int, blocks_per_window: int, grace_blocks: int) -> int:
+    """The block whose hash seeds the window's eval, other and global pages: the upload deadline.
+
+    It exists only once uploads are closed, so no miner can know which pages it will be judged on
+    (or which global pages accept the master step) while it can still change its upload. (The
+    window's last block, used before, exists `1 + grace_blocks` blocks too early.)"""
+    return upload_deadline(window, blocks_per_window, grace_blocks)
 
 
 # --- object keys --------------------------------------------------------------------------------
@@ -84,6 +94,13 @@ def update_key(netuid: int, window: int) -> str:
 def latest_key(netuid: int) -> str:
     """Pointer to the newest checkpoint and update."""
     return f"{PREFIX}/{netuid}/master/LATEST.json"
+
+
+def hub_index_key(netuid: int, key: str) -> str:
+    """The publisher's signed copy of a hub corpus's row-group index (`data/hub.py`)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", key):
+        raise ValueError(f"not a hub index key: {key!r}")
+    return f"{PREFIX}/{netuid}/data/hub-index-{key}.json"
 
 
 # --- seeds --------------------------------------------------------------------------------------

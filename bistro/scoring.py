@@ -4,19 +4,42 @@ The validator of window w, for the valid set V of deltas:
 
     3. m_i = normalize(max(I_i, 1/|V|))          merge weights with a bootstrap floor
     4. θ_eval = θ + Σ_{i∈V} m_i Δ_i
-    5. s_i = [λ (L_without − L_with)_own pages + (1 − λ) (L_without − L_with)_global pages] / m_i
-       positive when the delta helps (the seed wrote L_with − L_without: that rewards harm); per
-       unit of merge weight, because taking out m_i Δ_i moves the loss in proportion to m_i, and
-       m_i follows incentive: unnormalised, one lucky early window locked a miner at 0.8 of the
-       weight on the tiny localnet while four identical miners shared the rest
+    5. the own-page test (issue 14): s_i = [h_own / P_own − h_other / P_other] / m_i, where
+       h = L(θ_eval − m_i Δ_i) − L(θ_eval) is uid i's help and P = L(θ) − L(θ_eval) the pooled help
+       of all deltas, on i's eval pages ("own") and on as many pages it was not assigned ("other",
+       its control pages), all drawn with the hash of the seed block, which exists only once
+       uploads are closed (protocol.seed_block).
+       - Why own vs other: a delta earns only if it helps the pages assigned to its uid *more* than
+         pages it was not assigned. An honest miner trained on its pages; a copy, a noisy copy or a
+         blend of other uids' deltas helps the pages their authors trained on, not the copier's,
+         so its two terms match and it scores about 0. A copy plus a few steps on its own pages is
+         paid only for what those steps add to its own pages (the copied part helps own and control
+         pages alike).
+       - Why not the global term any more: a copy helps the global pages exactly as much as its
+         original, so any weight on that term pays copies. The global pages still decide whether
+         the master step is accepted (step 8).
+       - Why divided by P: pages differ in how much any delta can teach them; on 2 + 2 pages that,
+         not the delta, dominated the raw margin h_own − h_other (tiny preset, window 0: honest
+         +0.013..+0.036 against cheats up to +0.014; divided: honest +0.23..+0.40, cheats
+         −0.13..+0.05). Each P is floored at a quarter of their sum so a page set the pool barely
+         moves cannot blow a ratio up; if the pool helps neither set the test has no scale: 0.
+       - Per unit of merge weight: taking out m_i Δ_i moves the loss in proportion to m_i, and m_i
+         follows incentive (unnormalised, one lucky early window locked a miner at 0.8 of the
+         weight on the tiny localnet while four identical miners shared the rest).
     6. avg_i ← (1 − α) avg_i + α s_i               for every uid, zero for those with no valid delta
-    7. w_i = softmax(T · avg_i / scale) over the eligible uids, 0 elsewhere, scale = mean |avg|;
-       eligible: avg_i > ε · mean of the positive averages (ε = `eligibility`, 0.1)
+    7. w_i = softmax(T · avg_i / scale) over the eligible uids, 0 elsewhere;
+       eligible: avg_i > ε · mean of the positive averages (ε = `eligibility`, 0.1), and
+       scale = mean of the eligible averages: positive ones only, so no negative average (a
+       poisoner's) changes how the positive ones are split (with the mean |avg| of every uid, one
+       strongly negative uid compressed the honest differences)
        (a plain softmax over all uids would pay a uid that did nothing exp(0); so would a softmax over
        every positive average, to a uid whose average is a decaying trace of one good window or noise
        that helped by chance: measured on the tiny localnet, those drew 7% of the weight each)
 
-Copies: of two deltas with cosine ≥ threshold, the later upload (time, then uid) scores zero.
+Copies (the first screen, not the defence): of deltas with cosine ≥ threshold, the one with the most
+own-page evidence (`copy_order`; evaluator.own_page_evidence) is the original and the others score
+zero; ties by a seeded draw. Never by upload time: a miner's own server reports it (a backdated copy
+made the honest original the "copy").
 No chain, store, clock or device here.
 """
 
@@ -38,19 +61,75 @@ def merge_weights(incentive: Mapping[int, float], valid: Iterable[int]) -> dict[
     return {uid: v / total for uid, v in raw.items()}
 
 
-def score(
-    with_local: float,
-    without_local: float,
-    with_global: float,
-    without_global: float,
-    local_dominance: float,
-    merge_weight: float = 1.0,
+def clip_to_median_norm(weights: Mapping[int, float], norms: Mapping[int, float]) -> dict[int, float]:
+    """Merge weights with each delta's norm clipped to the median norm of the valid set (templar
+    clips peers to the median norm before merging): m_i · min(1, median / ‖Δ_i‖). One amplified
+    delta then moves θ_eval no more than a typical one, so it cannot turn the pooled help that the
+    own-page test divides by negative for everyone. Zero deltas keep their weight (they move nothing)."""
+    if not weights:
+        return {}
+    ordered = sorted(float(norms[uid]) for uid in weights)
+    median = ordered[(len(ordered) - 1) // 2]  # the lower median: never above a real delta's norm
+    return {uid: (m * min(1.0, median / norms[uid]) if norms[uid] > 0 else m) for uid, m in weights.items()}
+
+
+def own_page_test(
+    help_own: float, help_other: float, pooled_own: float, pooled_other: float, merge_weight: float = 1.0
 ) -> float:
-    """Step 5: how much the loss rises when the delta (merged at `merge_weight`) is taken out, per
-    unit of merge weight. Positive means it helps."""
-    local = without_local - with_local
-    global_ = without_global - with_global
-    return (local_dominance * local + (1.0 - local_dominance) * global_) / merge_weight
+    """How much more a delta helps its uid's own pages than its control pages, per unit of merge
+    weight, each help (loss without − loss with) divided by the pooled help of a reference on the
+    same pages (all deltas together): pages differ in how much any delta can teach them, and that
+    difference, not the delta, dominated the raw margin on 2 + 2 pages (module docstring).
+
+    Each pooled help is floored at a quarter of their sum, so a page set the pool barely moves
+    cannot blow a ratio up; if the pool helps neither set, the test has no scale and gives 0.
+
+    The ratios need other deltas to compare with: when the rest of the pool (pooled − this delta's
+    help) helps neither set (a lone miner, or one among zero deltas: its help *is* the pool, both
+    ratios are 1 and the test would give exactly 0 however well it trained), the raw margin is the
+    test. (The tolerance, a thousandth of the pool, absorbs the fp32 noise of taking a lone delta
+    out: θ_eval − Δ is not bit-exactly θ, and at 1e-6 that noise sent a lone miner to the ratios.)"""
+    tolerance = 1e-3 * (abs(pooled_own) + abs(pooled_other))
+    if pooled_own - help_own <= tolerance and pooled_other - help_other <= tolerance:
+        return (help_own - help_other) / merge_weight
+    return relative_margin(help_own, help_other, pooled_own, pooled_other) / merge_weight
+
+
+def relative_margin(help_own: float, help_other: float, ref_own: float, ref_other: float) -> float:
+    """help_own / ref_own − help_other / ref_other: each help over a reference's help on the same
+    pages, the references floored at a quarter of their sum (a page set the reference barely moves
+    cannot blow a ratio up); 0 when the reference helps neither set. `own_page_test` without the
+    lone-miner rule (which reads the reference as a pool that *contains* the delta). The copy order
+    does not use it: its evidence is the raw margin (`Evaluator.own_page_evidence` says why)."""
+    floor = 0.25 * (ref_own + ref_other)
+    if floor <= 0.0:
+        return 0.0
+    return help_own / max(ref_own, floor) - help_other / max(ref_other, floor)
+
+
+def score(
+    with_own: float,
+    without_own: float,
+    with_other: float,
+    without_other: float,
+    merge_weight: float,
+    base_own: float,
+    base_other: float,
+) -> float:
+    """Step 5: `own_page_test` of uid i's leave-one-out helps (L(θ_eval − m_i Δ_i) − L(θ_eval)) on
+    its eval pages and its control pages, against the pooled helps (L(θ) − L(θ_eval)). Positive
+    means it trained on its own pages; a copy, a blend or noise scores about 0."""
+    return own_page_test(
+        without_own - with_own, without_other - with_other, base_own - with_own, base_other - with_other,
+        merge_weight,
+    )  # fmt: skip
+
+
+def copy_order(evidence: Mapping[int, float], tiebreak: Mapping[int, int]) -> list[int]:
+    """The uids of near-copy groups in the order `find_copies` takes as "first": the most own-page
+    evidence first (the author of a delta is the one whose own pages it helps), ties by a seeded
+    draw (`tiebreak`, e.g. `protocol.seed` of the window and uid), never by time or uid order."""
+    return sorted(evidence, key=lambda uid: (-evidence[uid], tiebreak[uid], uid))
 
 
 def update_averages(
@@ -64,28 +143,42 @@ def update_averages(
     }
 
 
+def fault_score(averages: Mapping[int, float], penalty: float) -> float:
+    """The score of a window that was the peer's fault: −penalty × the mean positive moving average
+    (0 while no average is positive). Scaled by what miners earn, so it means the same early in
+    training and late; bounded, since an average that only faults converges to exactly this."""
+    positive = [v for v in averages.values() if v > 0.0 and math.isfinite(v)]
+    return -penalty * sum(positive) / len(positive) if positive else 0.0
+
+
 def weights_from_averages(
     averages: Mapping[int, float], temperature: float, eligibility: float = 0.0
 ) -> dict[int, float]:
     """Step 7: softmax(T · avg / scale) over eligible averages; every other uid gets 0.
 
-    Eligible: avg > eligibility × (mean of the positive averages), and > 0. `scale` is the mean |avg|
-    over uids with a nonzero average, so a temperature means the same early in training (large loss
-    differences) and late (tiny ones)."""
-    nonzero = [abs(v) for v in averages.values() if v != 0.0 and math.isfinite(v)]
+    Eligible: avg > eligibility × (mean of the positive averages), and > 0. `scale` is the mean of
+    the eligible averages, so a temperature means the same early in training (large loss
+    differences) and late (tiny ones), and no negative average (a poisoner's) changes how the
+    positive ones are split (`test_a_poisoner_does_not_flatten_the_honest_split`)."""
     positive = {uid: v for uid, v in averages.items() if v > 0.0 and math.isfinite(v)}
     weights = {uid: 0.0 for uid in averages}
     if not positive:
         return weights
     bar = eligibility * sum(positive.values()) / len(positive)
     positive = {uid: v for uid, v in positive.items() if v > bar}
-    scale = sum(nonzero) / len(nonzero)
+    scale = sum(positive.values()) / len(positive)
     logits = {uid: temperature * v / scale for uid, v in positive.items()}
     top = max(logits.values())
     exp = {uid: math.exp(x - top) for uid, x in logits.items()}
     total = sum(exp.values())
     weights.update({uid: e / total for uid, e in exp.items()})
     return weights
+
+
+def _renormalised(weights: Mapping[int, float]) -> dict[int, float]:
+    """`weights` over their sum (all 0 when nothing is left)."""
+    total = sum(weights.values())
+    return {uid: (w / total if total > 0 else 0.0) for uid, w in weights.items()}
 
 
 def drop_inactive(
@@ -98,17 +191,27 @@ def drop_inactive(
         uid: (w if window - last_valid.get(uid, -(10**9)) < inactive_windows else 0.0)
         for uid, w in weights.items()
     }
-    total = sum(kept.values())
-    return {uid: (w / total if total > 0 else 0.0) for uid, w in kept.items()}
+    return _renormalised(kept)
+
+
+def drop_faulted(weights: Mapping[int, float], faulted: Iterable[int]) -> dict[int, float]:
+    """Zero the weight of uids whose verdict in this window was their fault (`PEER_FAULTS`), and
+    renormalise: a window is paid for the work in it. The moving average alone kept a miner that
+    uploads one real window in three paid in the windows it skipped (its average outlived them);
+    uids outside this window's sample are not touched (`drop_inactive` covers them)."""
+    faulted = set(faulted)
+    kept = {uid: (0.0 if uid in faulted else w) for uid, w in weights.items()}
+    return _renormalised(kept)
 
 
 def find_copies(
     order: Sequence[int], similarity: Callable[[int, int], float], threshold: float
 ) -> dict[int, int]:
-    """Uids whose delta is a near-copy (cosine ≥ threshold) of one uploaded earlier.
+    """Uids whose delta is a near-copy (cosine ≥ threshold) of one earlier in `order`.
 
-    `order` lists uids by upload time, then uid. Returns {copier: original}. A copy is compared
-    against originals only, so a chain of copies all point at the first upload."""
+    `order` is `copy_order` (own-page evidence, then a seeded tie-break). Returns {copier:
+    original}. A copy is compared against originals only, so a chain of copies all point at the
+    first."""
     copies: dict[int, int] = {}
     originals: list[int] = []
     for uid in order:

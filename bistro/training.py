@@ -9,6 +9,14 @@ Data parallel: under `torch.distributed` (torchrun; gloo on CPU, NCCL on GPU) ea
 `world * batch_size` sequences, rank r trains on its own `batch_size` of them, and the gradients
 are averaged with one all_reduce over a flat buffer before clipping and the step, so every rank
 takes the identical step.
+
+FSDP2 (`train.fsdp` under torchrun): each decoder layer and then the whole model go through
+`torch.distributed.fsdp.fully_shard`, so parameters, gradients and AdamW moments are split on dim 0
+over the ranks (the optimizer is built over the sharded parameters: its state is sharded and stays
+from window to window). FSDP averages gradients in its reduce-scatter, so the flat all_reduce is
+skipped. On CUDA layers compute in bf16 with fp32 gradient reduction (`MixedPrecisionPolicy`); on
+CPU everything stays fp32. `train.activation_checkpointing` recomputes each layer in the backward
+(transformers' non-reentrant checkpointing, which composes with FSDP2).
 """
 
 from __future__ import annotations
@@ -56,6 +64,11 @@ class Trainer:
             # Process-wide, and it matters: two OpenMP threads on two cores shared with other busy
             # processes (a localnet) run ~30x slower than one thread, as each waits for the other.
             torch.set_num_threads(cfg.threads)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.fsdp = cfg.fsdp and _rank_world()[1] > 1
+        if self.fsdp:
+            shard_model(model, self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -127,7 +140,8 @@ class Trainer:
         with autocast_for(self.device):
             loss = train_loss(self.model, batch)
         loss.backward()
-        _average_gradients(self.params)
+        if not self.fsdp:  # FSDP's reduce-scatter already averaged them
+            _average_gradients(self.params)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
@@ -145,7 +159,7 @@ class Trainer:
         for idx, state in raw["state"].items():
             for key, value in state.items():
                 if torch.is_tensor(value):
-                    tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+                    tensors[f"state.{idx}.{key}"] = local_tensor(value).detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(idx), {})[key] = value
         meta = {"step_count": self.step_count, "param_groups": raw["param_groups"], "scalars": scalars}
@@ -159,6 +173,11 @@ class Trainer:
         state: dict[int, dict[str, Any]] = {}
         for name, value in tensors.items():
             _, idx, key = name.split(".", 2)
+            param = self.params[int(idx)]
+            if hasattr(param, "device_mesh") and value.dim() > 0:  # FSDP2: this rank's shard back
+                from torch.distributed.tensor import DTensor
+
+                value = DTensor.from_local(value.to(self.device), param.device_mesh, param.placements)
             state.setdefault(int(idx), {})[key] = value
         for idx, values in meta.get("scalars", {}).items():
             state.setdefault(int(idx), {}).update(values)
@@ -180,6 +199,24 @@ class Trainer:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["trainer"])
         self.load_state_dict(load_file(str(path), device=str(self.device)), meta)
+
+
+def shard_model(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 in place: every decoder layer its own unit (gathered only while it computes), then the
+    root (embeddings, final norm, head). bf16 compute with fp32 reduction on CUDA only."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP2 parameter or optimizer state); a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _rank_world() -> tuple[int, int]:

@@ -13,8 +13,33 @@ While window w+1 runs, after window w's upload deadline:
        loss, else θ_w; published as update-{w} (+ checkpoint) and LATEST.json; miners of window
        w+1 wait for it
 
-State (moving averages, last window done, master position) is saved atomically after every window,
-so a validator killed at any instant resumes with nothing lost and nothing counted twice.
+Whose fault (the rule; bistro/verdicts.py names the verdicts):
+    - Whatever a peer's store or bytes do (any exception, header or timing) is that peer's verdict
+      for the window (`fetch_verdict`): it scores zero and counts against its moving average.
+      Nothing a peer sends raises out of `evaluate`; a bug of ours on a peer's input is logged with
+      its traceback and is that uid's `peer_error`, and the window goes on.
+    - All peer I/O of a window shares one deadline, `mechanism.fetch_seconds` (at most FETCH_SHARE
+      of the window: `fetch_budget`) from the start of the
+      fetch; an object not in whole by then is `timeout`. No HEAD per uid: upload order does not
+      come from a miner's server.
+    - Only evidence about our own side may freeze averages (`skip`): the canary, a small object we
+      wrote to our own bucket, read in the same gather at the same deadline. If it does not come
+      back intact, the window is `skip` for every uid. "Most peers failed at once" is not such
+      evidence: one operator of many sybil uids can arrange it. Our chain failing raises
+      ChainError out of `evaluate`: the window is not scored at all.
+
+Who publishes (the publisher handover): the top-stake validator at the first block of window w
+(`Node.publisher_of`) publishes update-w; every node reads the same block, so all agree. A validator
+that becomes the publisher continues from the previous publisher's newest master (its checkpoints
+and updates), writes it as a checkpoint into its own bucket, and publishes from there; never from
+its own stale θ, and a fresh initial master only when no master exists anywhere.
+
+State (moving averages, last window done, checkpoints) is saved atomically after every window,
+so a validator killed at any instant resumes with nothing lost and nothing counted twice. θ is not
+saved locally: a restarted validator catches up from the publisher's bucket (its own, if it is the
+publisher), where full checkpoints come every `checkpoint_every` windows and signed updates between.
+`windows.jsonl` holds the last `records_per_file` records; older ones move to numbered archives
+(`windows-000001.jsonl`, the newest `archives_kept` kept), so start-up reads O(recent).
 """
 
 from __future__ import annotations
@@ -26,21 +51,32 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import protocol, scoring
 from .chain.base import ChainError, Metagraph
 from .config import Settings
-from .delta.wire import DeltaRejected, decode_delta
-from .evaluator import Evaluator, Verdict, expectation
-from .master import Position, Publisher, apply_update, load_params
+from .delta.wire import DeltaRejected, decode_delta, expectation
+from .evaluator import Evaluator, Verdict
+from .master import MasterError, Position, Publisher, apply_update, load_params
 from .model import build_model, model_hash
 from .node import Node, NotRegistered
-from .statefile import read_json, read_tensors, write_atomic, write_json, write_tensors
+from .statefile import read_json, write_atomic, write_json
 from .storage import gather
-from .storage.base import NotFound, StorageError, TooLarge
+from .storage.base import StorageError, Store, TooLarge
+from .verdicts import PEER_FAULTS, V, fetch_verdict
 
 log = logging.getLogger("bistro.validator")
+
+FETCH_SHARE = 0.25
+"""The largest share of a window the fetch deadline may take (the rest is for scoring)."""
+
+HASHES_KEPT = 16
+"""Master hashes remembered (windows back): deltas name the master they were trained from."""
+
+
+def canary_key(netuid: int) -> str:
+    """Where a validator keeps the object it reads back from its own bucket every window."""
+    return f"bistro/{netuid}/validator/canary.json"
 
 
 @dataclass
@@ -48,11 +84,12 @@ class State:
     averages: dict[int, float] = field(default_factory=dict)
     last_window: int = -1
     position: Position | None = None
+    """The master we hold (not saved: θ is caught up again from the publisher after a restart)."""
     hashes: dict[int, str] = field(default_factory=dict)
-    storage_misses: dict[int, int] = field(default_factory=dict)
+    """Master hash of recent windows (at most HASHES_KEPT)."""
     weights_pending: bool = False
     last_valid: dict[int, int] = field(default_factory=dict)
-    """Last window in which each uid's delta was valid (or skipped for our own storage errors)."""
+    """Last window in which each uid's delta was valid (or skipped because our own side failed)."""
     checkpoints: list[int] = field(default_factory=list)
     """Windows of the master checkpoints we publish and keep (publisher only)."""
 
@@ -60,9 +97,7 @@ class State:
         return {
             "averages": {str(k): v for k, v in self.averages.items()},
             "last_window": self.last_window,
-            "position": None if self.position is None else [self.position.window, self.position.hash],
             "hashes": {str(k): v for k, v in self.hashes.items()},
-            "storage_misses": {str(k): v for k, v in self.storage_misses.items()},
             "weights_pending": self.weights_pending,
             "checkpoints": self.checkpoints,
             "last_valid": {str(k): v for k, v in self.last_valid.items()},
@@ -70,13 +105,11 @@ class State:
 
     @classmethod
     def from_json(cls, d: dict) -> State:
-        pos = d.get("position")
+        hashes = {int(k): str(v) for k, v in d.get("hashes", {}).items()}
         return cls(
             averages={int(k): float(v) for k, v in d.get("averages", {}).items()},
             last_window=int(d.get("last_window", -1)),
-            position=None if pos is None else Position(int(pos[0]), str(pos[1])),
-            hashes={int(k): str(v) for k, v in d.get("hashes", {}).items()},
-            storage_misses={int(k): int(v) for k, v in d.get("storage_misses", {}).items()},
+            hashes=dict(sorted(hashes.items())[-HASHES_KEPT:]),
             weights_pending=bool(d.get("weights_pending", False)),
             checkpoints=[int(c) for c in d.get("checkpoints", [])],
             last_valid={int(k): int(v) for k, v in d.get("last_valid", {}).items()},
@@ -84,6 +117,11 @@ class State:
 
 
 class Validator(Node):
+    records_per_file = 1000
+    """Records in windows.jsonl before it moves to a numbered archive."""
+    archives_kept = 4
+    """Numbered archives of windows.jsonl kept (older ones are deleted)."""
+
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings, "validator")
         self.state_dir = settings.home / "validator"
@@ -92,44 +130,36 @@ class Validator(Node):
         self.stopping = threading.Event()
         self.model.eval()
         self.evaluator = Evaluator(settings, self.model, self.dataset)
+        # signed like everything we publish (a public bucket holds nothing unsigned of ours)
+        doc = {"kind": "canary", "netuid": self.netuid, "started": time.time()}
+        self.canary = json.dumps(protocol.sign_document(self.keypair, doc)).encode()
+        self._canary_written = False
+        self._record_lines = 0
+        self.fetched_bytes = 0
+        """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
         self._load_state()
 
     # --- state ------------------------------------------------------------------------------------
 
-    def _master_file(self, window: int) -> Path:
-        return self.state_dir / f"master-{window}.safetensors"
-
     def _load_state(self) -> None:
+        for old in self.state_dir.glob("master-*.safetensors"):  # written by earlier versions
+            old.unlink(missing_ok=True)
         raw = read_json(self.state_dir / "state.json")
         if raw is None:
             return
         self.state = State.from_json(raw)
         self._drop_unsaved_records()
-        pos = self.state.position
-        tensors = read_tensors(self._master_file(pos.window)) if pos else None
-        if pos is not None and tensors is not None:
-            load_params(self.master, tensors)
-            if model_hash(self.master) != pos.hash:
-                log.warning("saved master does not match its hash: will catch up again")
-                self.state.position = None
-        elif pos is not None:
-            self.state.position = None
         log.info(
             "resumed: last window %d, %d moving averages", self.state.last_window, len(self.state.averages)
         )
 
     def _save_state(self) -> None:
-        pos = self.state.position
-        if pos is not None and not self._master_file(pos.window).exists():
-            write_tensors(self._master_file(pos.window), self.master)
         write_json(self.state_dir / "state.json", self.state.to_json())
-        for old in self.state_dir.glob("master-*.safetensors"):
-            if pos is None or old != self._master_file(pos.window):
-                old.unlink(missing_ok=True)
 
     def _drop_unsaved_records(self) -> None:
         """Forget records of windows the saved state does not hold (killed between writing the record
-        and the state): the window is scored again, and must not be listed twice."""
+        and the state): the window is scored again, and must not be listed twice. Reads only the
+        current windows.jsonl (at most `records_per_file` lines): archives hold saved windows."""
         path = self.state_dir / "windows.jsonl"
         if not path.exists():
             return
@@ -143,45 +173,113 @@ class Validator(Node):
                 break  # a line cut short by the kill
         if len(kept) != len(lines):
             write_atomic(path, "".join(line + "\n" for line in kept).encode())
+        self._record_lines = len(kept)
 
     def _record(self, record: dict) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self._record_lines >= self.records_per_file:
+            self._rotate_records()
         with open(self.state_dir / "windows.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._record_lines += 1
+        self.metrics.window(record)
+
+    def _rotate_records(self) -> None:
+        archives = sorted(self.state_dir.glob("windows-*.jsonl"))
+        number = int(archives[-1].stem.split("-")[1]) + 1 if archives else 1
+        (self.state_dir / "windows.jsonl").rename(self.state_dir / f"windows-{number:06d}.jsonl")
+        for old in [*archives, None][: max(len(archives) + 1 - self.archives_kept, 0)]:
+            if old is not None:
+                old.unlink(missing_ok=True)
+        self._record_lines = 0
+
+    def _hold(self, position: Position) -> None:
+        """We hold `position` in self.master; remember its hash (bounded)."""
+        self.state.position = position
+        self.state.hashes[position.window] = position.hash
+        self.state.hashes = dict(sorted(self.state.hashes.items())[-HASHES_KEPT:])
 
     # --- master -----------------------------------------------------------------------------------
 
-    def is_publisher(self, mg: Metagraph) -> bool:
-        return mg.top_validator() == self.hotkey
+    def publishes(self, window: int, mg: Metagraph) -> bool:
+        """Whether we publish update-{window} (the top-stake validator at the window's first block)."""
+        return self.publisher_of(window, mg) == self.hotkey
 
     def ensure_master(self, window: int, mg: Metagraph) -> bool:
-        """Hold θ_window in self.master (publishing the initial master if we are the top validator
-        and there is none)."""
+        """Hold θ_window in self.master: followed from its publisher, or, if we publish this window,
+        continued from the previous publisher's newest master (`_take_over`)."""
         pos = self.state.position
         if pos is not None and pos.window == window:
             return True
-        if self.is_publisher(mg):
-            if pos is None and self.follower.latest(self.store, self.hotkey) is None:
-                return self._publish_initial(window)
-            if pos is not None and pos.window < window:
-                # We were away: the master did not move in the windows we missed.
-                for w in range(pos.window, window):
-                    self.publisher.update(w, None, pos.hash, pos.hash, reason="validator_offline")
-                self.state.position = Position(window, pos.hash)
-                self.state.hashes[window] = pos.hash
-                self.publisher.latest(window, pos.hash, self.state.checkpoints)
-                return True
+        if self.publishes(window, mg):
+            try:
+                return self._take_over(window, mg)
+            except StorageError as e:  # our own bucket: try again next window
+                log.error("window %d: cannot publish θ_%d: %s", window, window, e)
+                self.state.position = None
+                return False
         position = self.sync_master(self.master, pos, window, mg)
         self.state.position = position
         if position is None:
             return False
-        if self.is_publisher(mg) and not self.state.checkpoints:
-            # Our state is gone but our bucket holds the master: go on from its checkpoints (else
-            # the next LATEST.json would name none and the master step would fail every window).
-            latest = self.follower.latest(self.store, self.hotkey) or {}
-            self.state.checkpoints = [int(c) for c in latest.get("checkpoints", [])]
-        self.state.hashes[position.window] = position.hash
+        self._hold(position)
         return position.window == window
+
+    def _take_over(self, window: int, mg: Metagraph) -> bool:
+        """We publish `window`: bring θ_window into our own bucket from where the master is."""
+        found = self._newest_master(window, self.master_source(window, mg))
+        if found is None:
+            return False
+        signer, position = found
+        if position is None:
+            return self._publish_initial(window)
+        self._hold(position)
+        if signer != self.hotkey:
+            # Followers must find θ in our bucket: the handover starts with a checkpoint of it.
+            self.publisher.checkpoint(position.window, self.master, position.hash)
+            self.state.checkpoints = [position.window]
+            self.publisher.prune(self.state.checkpoints)
+            log.info("publisher from θ_%d %s (was %s…)", position.window, position.hash[:12], signer[:10])
+        else:  # our bucket's LATEST says which checkpoints it holds (our state may be older)
+            latest = self.follower.latest(self.store, self.hotkey) or {}
+            self.state.checkpoints = [int(c) for c in latest.get("checkpoints", [])] or [position.window]
+        if position.window < window:
+            return self._carry_on(window)
+        self.publisher.latest(window, position.hash, self.state.checkpoints)
+        return True
+
+    def _newest_master(
+        self, window: int, source: tuple[Store, str] | None
+    ) -> tuple[str, Position | None] | None:
+        """(signer, newest θ_≤window) from the previous publisher's bucket, else from our own;
+        (us, None) when neither bucket holds any master; None when one failed (wait, never fork)."""
+        candidates = [source] if source is not None and source[1] != self.hotkey else []
+        candidates.append((self.store, self.hotkey))
+        failed = False
+        for store, signer in candidates:
+            try:
+                if self.follower.latest(store, signer) is None:
+                    continue  # nothing ever published there
+                return signer, self.follower.sync(store, signer, self.master, self.state.position, window)
+            except (StorageError, TooLarge, TimeoutError) as e:
+                log.warning("θ_%d not available from %s…: %s", window, signer[:10], e)
+                self.state.position = None
+                return None
+            except MasterError as e:
+                log.warning("cannot continue from %s…'s master: %s", signer[:10], e)
+            except Exception:  # noqa: BLE001 -- a bug of ours on a peer's bytes: loud, the window goes on
+                log.exception("following %s…'s master failed", signer[:10])
+            self.state.position, failed = None, True
+        return None if failed else (self.hotkey, None)
+
+    def _carry_on(self, window: int) -> bool:
+        """The master did not move in the windows we missed: no-op updates up to θ_window."""
+        pos = self.state.position
+        for w in range(pos.window, window):
+            self.publisher.update(w, None, pos.hash, pos.hash, reason="publisher_offline")
+        self._hold(Position(window, pos.hash))
+        self.publisher.latest(window, pos.hash, self.state.checkpoints or [window])
+        return True
 
     def _publish_initial(self, window: int) -> bool:
         model = build_model(self.settings.model, seed=self.settings.model.seed)
@@ -189,18 +287,29 @@ class Validator(Node):
         load_params(self.master, {k: init[k] for k in self.master})
         digest = model_hash(self.master)
         self.publisher.checkpoint(window, self.master, digest)
+        from .data.hub import publish_index  # hf: corpora: serve the row-group index to every node
+
+        publish_index(self.store, self.keypair, self.netuid, self.dataset.corpus)
         self.state.checkpoints = [window]
         self.publisher.latest(window, digest, self.state.checkpoints)
-        self.state.position = Position(window, digest)
-        self.state.hashes[window] = digest
+        self._hold(Position(window, digest))
         log.info("published the initial master θ_%d %s", window, digest[:12])
         return True
 
-    def master_step(self, window: int, verdicts: dict[int, Verdict], base_global: float, global_seqs) -> dict:
-        """Step 8 and publication: θ_{window+1} = θ_window (+ U if it lowers the global loss)."""
+    def master_step(
+        self,
+        window: int,
+        verdicts: dict[int, Verdict],
+        base_global: float,
+        global_seqs,
+        paid: set[int] | None = None,
+    ) -> dict:
+        """Step 8 and publication: θ_{window+1} = θ_window (+ U if it lowers the global loss); U
+        merges the helpful deltas of the uids in `paid` (the weights' support), all if None."""
         pos = self.state.position
-        update, info = self.evaluator.propose_update(self.master, verdicts, base_global, global_seqs)
+        update, info = self.evaluator.propose_update(self.master, verdicts, base_global, global_seqs, paid)
         if update is not None:
+            self.state.position = None  # θ moves: until published, we hold no named master
             apply_update(self.master, update)
         digest = model_hash(self.master) if update is not None else pos.hash
         self.publisher.update(window, update, pos.hash, digest, uids=info["merged_uids"])
@@ -208,57 +317,95 @@ class Validator(Node):
             self.publisher.checkpoint(window + 1, self.master, digest)
             self.state.checkpoints = sorted({*self.state.checkpoints, window + 1})[-2:]
             self.publisher.prune(self.state.checkpoints)
-        self.state.position = Position(window + 1, digest)
-        self.state.hashes[window + 1] = digest
-        self.state.hashes = dict(sorted(self.state.hashes.items())[-16:])
+        self._hold(Position(window + 1, digest))
         self.publisher.latest(window + 1, digest, self.state.checkpoints)
         return info
 
     # --- evaluation -------------------------------------------------------------------------------
 
+    def _open_peer(self, uid: int, commitment: str) -> Store | V:
+        try:
+            return self.peer_store(commitment)
+        except ValueError as e:  # BadCommitment, a bad endpoint
+            log.info("uid %d: bad commitment: %s", uid, e)
+            return V.bad_commitment
+        except Exception:  # noqa: BLE001 -- a bug of ours on a peer's input: loud, but the window goes on
+            log.exception("uid %d: opening its commitment failed", uid)
+            return V.peer_error
+
     def fetch(self, window: int, mg: Metagraph, uids: list[int]) -> dict[int, Verdict]:
-        """Download and validate every uid's delta for `window` (step 2)."""
+        """Download and validate every uid's delta for `window` (step 2), all within one deadline.
+
+        Our canary rides in the same gather: if it does not come back intact, every uid is `skip`."""
         m = self.settings.mechanism
         commitments = self.chain.commitments()
         verdicts = {uid: Verdict(uid) for uid in uids}
-        items, owners = [], []
+        items: list[tuple[Store, str]] = [(self.store, canary_key(self.netuid))]
+        owners: list[tuple[int, str]] = []
         for uid in uids:
             commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
             if commitment is None or hotkey is None:
                 continue
-            try:
-                store = self.peer_store(commitment)
-            except ValueError:
-                verdicts[uid].verdict = "bad_commitment"
+            store = self._open_peer(uid, commitment)
+            if isinstance(store, V):
+                verdicts[uid].verdict = store
                 continue
             items.append((store, protocol.delta_key(self.netuid, window, hotkey)))
             owners.append((uid, hotkey))
-        results = gather(items, max_bytes=m.max_delta_bytes, timeout=self.settings.storage.timeout * 2)
+        if not self._write_canary():
+            return self._skip_all(verdicts, "cannot write our canary")
+        results = gather(items, max_bytes=m.max_delta_bytes, deadline=time.monotonic() + self.fetch_budget())
+        canary, results = results[0], results[1:]
+        self.fetched_bytes = sum(len(r) for r in results if isinstance(r, bytes | bytearray))
+        if canary != self.canary:
+            self._canary_written = False  # write it again next window (it may be gone)
+            return self._skip_all(verdicts, f"our canary read back as {canary!r:.80}")
         expected_master = self.state.hashes.get(window, "")
-        for (store, key), (uid, hotkey), result in zip(items, owners, results, strict=True):
+        for (uid, hotkey), result in zip(owners, results, strict=True):
             v = verdicts[uid]
-            if isinstance(result, NotFound):
-                v.verdict = "missing"
-            elif isinstance(result, TooLarge):
-                v.verdict = "too_large"
-            elif isinstance(result, BaseException):
-                v.verdict = "storage_error"
-                log.warning("uid %d: cannot fetch %s: %s", uid, key, result)
-            else:
-                try:
-                    decoded = decode_delta(
-                        result, expectation(self.settings, window, hotkey, expected_master, self.shapes)
-                    )
-                    v.verdict, v.delta = "ok", decoded.delta
-                    info = store.head(key)
-                    v.uploaded = info.last_modified.timestamp() if info else float("inf")
-                except DeltaRejected as e:
-                    v.verdict = e.reason.value
-                    log.info("uid %d: rejected (%s): %s", uid, e.reason.value, e)
-                except StorageError as e:
-                    v.verdict = "storage_error"
-                    log.warning("uid %d: %s", uid, e)
+            v.verdict, v.delta = self._judge(uid, window, hotkey, expected_master, result)
         return verdicts
+
+    def _write_canary(self) -> bool:
+        if self._canary_written:
+            return True
+        try:
+            self.store.put(canary_key(self.netuid), self.canary)
+        except StorageError as e:
+            log.warning("own bucket: %s", e)
+            return False
+        self._canary_written = True
+        return True
+
+    def fetch_budget(self) -> float:
+        """Seconds all peer I/O of a window may take: `mechanism.fetch_seconds`, but never more than
+        FETCH_SHARE of a window, so a hostile peer cannot make scoring miss the next window (a 20 s
+        localnet window gets 5 s; Bittensor's 120 s window the full 30 s)."""
+        window_seconds = self.bpw * self.block_time()
+        return min(self.settings.mechanism.fetch_seconds, FETCH_SHARE * window_seconds)
+
+    def _skip_all(self, verdicts: dict[int, Verdict], why: str) -> dict[int, Verdict]:
+        log.warning("our own bucket failed (%s): the window is skipped for every uid", why)
+        for v in verdicts.values():
+            v.verdict, v.delta = V.skip, None
+        return verdicts
+
+    def _judge(self, uid: int, window: int, hotkey: str, master: str, result: bytes | BaseException):
+        """(verdict, delta) for what a uid's store gave us: never raises."""
+        if isinstance(result, BaseException):
+            verdict = fetch_verdict(result)
+            log.log(logging.INFO if verdict == V.missing else logging.WARNING,
+                    "uid %d: %s: %s", uid, verdict.value, str(result)[:300])  # fmt: skip
+            return verdict, None
+        try:
+            decoded = decode_delta(result, expectation(self.settings, window, hotkey, master, self.shapes))
+            return V.ok, decoded.delta
+        except DeltaRejected as e:
+            log.info("uid %d: rejected (%s): %s", uid, e.reason.value, e)
+            return fetch_verdict(e), None
+        except Exception:  # noqa: BLE001 -- a bug of ours on a peer's bytes: loud, but only this uid's
+            log.exception("uid %d: decoding its delta failed", uid)
+            return V.peer_error, None
 
     # --- one window -------------------------------------------------------------------------------
 
@@ -276,47 +423,62 @@ class Validator(Node):
             log.info(
                 "window %d: scoring a rotating sample of %d of %d uids", window, len(uids), len(everyone)
             )
+        fetch_start = time.perf_counter()
         verdicts = self.fetch(window, mg, uids)
-        self._forgive_own_storage_errors(verdicts)
-        self.evaluator.drop_copies(verdicts)
+        timings = {"fetch_seconds": time.perf_counter() - fetch_start}
         incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
-        block_hash = self.chain.block_hash(protocol.window_last_block(window, self.bpw))
+        grace = m.upload_grace_blocks
+        block_hash = self.chain.block_hash(protocol.seed_block(window, self.bpw, grace))
+        self.evaluator.drop_copies(verdicts, window, block_hash, self.master)
         base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
-        master_info = (
-            self.master_step(window, verdicts, base_global, global_seqs) if self.is_publisher(mg) else {}
-        )
-        scores = {uid: v.score for uid, v in verdicts.items() if v.verdict != "skip"}
+        timings["score_seconds"] = time.perf_counter() - fetch_start - timings["fetch_seconds"]
         keep = {int(u) for u in mg.uids} - {self.uid}
-        evaluated = {u for u in uids if verdicts[u].verdict != "skip"}  # a skip keeps its average
+        evaluated = {u for u in uids if verdicts[u].verdict != V.skip}  # a skip keeps its average
         previous = {u: a for u, a in self.state.averages.items() if u in keep}
+        # The peer's fault costs more than a zero: skipping windows must not pay (m.fault_penalty).
+        fault = scoring.fault_score(previous, m.fault_penalty)
+        scores = {
+            uid: (v.score if v.verdict == V.ok else fault)
+            for uid, v in verdicts.items()
+            if v.verdict != V.skip
+        }
         averages = scoring.update_averages(previous, scores, evaluated, m.ma_alpha)
         # uids outside this window's sample keep their average untouched
         self.state.averages = {**{u: a for u, a in previous.items() if u not in evaluated}, **averages}
         for uid, v in verdicts.items():
-            if v.verdict in ("ok", "skip"):
+            if v.verdict in (V.ok, V.skip):
                 self.state.last_valid[uid] = window
         self.state.last_valid = {u: w for u, w in self.state.last_valid.items() if u in keep}
         weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility)
         weights = scoring.drop_inactive(weights, self.state.last_valid, window, m.inactive_windows)
+        weights = scoring.drop_faulted(weights, (u for u, v in verdicts.items() if v.verdict in PEER_FAULTS))
+        # The master takes only the deltas of uids the weights pay: under the mean merge a delta
+        # counts whole wherever no other overlaps it, so a noise or poison delta that scored above 0
+        # in one window by chance would enter the master at full strength.
+        paid = {u for u, w in weights.items() if w > 0}
+        master_info = self._publish(window, mg, verdicts, base_global, global_seqs, paid)
         if window % m.weights_every == 0 or self.state.weights_pending:
             self.state.weights_pending = not self.set_weights(weights)
         self.state.last_window = window
-        self._record(self._window_record(window, verdicts, weights, master_info, time.perf_counter() - start))
+        record = self._window_record(window, verdicts, weights, master_info, time.perf_counter() - start)
+        record.update({k: round(v, 3) for k, v in timings.items()}, bytes_fetched=self.fetched_bytes)
+        self._record(record)
         self._save_state()
         self._log_window(window, verdicts, weights, master_info, time.perf_counter() - start)
 
-    def _forgive_own_storage_errors(self, verdicts: dict[int, Verdict]) -> None:
-        """A uid whose object we could not fetch through our own storage errors is skipped (average
-        untouched) up to `storage_tolerance` windows in a row, then scored zero."""
-        tolerance = self.settings.mechanism.storage_tolerance
-        for uid, v in verdicts.items():
-            if v.verdict == "storage_error":
-                misses = self.state.storage_misses.get(uid, 0) + 1
-                self.state.storage_misses[uid] = misses
-                if misses <= tolerance:
-                    v.verdict = "skip"
-            else:
-                self.state.storage_misses.pop(uid, None)
+    def _publish(
+        self, window: int, mg: Metagraph, verdicts, base_global: float, global_seqs, paid: set[int]
+    ) -> dict:
+        """The master step if we publish this window; our own bucket failing costs the publication
+        (the next window carries the master on), not the scores."""
+        if not self.publishes(window, mg):
+            return {}
+        try:
+            return self.master_step(window, verdicts, base_global, global_seqs, paid)
+        except StorageError as e:
+            log.error("window %d: could not publish θ_%d: %s", window, window + 1, e)
+            self.state.position = None  # caught up again from our bucket next window
+            return {}
 
     def set_weights(self, weights: dict[int, float]) -> bool:
         uids = sorted(u for u, w in weights.items() if w > 0)
@@ -339,12 +501,16 @@ class Validator(Node):
             **master_info,
             "uids": {
                 str(uid): {
-                    "verdict": v.verdict,
+                    "verdict": str(v.verdict),
                     "merge_weight": v.merge_weight,
                     "with_local": v.with_local,
                     "without_local": v.without_local,
                     "with_global": v.with_global,
                     "without_global": v.without_global,
+                    "with_other": v.with_other,
+                    "without_other": v.without_other,
+                    "base_local": v.base_local,
+                    "base_other": v.base_other,
                     "score": v.score,
                     "copy_of": v.copy_of,
                     "moving_average": self.state.averages.get(uid, 0.0),
@@ -357,7 +523,7 @@ class Validator(Node):
     def _log_window(self, window, verdicts, weights, master_info, seconds) -> None:
         counts: dict[str, int] = {}
         for v in verdicts.values():
-            counts[v.verdict] = counts.get(v.verdict, 0) + 1
+            counts[str(v.verdict)] = counts.get(str(v.verdict), 0) + 1
         best = sorted(((w, u) for u, w in weights.items() if w > 0), reverse=True)[:4]
         master = ""
         if master_info:
@@ -372,20 +538,26 @@ class Validator(Node):
         )  # fmt: skip
 
     def run(self, max_windows: int = 0) -> None:
-        self.ensure_commitment()
+        stop = self.stopping.is_set
+        self.keep_trying("commit", self.ensure_commitment, stop)
         grace = self.settings.mechanism.upload_grace_blocks
         window = max(self.state.last_window + 1, self.window() - 1)
-        done = 0
-        while not self.stopping.is_set() and (max_windows == 0 or done < max_windows):
-            if not self.wait_for_block(
-                protocol.upload_deadline(window, self.bpw, grace), self.stopping.is_set
-            ):
+        done = failures = 0
+        while not stop() and (max_windows == 0 or done < max_windows):
+            if not self.wait_for_block(protocol.upload_deadline(window, self.bpw, grace), stop):
                 break
-            current = self.window()
-            if current > window + 1:
-                log.warning("behind: windows %d..%d not scored", window, current - 2)
-                window = current - 1
-            self.evaluate(window)
+            try:
+                current = self.window()
+                if current > window + 1:
+                    log.warning("behind: windows %d..%d not scored", window, current - 2)
+                    window = current - 1
+                self.evaluate(window)
+                failures = 0
+            except ChainError as e:  # the endpoint is down or the runtime changed: carry on later
+                failures += 1
+                log.warning("window %d: not scored yet: chain failed (%s)", window, e)
+                self.retry_chain(f"window {window}", e, failures, stop)
+                continue  # the same window while it can still be scored, else "behind" skips it
             done += 1
             window += 1
         log.info("validator stopped after %d windows", done)

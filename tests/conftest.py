@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto's server mode), and fresh buckets on it."""
+"""Shared fixtures: a real S3 endpoint on loopback (moto's server mode), fresh buckets on it, and
+honest deltas trained once per session."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ TEST_AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+@pytest.fixture(scope="session")
+def honest_blobs():
+    """Honest deltas trained once per session and shared by the reliability, security and metrics
+    modules (tests/reliability_kit.py HonestBlobs)."""
+    from .reliability_kit import HonestBlobs
+
+    return HonestBlobs()
 
 
 @pytest.fixture(scope="session")

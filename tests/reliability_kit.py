@@ -12,7 +12,11 @@ chain's tempo is so long that no Yuma epoch runs, so incentive stays zero and me
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +59,10 @@ class World:
     chain: LocalChain
     members: dict[str, Member] = field(default_factory=dict)
     master_hash: str = ""
+    produced: dict[str, list[int]] = field(default_factory=dict)
+    """Windows whose honest blob each miner has produced, in order (HonestBlobs' history)."""
+    blob_miners: dict[str, tuple[object, tuple[int, ...]]] = field(default_factory=dict)
+    """HonestBlobs' live miner per name and the windows it has trained."""
 
     def store(self, name: str) -> LocalStore:
         return LocalStore(self.dir, self.members[name].bucket)
@@ -87,7 +95,8 @@ def base_settings(tmp: Path, **overrides) -> Settings:
         "storage.root": str(tmp),
         "wallet.path": str(tmp / "wallets"),
         "train.threads": 1,
-        "train.steps_per_window": 2,
+        "train.steps_per_window": 4,
+        "mechanism.pages_per_window": 2,  # eval page = half of what it trained on: a clear own-page signal
         "train.batch_size": 4,
         "mechanism.max_delta_bytes": 1 << 20,
         "mechanism.ma_alpha": 0.5,
@@ -106,7 +115,7 @@ def make_world(tmp: Path, miners: list[str], *, publish: bool = True, **override
     world = World(tmp, settings, chain)
     for name in ["top", "val", *miners]:
         s = replace(settings, **{"wallet.name": name, "dir": str(tmp / "nodes" / name)})
-        wallet = open_wallet(s.wallet, create=True)
+        wallet = fixed_wallet(s, name)
         uid = chain.register(wallet)
         bucket = default_bucket(wallet.hotkey.ss58_address)
         chain.commit(wallet, bucket)
@@ -116,6 +125,18 @@ def make_world(tmp: Path, miners: list[str], *, publish: bool = True, **override
     if publish:
         publish_master(world)
     return world
+
+
+def fixed_wallet(settings: Settings, name: str):
+    """A passwordless wallet whose keys derive from `name`: every world's `a` has the same hotkey,
+    so honest blobs trained in one world are valid in the next (HonestBlobs)."""
+    from bittensor import Wallet
+
+    seed = lambda part: "0x" + hashlib.sha256(f"bistro-test-{name}-{part}".encode()).hexdigest()  # noqa: E731
+    w = Wallet(settings.wallet.name, settings.wallet.hotkey, path=settings.wallet.path)
+    w.regenerate_coldkey(seed=seed("cold"), use_password=False, overwrite=True, suppress=True)
+    w.regenerate_hotkey(seed=seed("hot"), use_password=False, overwrite=True, suppress=True)
+    return open_wallet(settings.wallet)
 
 
 def initial_params(settings: Settings) -> dict[str, torch.Tensor]:
@@ -152,3 +173,51 @@ def honest_blob(miner, world: World, window: int) -> bytes:
         raise RuntimeError(f"miner holds {miner.position}")
     blob, _ = miner.honest(window)
     return blob
+
+
+class HonestBlobs:
+    """Honest deltas from the real miner path, trained once per test session (conftest's
+    `honest_blobs`) and shared by every module: a blob depends only on the hotkey, the uid, the
+    master, the training settings and the windows that miner trained before (error feedback and
+    optimizer state carry over), so that is its key. A miss replays the miner's whole history in a
+    fresh `Miner`, so a blob is the same whether it was trained here or in another module."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[tuple, bytes] = {}
+        self.trained = 0
+        """Blobs trained (the rest were served from the cache)."""
+
+    @staticmethod
+    def _key(world: World, name: str, history: tuple[int, ...]) -> tuple:
+        s = world.settings
+        shape = {k: dataclasses.asdict(getattr(s, k)) for k in ("model", "train", "mechanism", "data")}
+        m = world.members[name]
+        return (m.hotkey, m.uid, world.master_hash, json.dumps(shape, sort_keys=True), history)
+
+    def get(self, world: World, name: str, window: int) -> bytes:
+        """`name`'s honest blob for `window`, its next window in this world."""
+        from bistro.miner import Miner
+
+        history = (*world.produced.get(name, []), window)
+        key = self._key(world, name, history)
+        if key not in self.blobs:
+            miner, done = world.blob_miners.get(name, (None, ()))
+            if miner is None or done != history[:-1]:  # replay from scratch, in a state dir of its own
+                fresh = replace(
+                    world.members[name].settings,
+                    dir=str(world.dir / "blob-miners" / f"{name}-{len(self.blobs)}"),
+                )
+                miner, done = Miner(fresh), ()
+            for i in range(len(done), len(history)):
+                miner.step_seconds = None  # full steps: the windows are long over, no deadline to fit
+                self.blobs.setdefault(
+                    self._key(world, name, history[: i + 1]), honest_blob(miner, world, history[i])
+                )
+                self.trained += 1
+            world.blob_miners[name] = (miner, history)
+        world.produced[name] = list(history)
+        m = world.settings.mechanism  # a cached blob comes at once: let the window's seed block exist
+        seed = protocol.seed_block(window, m.blocks_per_window, m.upload_grace_blocks)
+        while world.chain.block() < seed:
+            time.sleep(0.01)
+        return self.blobs[key]

@@ -24,6 +24,7 @@ def bistro(*argv: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_register_then_status_on_the_embedded_chain(tmp_path: Path) -> None:
     common = [
         "--subtensor.network", "embedded", "--subtensor.chain_endpoint", str(tmp_path / "chain.sqlite"),
@@ -45,8 +46,10 @@ def test_register_then_status_on_the_embedded_chain(tmp_path: Path) -> None:
     assert any("2 uids" in line for line in lines)
     row0 = next(line for line in lines if hotkey[:8] in line)
     assert "5.00" in row0 and "yes" in row0  # stake and validator permit
+    assert "vtrust" in status.stdout
 
 
+@pytest.mark.slow
 def test_register_on_a_real_network_prints_the_btcli_line(tmp_path: Path) -> None:
     out = bistro(
         "register", "--subtensor.network", "test", "--netuid", "212",

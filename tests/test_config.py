@@ -92,7 +92,7 @@ def test_unknown_file_key_is_refused(tmp_path: Path) -> None:
 def test_replace_returns_validated_copy() -> None:
     s = build_settings("tiny")
     t = replace(s, **{"mechanism.codec": "mask", "device": "cpu"})
-    assert t.mechanism.codec == "mask" and s.mechanism.codec == "topk"
+    assert t.mechanism.codec == "mask" and s.mechanism.codec == "topk2"
     with pytest.raises(ConfigError):
         replace(s, **{"mechanism.codec": "nope"})
 
@@ -127,6 +127,7 @@ def test_preset_builds_model_of_stated_size(preset: str) -> None:
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["miner.py", "validator.py"])
 def test_root_scripts_list_the_seed_flags(script: str) -> None:
     out = subprocess.run(
@@ -138,6 +139,7 @@ def test_root_scripts_list_the_seed_flags(script: str) -> None:
         assert flag in out.stdout, flag
 
 
+@pytest.mark.slow
 def test_seed_command_reaches_the_miner() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "miner.py"), *SEED_MINER, "--print-config"],

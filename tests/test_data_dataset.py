@@ -124,6 +124,7 @@ print(json.dumps({"manifest": d.manifest.content_hash, "tok": d.tokenizer.hash,
 """
 
 
+@pytest.mark.slow
 def test_same_tokens_in_two_processes(tmp_path, settings, data):
     # one process with a fresh cache trains its own BPE; the other reads this session's cache
     caches = [str(tmp_path / "fresh"), settings.data.cache_dir]

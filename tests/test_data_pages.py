@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,6 +97,7 @@ print(json.dumps([[local_pages(212, u, w, ps), eval_pages(212, u, w, "0xab", ps)
 """
 
 
+@pytest.mark.slow
 def test_same_ids_in_two_processes():
     outs = [
         subprocess.Popen(

@@ -53,6 +53,7 @@ def test_mask_round_trip_keeps_exact_values_at_shared_positions() -> None:
         assert torch.equal(part.values, t.reshape(-1)[part.indices])
 
 
+@pytest.mark.slow
 def test_mask_is_the_same_in_another_process_and_changes_with_the_window() -> None:
     here = mask_positions(212, 7, "w", 15000, 50).tolist()
     code = "from bistro.delta.codec import mask_positions; print(mask_positions(212, 7, 'w', 15000, 50).tolist())"

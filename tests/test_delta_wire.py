@@ -112,7 +112,7 @@ def reason_of(blob: bytes, exp: Expectation) -> Reason:
     return info.value.reason
 
 
-@pytest.mark.parametrize("codec", ["topk", "mask", "dense"])
+@pytest.mark.parametrize("codec", ["topk", "topk2", "mask", "dense"])
 def test_round_trip(shapes: dict, codec: str) -> None:
     tensors = wire_tensors(shapes, codec)
     decoded = decode_delta(blob_of(tensors, codec), expectation(shapes, codec))
@@ -175,7 +175,8 @@ def test_bad_headers(shapes: dict) -> None:
         "bool uid": with_doc(blob, uid=True),
         "string window": with_doc(blob, window="9"),
         "short hash": with_doc(blob, tensors_sha256="ab"),
-        "version 2": with_doc(blob, version=2),
+        "a later version": with_doc(blob, version=protocol.FORMAT_VERSION + 1),
+        "version 1 (sum merge, topk)": with_doc(blob, version=1),
         "other codec": with_doc(blob, codec="mask"),
         "lone surrogate": with_doc(blob, resign=False, master_hash="\ud800"),  # cannot be canonical JSON
         "other codec params": with_doc(blob, codec_params={"compression": 10.0, "chunk": 4096}),

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_torchrun_miner_on_two_processes(tmp_path: Path) -> None:
-    net = make_net(tmp_path, miners=1, block_time=1.0, steps=4)
+    net = make_net(tmp_path, miners=1, block_time=1.0, steps=6)
     validator, miner = net.members
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     command = net.command(miner)
@@ -26,9 +26,14 @@ def test_torchrun_miner_on_two_processes(tmp_path: Path) -> None:
         start(net, miner, command)
         ok = lambda: [r for r in records(net) if r["uids"].get(str(miner.uid), {}).get("verdict") == "ok"]  # noqa: E731
         scored = wait_for(
-            lambda: len(ok()) >= 2 and ok(), 150, "two valid deltas from the torchrun miner", net
+            lambda: len(ok()) >= 2 and ok(), 240, "two valid deltas from the torchrun miner", net
         )
-        assert all(r["uids"][str(miner.uid)]["score"] > 0 for r in scored), tail(net, miner)
+        mine = [r["uids"][str(miner.uid)] for r in scored]
+        # Every accepted delta lowers the loss on the pages it trained on. A lone miner's score is the
+        # raw own-minus-control margin, a few hundredths at 4 steps: positive over the windows, not
+        # necessarily in each (a control page can be the easier one to teach).
+        assert all(v["without_local"] > v["with_local"] for v in mine), tail(net, miner)
+        assert sum(v["score"] for v in mine) > 0, (mine, tail(net, miner))
         log = (net.dir / "logs" / f"{miner.name}.log").read_text()
         assert "on 2 processes (gloo)" in log
     finally:

@@ -25,7 +25,7 @@ from safetensors.torch import load as load_safetensors
 from bistro import protocol
 from bistro.delta.wire import encode_delta
 
-from .reliability_kit import FIRST, World, honest_blob, make_miner, make_world
+from .reliability_kit import FIRST, World, make_world
 
 W = FIRST
 MALLORY = bittensor_core.Keypair.create_from_mnemonic(
@@ -47,14 +47,13 @@ COMPARED = (
 class Net:
     """The module's world, its validator, the honest blobs and the baseline record."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, honest_blobs) -> None:
         from bistro.validator import Validator
 
         self.world: World = make_world(tmp, ["a", "b", "c"])
-        self.blobs: dict[str, bytes] = {}
-        for name in ("a", "b", "c"):
-            miner = make_miner(self.world, name)
-            self.blobs[name] = honest_blob(miner, self.world, W)
+        self.blobs: dict[str, bytes] = {
+            name: honest_blobs.get(self.world, name, W) for name in ("a", "b", "c")
+        }
         for name in HONEST:
             self.world.put(name, W, self.blobs[name])
         self.validator = Validator(self.world.members["val"].settings)
@@ -80,8 +79,10 @@ class Net:
 
 
 @pytest.fixture(scope="module")
-def net(tmp_path_factory: pytest.TempPathFactory) -> Net:
-    return Net(tmp_path_factory.mktemp("inputs"))
+def net(tmp_path_factory: pytest.TempPathFactory, honest_blobs) -> Net:
+    made = Net(tmp_path_factory.mktemp("inputs"), honest_blobs)
+    SHAPES.update({name: math.prod(shape) for name, shape in made.validator.evaluator.shapes.items()})
+    return made
 
 
 # --- crafting ------------------------------------------------------------------------------------
@@ -126,12 +127,41 @@ def retensor(net: Net, change: Callable[[dict[str, torch.Tensor]], None], window
     )  # fmt: skip
 
 
-def first(tensors: dict, suffix: str) -> str:
+def first(tensors: dict, suffix: str = "") -> str:
     return sorted(k for k in tensors if k.endswith(suffix))[0]
+
+
+# The default codec (topk2) sends one uint8 record tensor a parameter: per chunk of 4096, the packed
+# bits (low index bits, the high-part bitmap, the value codes), then a table of bf16 bin means. topk
+# sends `.idx` / `.val` / `.scale` tensors. The crafting below knows both.
+TABLE_BYTES = 2 * (1 << 2)  # four bf16 bin means at value_bits 2
+CHUNK = 4096
+
+
+def is_topk2(t: dict) -> bool:
+    return not any(k.endswith(".scale") for k in t)
+
+
+def tables(t: dict, name: str) -> torch.Tensor:
+    """A topk2 record tensor's bin-mean tables as a writable [chunks, 4] bf16 view of a copy."""
+    records = t[name].clone()
+    t[name] = records
+    return records.view(-1, records.numel() // -(-SHAPES[name] // CHUNK))[:, -TABLE_BYTES:].view(
+        torch.bfloat16
+    )
+
+
+SHAPES: dict[str, int] = {}
+"""Parameter sizes by wire name (topk2 records are named like the parameter), filled by the fixture."""
 
 
 def set_scale(value: float) -> Callable[[dict], None]:
     def change(t: dict) -> None:
+        if is_topk2(t):
+            name = first(t)
+            table = tables(t, name)
+            table[0, 0] = value
+            return
         name = first(t, ".scale")
         t[name] = t[name].clone()
         t[name][0] = value
@@ -140,27 +170,33 @@ def set_scale(value: float) -> Callable[[dict], None]:
 
 
 def wrong_shape(t: dict) -> None:
-    name = first(t, ".scale")
+    name = first(t, "" if is_topk2(t) else ".scale")
     t[name] = torch.cat([t[name], t[name][:1]])
 
 
 def as_float64(t: dict) -> None:
-    for name in [k for k in t if k.endswith(".scale")]:
+    for name in [k for k in t if is_topk2(t) or k.endswith(".scale")]:
         t[name] = t[name].double()
 
 
 def scale_up(t: dict) -> None:
+    if is_topk2(t):
+        for name in list(t):
+            table = tables(t, name)
+            table.mul_(1e6)
+        return
     for name in [k for k in t if k.endswith(".scale")]:
         t[name] = t[name] * 1e6
 
 
 def zero_indices(t: dict) -> None:
-    name = first(t, ".idx")
+    """topk: every index 0; topk2: an empty bitmap (no index at all in the chunk)."""
+    name = first(t, "" if is_topk2(t) else ".idx")
     t[name] = torch.zeros_like(t[name])
 
 
 def drop_tensor(t: dict) -> None:
-    del t[first(t, ".val")]
+    del t[first(t, "" if is_topk2(t) else ".val")]
 
 
 def flip_last_byte(blob: bytes) -> bytes:
@@ -169,7 +205,7 @@ def flip_last_byte(blob: bytes) -> bytes:
 
 def terabyte_entry(blob: bytes) -> bytes:
     header, _, data = split(blob)
-    name = first(header, ".scale")
+    name = first({k: v for k, v in header.items() if k != "__metadata__"})
     header[name] = {"dtype": "F32", "shape": [2**38], "data_offsets": [0, 2**40]}
     return assemble(header, data)
 
@@ -285,8 +321,8 @@ CASES: dict[str, tuple[Put, str]] = {
     "raw file write of a pickle": (raw_file(lambda n: PICKLE), "bad_header"),
     "symlink to a's delta": (symlink_to(lambda n: n.world.path("a", W)), "missing"),
     "symlink to the validator's hotkey file": (symlink_to(hotkey_file), "missing"),
-    "a FIFO at the key": (lambda n: os.mkfifo(c_key(n)), "missing"),
-    "a directory at the key": (lambda n: c_key(n).mkdir(), "missing"),
+    "a FIFO at the key": (lambda n: os.mkfifo(c_key(n)), "peer_error"),
+    "a directory at the key": (lambda n: c_key(n).mkdir(), "peer_error"),
     "commitment https://": (commit("https://"), "bad_commitment"),
     "commitment s3://": (commit("s3://"), "bad_commitment"),
     "commitment ../x": (commit("../x"), "bad_commitment"),
@@ -321,7 +357,9 @@ def test_a_bad_upload_costs_only_its_uid(net: Net, case: str, caplog: pytest.Log
     for name in HONEST:
         assert got[name]["verdict"] == "ok"
         assert {k: got[name][k] for k in COMPARED} == {k: net.baseline[name][k] for k in COMPARED}, name
-    if verdict not in ("missing", "copy", "too_large", "bad_commitment"):
+    if verdict in ("peer_error", "timeout"):
+        assert f": {verdict}: " in caplog.text
+    elif verdict not in ("missing", "copy", "too_large", "bad_commitment"):
         assert f"rejected ({verdict})" in caplog.text
     secret = hotkey_file(net).read_text()
     assert secret[20:60] not in caplog.text

@@ -22,7 +22,7 @@ import torch
 from bistro.config import replace
 from bistro.statefile import read_tensors
 
-from .reliability_kit import FIRST, LAST, World, base_settings, honest_blob, make_miner, make_world
+from .reliability_kit import FIRST, LAST, World, base_settings, make_world
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -57,12 +57,11 @@ time.sleep(600)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory, honest_blobs) -> World:
     world = make_world(tmp_path_factory.mktemp("restart"), ["a", "b"])
     for name in ("a", "b"):
-        miner = make_miner(world, name)
         for w in range(FIRST, LAST + 1):
-            world.put(name, w, honest_blob(miner, world, w))
+            world.put(name, w, honest_blobs.get(world, name, w))
     return world
 
 

@@ -20,13 +20,31 @@ def test_merge_weights_floor_lets_a_newcomer_in() -> None:
     assert scoring.merge_weights({}, [5, 6]) == {5: 0.5, 6: 0.5}
 
 
+def test_own_page_test_pays_only_help_beyond_the_control_pages() -> None:
+    # Helps its own pages by 0.5, control pages by 0.1, the pool by 1.0 on each: share 0.5 - 0.1.
+    assert scoring.own_page_test(0.5, 0.1, 1.0, 1.0) == pytest.approx(0.4)
+    # A copy or a blend helps own and control pages alike (relative to the pool): 0.
+    assert scoring.own_page_test(0.3, 0.15, 1.0, 0.5) == pytest.approx(0.0)
+    # Harm on own pages is negative; per unit of merge weight.
+    assert scoring.own_page_test(-0.2, 0.0, 1.0, 1.0) == pytest.approx(-0.2)
+    assert scoring.own_page_test(0.1, 0.0, 1.0, 1.0, merge_weight=0.25) == pytest.approx(0.4)
+    # A page set the pool barely moves cannot blow the ratio up (floor: a quarter of the sum).
+    assert scoring.own_page_test(0.1, 0.01, 1.0, 1e-9) == pytest.approx(0.1 - 0.01 / 0.25)
+    assert scoring.own_page_test(0.1, 0.0, -0.1, 0.05) == 0.0  # the pool helps neither set
+
+
 def test_score_sign_rewards_deltas_that_help() -> None:
-    # Removing a helpful delta raises the loss: without > with, so the score is positive.
-    assert scoring.score(2.0, 2.5, 3.0, 3.1, local_dominance=0.5) == pytest.approx(0.5 * 0.5 + 0.5 * 0.1)
-    assert scoring.score(2.0, 1.5, 3.0, 3.0, local_dominance=1.0) == pytest.approx(-0.5)
-    assert scoring.score(2.0, 2.0, 3.0, 3.0, local_dominance=0.3) == 0.0
-    # per unit of merge weight: the same delta merged at a quarter moves the loss a quarter as much
-    assert scoring.score(2.0, 2.1, 3.0, 3.1, 0.5, merge_weight=0.25) == pytest.approx(0.4)
+    # Losses: θ (base) 3.0 on both sets; θ_eval 2.0; without the delta 2.5 own, 2.1 control.
+    assert scoring.score(2.0, 2.5, 2.0, 2.1, 1.0, 3.0, 3.0) == pytest.approx(0.5 - 0.1)
+    # Removing a delta that hurts its own pages lowers their loss: negative.
+    assert scoring.score(2.0, 1.5, 2.0, 2.0, 1.0, 3.0, 3.0) == pytest.approx(-0.5)
+    assert scoring.score(2.0, 2.0, 2.0, 2.0, 0.3, 3.0, 3.0) == 0.0
+
+
+def test_copy_order_is_evidence_then_a_seeded_draw_never_time_or_uid() -> None:
+    assert scoring.copy_order({7: 0.1, 2: 0.3, 5: -0.2}, {7: 0, 2: 9, 5: 1}) == [2, 7, 5]
+    # a tie goes to the seeded draw, not to the lower uid
+    assert scoring.copy_order({1: 0.2, 9: 0.2}, {1: 50, 9: 3}) == [9, 1]
 
 
 def test_moving_average_updates_every_uid_and_drops_the_gone() -> None:
@@ -37,12 +55,21 @@ def test_moving_average_updates_every_uid_and_drops_the_gone() -> None:
 def test_weights_are_softmax_over_positive_averages_only() -> None:
     avg = {1: 0.02, 2: 0.01, 3: 0.0, 4: -0.03}
     w = scoring.weights_from_averages(avg, temperature=1.0)
-    scale = (0.02 + 0.01 + 0.03) / 3
+    scale = (0.02 + 0.01) / 2  # the positive averages only
     e1, e2 = math.exp(0.02 / scale), math.exp(0.01 / scale)
     assert w[1] == pytest.approx(e1 / (e1 + e2))
     assert w[2] == pytest.approx(e2 / (e1 + e2))
     assert w[3] == 0.0 and w[4] == 0.0
     assert scoring.weights_from_averages({1: 0.0, 2: -1.0}, 1.0) == {1: 0.0, 2: 0.0}
+
+
+def test_a_poisoner_does_not_flatten_the_honest_split() -> None:
+    honest = {1: 0.03, 2: 0.02, 3: 0.01}
+    alone = scoring.weights_from_averages(honest, 1.0, 0.1)
+    poisoned = scoring.weights_from_averages({**honest, 4: -5.0}, 1.0, 0.1)
+    assert poisoned[4] == 0.0
+    assert {u: poisoned[u] for u in honest} == pytest.approx(alone, abs=1e-12)
+    assert alone[1] - alone[3] > 0.2  # a real split that the old mean-|avg| scale flattened
 
 
 def test_weights_do_not_depend_on_the_scale_of_losses() -> None:
@@ -51,7 +78,7 @@ def test_weights_do_not_depend_on_the_scale_of_losses() -> None:
     assert small == pytest.approx(large)
 
 
-def test_copies_point_at_the_earliest_upload() -> None:
+def test_copies_point_at_the_first_in_order() -> None:
     same = {frozenset({1, 2}), frozenset({1, 3}), frozenset({2, 3})}
     sim = lambda a, b: 1.0 if frozenset({a, b}) in same else 0.1  # noqa: E731
     assert scoring.find_copies([2, 1, 3, 4], sim, 0.98) == {1: 2, 3: 2}
@@ -85,3 +112,58 @@ def test_a_miner_who_stopped_gets_no_weight() -> None:
     assert out == {1: 1.0, 2: 0.0, 3: 0.0}
     assert scoring.drop_inactive(weights, {1: 9, 2: 9}, 10, 2) == pytest.approx(weights)
     assert scoring.drop_inactive({1: 1.0}, {}, 10, 2) == {1: 0.0}
+
+
+def test_an_amplified_delta_counts_at_most_the_median_norm() -> None:
+    weights = {1: 0.2, 2: 0.2, 3: 0.2, 4: 0.2, 5: 0.2}
+    norms = {1: 1.0, 2: 1.1, 3: 0.9, 4: 0.0, 5: 4.0}  # 4: a zero delta; 5: a poisoner, amplified 4x
+    clipped = scoring.clip_to_median_norm(weights, norms)
+    assert clipped[5] == pytest.approx(0.2 * 1.0 / 4.0)  # median of (0, .9, 1, 1.1, 4) = 1
+    assert clipped[5] * norms[5] == pytest.approx(1.0 * 0.2)  # it moves θ_eval like a median delta
+    assert clipped[1] == clipped[3] == clipped[4] == 0.2  # at or under the median, or zero: unchanged
+    assert clipped[2] == pytest.approx(0.2 / 1.1)
+    assert scoring.clip_to_median_norm({}, {}) == {}
+
+
+def test_a_lone_miner_is_judged_by_its_raw_margin_not_cut_to_zero() -> None:
+    # one delta: its help is the pool on both page sets, so the ratios are both 1
+    assert scoring.own_page_test(0.30, 0.10, 0.30, 0.10) == pytest.approx(0.20)
+    assert scoring.own_page_test(0.10, 0.30, 0.10, 0.30) == pytest.approx(-0.20)  # trained elsewhere
+    # with others that help both sets, the normalised test (the ratios) applies
+    assert scoring.own_page_test(0.30, 0.10, 0.60, 0.40) == pytest.approx(0.30 / 0.60 - 0.10 / 0.40)
+
+
+def _run(pattern: str, windows: int = 30, penalty: float = 0.5, alpha: float = 0.3) -> list[float]:
+    """Four honest uids (score 1 every window) and uid 9 working to `pattern` ('x' a real window,
+    '.' one that was its fault), through the validator's own update; uid 9's weight per window."""
+    averages: dict[int, float] = {}
+    shares = []
+    for w in range(windows):
+        fault = scoring.fault_score(averages, penalty)
+        work = pattern[w % len(pattern)] == "x"
+        scores = {1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 9: 1.0 if work else fault}
+        averages = scoring.update_averages(averages, scores, scores, alpha)
+        shares.append(scoring.weights_from_averages(averages, 1.0, 0.3)[9])
+    return shares
+
+
+def test_a_fault_costs_more_than_a_zero_so_skipping_windows_does_not_pay() -> None:
+    assert scoring.fault_score({1: 2.0, 2: 1.0, 3: -4.0}, 0.5) == pytest.approx(-0.75)
+    assert scoring.fault_score({1: -1.0}, 0.5) == 0.0 == scoring.fault_score({}, 0.5)
+    honest = 1 / 5
+    # one real window in three: never over the eligibility bar once the averages settle
+    assert max(_run("x..")[10:]) == 0.0
+    # with faults scored 0 (the old rule) it drew about a third of an honest share
+    old = _run("x..", penalty=0.0)[10:]
+    assert sum(old) / len(old) > 0.3 * honest
+    # every other window (a slow honest machine): paid, but well under an honest share
+    alternate = _run("x.")[10:]
+    assert 0.0 < sum(alternate) / len(alternate) < 0.5 * honest
+    assert min(_run("x")[10:]) == pytest.approx(honest)  # the penalty never touches a miner that works
+
+
+def test_a_window_is_paid_for_the_work_in_it() -> None:
+    weights = {1: 0.5, 2: 0.3, 3: 0.2}
+    assert scoring.drop_faulted(weights, [2]) == pytest.approx({1: 0.5 / 0.7, 2: 0.0, 3: 0.2 / 0.7})
+    assert scoring.drop_faulted(weights, []) == pytest.approx(weights)
+    assert scoring.drop_faulted(weights, [1, 2, 3]) == {1: 0.0, 2: 0.0, 3: 0.0}

@@ -18,8 +18,10 @@ from bistro.config import ConfigError, StorageConfig
 from bistro.storage import (
     BadCommitment,
     BadKey,
+    Commitment,
     LocalStore,
     NotFound,
+    PeerTimeout,
     StorageError,
     TooLarge,
     bucket_commitment,
@@ -199,6 +201,29 @@ while True:
 """
 
 
+def test_local_planted_keys_are_the_owners_fault_and_never_hang(tmp_path: Path) -> None:
+    """What a bucket's owner can plant at its key: each a StorageError (peer_error), at once."""
+    store = LocalStore(tmp_path, "b")
+    store.put("real", b"x")
+    (store.dir / "loop").symlink_to("loop")  # a self-referencing symlink (ELOOP)
+    (store.dir / "ping").symlink_to("pong")
+    (store.dir / "pong").symlink_to("ping")
+    os.mkfifo(store.dir / "fifo")  # opening it would block for a writer
+    (store.dir / "dir").mkdir()
+    t0 = time.monotonic()
+    for key in ("loop", "ping", "fifo", "dir"):
+        with pytest.raises(StorageError):
+            store.get(key, max_bytes=10, deadline=time.monotonic() + 1)
+    assert time.monotonic() - t0 < 1
+    (store.dir / "out").symlink_to(tmp_path)  # out of the bucket: never followed
+    with pytest.raises(NotFound):
+        store.get("out")
+    with pytest.raises(PeerTimeout):  # a deadline already past: not even opened
+        store.get("real", deadline=time.monotonic() - 1)
+    assert store.get("real", deadline=time.monotonic() + 1) == b"x"
+
+
+@pytest.mark.slow
 def test_local_killed_writer_leaves_no_partial_object(tmp_path: Path) -> None:
     size = 8 * MB
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(size)], stdout=subprocess.PIPE)
@@ -224,13 +249,19 @@ def test_local_killed_writer_leaves_no_partial_object(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "commitment, parsed",
     [
-        ("my-bucket", ("my-bucket", None, False)),
-        ("s3://my-bucket", ("my-bucket", None, True)),
+        ("my-bucket", Commitment("name", "my-bucket")),
+        ("s3://my-bucket", Commitment("s3", "my-bucket", "https://my-bucket.s3.amazonaws.com")),
         (
             "https://acc.r2.cloudflarestorage.com/my-bucket",
-            ("my-bucket", "https://acc.r2.cloudflarestorage.com", True),
+            Commitment("https", "my-bucket", "https://acc.r2.cloudflarestorage.com", "/my-bucket"),
         ),
-        ("http://127.0.0.1:9000/my-bucket/", ("my-bucket", "http://127.0.0.1:9000", True)),
+        (
+            "http://127.0.0.1:9000/my-bucket/",
+            Commitment("https", "my-bucket", "http://127.0.0.1:9000", "/my-bucket"),
+        ),
+        ("https+get://pub-0123.r2.dev", Commitment("get", "", "https://pub-0123.r2.dev")),
+        ("https+get://cdn.example.org/a/b/", Commitment("get", "", "https://cdn.example.org", "/a/b")),
+        ("http+get://[::1]:8080/p", Commitment("get", "", "http://[::1]:8080", "/p")),
     ],
 )
 def test_parse_commitment(commitment: str, parsed) -> None:
@@ -240,7 +271,9 @@ def test_parse_commitment(commitment: str, parsed) -> None:
 @pytest.mark.parametrize(
     "bad",
     ["", " b", "../b", "a/b", "ftp://x/b", "http://example.com/my-bucket", "https://host/a/b", "https://host/",
-     "s3://My_Bucket", "s3://b/key", "https://user:pw@host/my-bucket", "x" * 129, "https://host:99999/bkt"],
+     "s3://My_Bucket", "s3://b/key", "https://user:pw@host/my-bucket", "x" * 129, "https://host:99999/bkt",
+     "s3://dotted.bucket", "http+get://example.com", "https+get://h/../x", "https+get://h/?q", "r2://short/b",
+     "r2://" + "A" * 86 + "/B_", "https://hôst/bkt", "gopher://h/b"],
 )  # fmt: skip
 def test_bad_commitments(bad: str) -> None:
     with pytest.raises(BadCommitment):
@@ -255,7 +288,10 @@ def test_open_store_and_own_commitment(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         open_store("mine", local)  # no root anywhere
     r2 = StorageConfig(backend="s3", bucket="mine", endpoint_url="https://acc.r2.cloudflarestorage.com/")
-    assert bucket_commitment(r2) == "https://acc.r2.cloudflarestorage.com/mine"
+    with pytest.raises(ConfigError, match="public_url"):  # R2's S3 API: nobody could read it unsigned
+        bucket_commitment(r2)
+    minio = StorageConfig(backend="s3", bucket="mine", endpoint_url="https://minio.example.org:9000/")
+    assert bucket_commitment(minio) == "https://minio.example.org:9000/mine"
     assert bucket_commitment(StorageConfig(backend="s3", bucket="mine")) == "s3://mine"
     with pytest.raises(BadCommitment):
         bucket_commitment(StorageConfig(backend="s3", bucket="mine", endpoint_url="http://10.0.0.1"))
@@ -271,10 +307,24 @@ def test_gather_reports_each_item(tmp_path: Path) -> None:
     slow = FaultyStore(a, fail_rate=0.0, delay=5.0)
     broken = FaultyStore(a, fail_rate=1.0)
     items = [(a, "k"), (b, "k"), (a, "missing"), (slow, "k"), (broken, "k"), (b, "k")]
-    out = gather(items, max_bytes=1000, timeout=0.5, workers=4)
+    t0 = time.monotonic()
+    out = gather(items, max_bytes=1000, deadline=t0 + 0.5)
+    assert time.monotonic() - t0 < 0.5 + 0.5  # the slow one is cut at the deadline, not after 5 s
     assert out[0] == b"small"
-    assert [type(x) for x in out[1:]] == [TooLarge, NotFound, TimeoutError, StorageError, TooLarge]
-    assert gather([], max_bytes=1, timeout=1) == []
+    assert [type(x) for x in out[1:]] == [TooLarge, NotFound, PeerTimeout, StorageError, TooLarge]
+    assert gather([], max_bytes=1, deadline=time.monotonic() + 1) == []
+
+
+def test_gather_one_deadline_for_all_items(tmp_path: Path) -> None:
+    """Issue 13's case: 16 peers that sleep inside get() and a fast 17th. The fast one is not queued
+    behind them, and the sleepers end at the shared deadline, not one timeout after another."""
+    a = LocalStore(tmp_path, "a")
+    a.put("k", b"fast")
+    sleepers = [(FaultyStore(a, fail_rate=0.0, delay=30.0), "k") for _ in range(16)]
+    t0 = time.monotonic()
+    out = gather([*sleepers, (a, "k")], max_bytes=100, deadline=t0 + 1.0)
+    assert time.monotonic() - t0 < 1.0 + 0.5
+    assert out[-1] == b"fast" and all(isinstance(r, PeerTimeout) for r in out[:-1])
 
 
 def test_faulty_store_is_seeded(tmp_path: Path) -> None:

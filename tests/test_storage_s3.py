@@ -219,6 +219,7 @@ def test_hanging_server_times_out(s3_cfg) -> None:
     assert len(held) == 2  # one try, one retry
 
 
+@pytest.mark.slow
 def test_server_as_a_process(s3_server, s3_cfg) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bistro.storage.s3server", "--port", "0"], stdout=subprocess.PIPE, text=True

@@ -113,6 +113,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_take_identical_steps(tmp_path):
     mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     states = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bistro.chain.yuma import yuma_epoch
+from bistro.chain.yuma import active_mask, yuma_epoch
 
 
 def test_single_validator_gives_its_weights_as_incentive() -> None:
@@ -93,3 +93,25 @@ def test_bad_input_is_refused() -> None:
         yuma_epoch(np.zeros((2, 3)), np.ones(2))
     with pytest.raises(ValueError):
         yuma_epoch(np.array([[0, np.nan], [0, 0]]), np.ones(2))
+
+
+def test_activity_cutoff_as_subtensor_computes_it() -> None:
+    # subtensor: inactive = last_update + activity_cutoff < current_block
+    np.testing.assert_array_equal(active_mask(np.array([0, 10, 11]), 110, 100), [False, True, True])
+
+
+def test_an_inactive_validator_drops_out_of_the_active_stake() -> None:
+    # v0 (stake .6) weights uid 2, v1 (stake .4) uid 3; with v0 inactive, v1 alone decides.
+    W = np.zeros((4, 4))
+    W[0, 2] = 1
+    W[1, 3] = 1
+    S = np.array([0.6, 0.4, 0, 0])
+    both = yuma_epoch(W, S)
+    np.testing.assert_allclose(both.incentive, [0, 0, 1, 0])  # .6 of the stake holds uid 2 up
+    np.testing.assert_allclose(both.validator_trust[:2], [1, 0])
+    alone = yuma_epoch(W, S, active=np.array([False, True, True, True]))
+    np.testing.assert_allclose(alone.incentive, [0, 0, 0, 1])
+    np.testing.assert_allclose(alone.validator_trust[:2], [0, 1])
+    np.testing.assert_allclose(alone.dividends, [0, 1, 0, 0])
+    with pytest.raises(ValueError, match="active"):
+        yuma_epoch(W, S, active=np.array([True]))

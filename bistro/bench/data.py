@@ -2,6 +2,9 @@
 
 - page pipeline: tokens/s that `Dataset.sequences` delivers from a warm disk cache (a fresh
   Dataset, so the in-memory LRU is cold) and from memory, next to the model's training tokens/s.
+- hub pages: pages/s that an `hf:NAME@REVISION` corpus serves from parquet row groups through
+  fsspec (a hub-layout directory written from the local corpus: the same code path as the Hugging
+  Face Hub, without the network), raw documents with a cold row-group cache and tokenized pages.
 - miner training: `Trainer.train` tokens/s for `tiny` and `small` next to a plain transformers loop
   (`model(input_ids, labels=...).loss`, backward, clip, `torch.optim.AdamW` step, zero_grad) on the
   same initial model, batch and sequences, in the same run; repeats interleave and medians count.
@@ -71,6 +74,41 @@ def _pipeline(settings: Settings, pages: list[int], repeats: int) -> dict[str, f
     return {"disk": statistics.median(disk), "memory": statistics.median(memory)}
 
 
+def _hub_pages(settings: Settings, quick: bool) -> dict[str, float]:
+    """Pages/s of a hub corpus on a local hub-layout directory: documents, then tokenized pages."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..data import open_corpus
+
+    docs = list(open_corpus(settings.data, settings.mechanism.rows_per_page).documents)
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp) / "hub" / "datasets" / "bench" / "corpus@pinned" / "data"
+        base.mkdir(parents=True)
+        per = -(-len(docs) // 4)
+        for f in range(4):
+            table = pa.table({"text": docs[f * per : (f + 1) * per]})
+            pq.write_table(table, base / f"train-{f:05d}.parquet", row_group_size=256)
+        s = replace(settings, **{"data.corpus": "hf:bench/corpus@pinned", "data.hub_root": str(Path(tmp) / "hub"),
+                                 "data.cache_dir": str(Path(tmp) / "cache")})  # fmt: skip
+        data = Dataset.open(s)
+        pages = random.Random(0).sample(range(data.num_pages), min(data.num_pages, 32 if quick else 128))
+        data.corpus.documents.recent.clear()
+        start = time.perf_counter()
+        for p in pages:
+            data.corpus.page(p)
+        raw = len(pages) / (time.perf_counter() - start)
+        data.corpus.documents.recent.clear()
+        start = time.perf_counter()
+        data.sequences(pages)
+        tokenized = len(pages) / (time.perf_counter() - start)
+    return {"raw": raw, "tokenized": tokenized, "pages": len(pages)}
+
+
 def run(settings: Settings, *, quick: bool) -> dict[str, Any]:
     threads = settings.train.threads or torch.get_num_threads()
     previous = torch.get_num_threads()
@@ -108,4 +146,9 @@ def _run(settings: Settings, quick: bool, threads: int) -> dict[str, Any]:
                      "unit": "tok/s", "baseline": pair["trainer"], "ratio": pipe[where] / pair["trainer"],
                      "target": ">= 100", "ok": pipe[where] >= 100 * pair["trainer"]}
                 )  # fmt: skip
+    hub = _hub_pages(build_settings("tiny", overrides={"data.cache_dir": settings.data.cache_dir}), quick)
+    raw["hub_pages"] = hub
+    for kind in ("raw", "tokenized"):
+        rows.append({"name": f"hub pages/s ({kind}, parquet row groups via fsspec)", "value": hub[kind],
+                     "unit": "pages/s", "baseline": None, "ratio": None, "target": None, "ok": None})  # fmt: skip
     return {"rows": rows, **raw, "headline": {"train_ratio_tiny": rows[0]["ratio"]}}

@@ -42,7 +42,7 @@ from ..model import build_model, model_hash, state_tensors
 from ..storage import open_store
 from ..validator import Validator
 from ..wallet import open_wallet
-from .mechanism import SimMiner, _row, clone, keypair, sign_delta
+from .common import SimMiner, clone, keypair, row, sign_delta
 
 log = logging.getLogger("bistro.bench.scale")
 
@@ -257,10 +257,10 @@ def duty_cycle(settings: Settings, dataset: Dataset, *, quick: bool) -> dict[str
         "step_fraction": steps_s / sum(r["step_end"] - r["start"] for r in done),
     }  # fmt: skip
     out["rows"] = [
-        _row("miner duty cycle (steps / busy)", out["busy_fraction"], "x", target=">= 0.9",
+        row("miner duty cycle (steps / busy)", out["busy_fraction"], "x", target=">= 0.9",
              ok=out["busy_fraction"] >= DUTY_TARGET),
-        _row("  steps / whole window step (with state save)", out["step_fraction"], "x"),
-        _row("  steps / wall time", out["wall_fraction"], "x"),
+        row("  steps / whole window step (with state save)", out["step_fraction"], "x"),
+        row("  steps / wall time", out["wall_fraction"], "x"),
     ]  # fmt: skip
     log.info("miner duty cycle: %s", {k: round(v, 3) for k, v in out.items() if isinstance(v, float)})
     return out
@@ -280,8 +280,8 @@ class TimedEvaluator(Evaluator):
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    def drop_copies(self, verdicts):
-        return self._timed("drop_copies", super().drop_copies, verdicts)
+    def drop_copies(self, *args):
+        return self._timed("drop_copies", super().drop_copies, *args)
 
     def score(self, *args):
         return self._timed("score", super().score, *args)
@@ -303,7 +303,7 @@ class TimedValidator(Validator):
 def _build_network(
     settings: Settings, dataset: Dataset, tmp: Path, n_uids: int, window: int, steps: int
 ) -> Settings:
-    # Blocks of 50 ms, so the window's last block (whose hash picks the eval pages) exists at once;
+    # Blocks of 50 ms, so the window's seed block (whose hash picks the eval pages) exists at once;
     # no Yuma epoch but the first (consensus is not what this measures).
     s = _network(settings, tmp, **{"chain.max_uids": n_uids, "wallet.name": "validator",
                                    "dir": str(tmp / "validator"), "chain.block_time": 0.05,
@@ -321,7 +321,10 @@ def _build_network(
         open_store(f"bench-miner-{uid}", s.storage, root=tmp).put(
             protocol.delta_key(s.chain.netuid, window, hotkey), blob
         )
-    chain.wait_for_block(protocol.window_last_block(window, s.mechanism.blocks_per_window) + 1, timeout=60)
+    m = s.mechanism
+    chain.wait_for_block(
+        protocol.seed_block(window, m.blocks_per_window, m.upload_grace_blocks) + 1, timeout=60
+    )
     chain.close()
     return s
 
@@ -386,11 +389,11 @@ def scale_window(settings: Settings, dataset: Dataset, *, quick: bool, steps: in
     }  # fmt: skip
     sampled = "" if k == proj["uids"] else f", rotating sample {k}"
     out["rows"] = [
-        _row(f"validator window, {n_uids} uids{sampled}", seconds, "s", baseline=budget,
+        row(f"validator window, {n_uids} uids{sampled}", seconds, "s", baseline=budget,
              target="within the window", ok=seconds <= budget),
-        _row(f"  projected, all {proj['uids']} scored", full, "s", baseline=budget),
-        _row("  peak RSS during the window", rss.peak, "MiB"),
-        *[_row(f"  {stage}", t, "s") for stage, t in times.items()],
+        row(f"  projected, all {proj['uids']} scored", full, "s", baseline=budget),
+        row("  peak RSS during the window", rss.peak, "MiB"),
+        *[row(f"  {stage}", t, "s") for stage, t in times.items()],
     ]  # fmt: skip
     log.info("scale: %s", {k: v for k, v in out.items() if k != "rows"})
     return out

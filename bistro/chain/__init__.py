@@ -11,11 +11,12 @@ __all__ = ["Chain", "ChainError", "Metagraph", "open_chain"]
 def open_chain(settings: Settings, *, retry: bool = True) -> Chain:
     """The chain `settings.chain` names, wrapped to retry transient failures unless `retry` is False.
 
-    `embedded`: the SQLite file at `chain_endpoint`, or `<dir>/chain.sqlite`. Anything else: the
-    Bittensor network (a ws:// `chain_endpoint` overrides `network`). The SDK is imported only then.
+    `embedded`: the SQLite file at `chain_endpoint`, or `<dir>/chain.sqlite`. Anything else, or a
+    ws:// `chain_endpoint` whatever `network` says (`python3 miner.py --subtensor.chain_endpoint
+    ws://…` names no network): the Bittensor network. The SDK is imported only then.
     """
     cfg = settings.chain
-    if cfg.network == "embedded":
+    if cfg.embedded:
         from .local import LocalChain
 
         chain: Chain = LocalChain(cfg.chain_endpoint or settings.home / "chain.sqlite", cfg)

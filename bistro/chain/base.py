@@ -48,6 +48,9 @@ class Metagraph:
     """Block of each uid's last set_weights (int64)."""
     weights: dict[int, dict[int, float]] | None = None
     """Last weights each validator uid set, when the chain exposes them (uid -> {uid: w})."""
+    validator_trust: np.ndarray | None = None
+    """Validator trust from the last epoch (float64): the sum of the validator's normalized
+    weights, each clipped at the consensus of its column. 1 means it agrees with consensus."""
 
     @property
     def n(self) -> int:
@@ -68,6 +71,12 @@ class Metagraph:
         idx = np.flatnonzero(self.uids == uid)
         return float(self.I[int(idx[0])]) if len(idx) else 0.0
 
+    def validator_trust_of(self, uid: int) -> float:
+        idx = np.flatnonzero(self.uids == uid)
+        if self.validator_trust is None or not len(idx):
+            return 0.0
+        return float(self.validator_trust[int(idx[0])])
+
     def top_validator(self) -> str | None:
         """The hotkey with the most stake among permitted validators (ties: lowest uid)."""
         if self.n == 0:
@@ -83,6 +92,8 @@ class Chain(ABC):
     """One subnet on one chain."""
 
     netuid: int
+    block_time: float = 12.0
+    """Seconds per block, as the chain reports it."""
 
     @abstractmethod
     def block(self) -> int:
@@ -90,11 +101,19 @@ class Chain(ABC):
 
     @abstractmethod
     def block_hash(self, block: int) -> str:
-        """Hex hash of a block at or before the current one."""
+        """Hex hash of a block at or before the current one, from the finalized chain: every node
+        gets the same hash, and nobody can know it before the block exists."""
 
     @abstractmethod
     def metagraph(self) -> Metagraph:
         """The subnet's uids, hotkeys, stake, incentive, dividends, permits and last updates."""
+
+    def top_validator_at(self, block: int) -> str | None:
+        """The top-stake validator's hotkey at `block` (a block already past), so that every node
+        asking about the same block gets the same answer whenever it asks. This default reads the
+        current metagraph: exact only while stake has not moved since `block`; adapters that can
+        read past state override it."""
+        return self.metagraph().top_validator()
 
     @abstractmethod
     def commit(self, wallet: Any, data: str) -> None:

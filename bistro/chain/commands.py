@@ -25,7 +25,7 @@ def btcli_register_line(settings: Settings) -> str:
 
 def register(settings: Settings, args: argparse.Namespace | None = None) -> int:
     """Embedded chain: create the wallet if missing (no password) and register it. Real network: say how."""
-    if settings.chain.network != "embedded":
+    if not settings.chain.embedded:
         print("Registration on a real network costs TAO and is done with btcli. Run:")
         print(f"  {btcli_register_line(settings)}")
         return 1
@@ -61,11 +61,11 @@ def _weights_text(row: dict[int, float] | None, top: int = 3) -> str:
 
 
 def metagraph_table(mg: Metagraph, commitments: dict[int, str]):  # -> rich.table.Table
-    """The metagraph as a rich table (uid, hotkey, stake, incentive, dividends, permit, …)."""
+    """The metagraph as a rich table (uid, hotkey, stake, incentive, dividends, trust, permit, …)."""
     from rich.table import Table
 
     table = Table(title=f"netuid {mg.netuid} at block {mg.block}: {mg.n} uids")
-    for name in ("uid", "hotkey", "stake", "incentive", "dividends", "vpermit", "last update"):
+    for name in ("uid", "hotkey", "stake", "incentive", "dividends", "vtrust", "vpermit", "last update"):
         table.add_column(name, justify="left" if name == "hotkey" else "right")
     table.add_column("last weights")
     table.add_column("bucket")
@@ -78,6 +78,7 @@ def metagraph_table(mg: Metagraph, commitments: dict[int, str]):  # -> rich.tabl
             f"{mg.S[k]:.2f}",
             f"{mg.I[k]:.4f}",
             f"{mg.D[k]:.4f}",
+            f"{mg.validator_trust[k]:.4f}" if mg.validator_trust is not None else "",
             "yes" if mg.validator_permit[k] else "",
             str(int(mg.last_update[k])),
             _weights_text(weights.get(uid)),

@@ -4,7 +4,9 @@ What it imitates from Bittensor, and how:
 - Blocks come from the wall clock: `block = floor((now - genesis) / block_time)`. Genesis, block time
   and the subnet's parameters are written into the file when it is created; every later opener
   takes them from there, so all processes of one network agree on the block.
-- `block_hash(b)` is sha256 of (the chain's random id, b): stable, and unknown before the file exists.
+- `block_hash(b)` is 32 random bytes, drawn by whichever process first asks for block b once it
+  has been reached, and stored in the same write transaction: every process gets the same hash,
+  and nobody (not even a reader of the file) can know it before the block exists.
 - Registration of hotkeys into uid slots; when all `max_uids` slots are taken, the uid with the
   lowest emission (incentive + dividends: Bittensor's pruning score, so validators, whose
   incentive is zero, are not pruned first) that is past its immunity period is replaced (ties:
@@ -13,7 +15,7 @@ What it imitates from Bittensor, and how:
 - Validator permits: the `max_validators` registered hotkeys with the most stake (stake > 0; ties:
   lowest uid), computed from the current stake.
 - `set_weights` as the chain checks it, quantised to u16 by max-upscaling to 65535.
-- Yuma consensus (`yuma.py`) at every block that is a multiple of `tempo`, run lazily by whichever
+- Yuma consensus (`yuma.py`), with subtensor's `activity_cutoff`, at every block that is a multiple of `tempo`, run lazily by whichever
   process first reads or writes after that block, in block order, inside one write transaction,
   so every process sees the same results.
 
@@ -23,22 +25,21 @@ process killed mid-write leaves the file as it was before that transaction (SQLi
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..config import ChainConfig
 from .base import Chain, ChainError, Metagraph
-from .yuma import yuma_epoch
+from .yuma import active_mask, yuma_epoch
 
 MAX_COMMITMENT_BYTES = 128
 U16_MAX = 65535
@@ -54,6 +55,7 @@ _PARAMS = (
     "max_uids",
     "immunity_period",
     "max_validators",
+    "activity_cutoff",
 )
 
 _SCHEMA = """
@@ -70,13 +72,22 @@ CREATE TABLE IF NOT EXISTS neurons (
     commitment TEXT
 );
 CREATE TABLE IF NOT EXISTS stakes (hotkey TEXT PRIMARY KEY, amount REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS stake_log (block INTEGER NOT NULL, hotkey TEXT NOT NULL, amount REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS weights (
     src INTEGER NOT NULL, dst INTEGER NOT NULL, value INTEGER NOT NULL, PRIMARY KEY (src, dst)
 );
 CREATE TABLE IF NOT EXISTS bonds (
     src INTEGER NOT NULL, dst INTEGER NOT NULL, value REAL NOT NULL, PRIMARY KEY (src, dst)
 );
+CREATE TABLE IF NOT EXISTS block_hashes (block INTEGER PRIMARY KEY, hash TEXT NOT NULL);
 """
+
+
+T = TypeVar("T")
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
 
 
 def _hotkey(wallet: Any) -> str:
@@ -101,11 +112,13 @@ class LocalChain(Chain):
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
-        with self._guard():
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._create(cfg)
-        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        self.busy_timeout = busy_timeout
+        # Opening races with other processes creating or writing the same file: the journal-mode
+        # switch takes an exclusive lock that SQLite's busy timeout does not always wait for, so
+        # every step of opening waits out SQLITE_BUSY itself.
+        self._busy_retry(self._set_pragmas)
+        self._busy_retry(lambda: self._create(cfg))
+        meta = self._busy_retry(lambda: dict(self._db.execute("SELECT key, value FROM meta").fetchall()))
         self.chain_id: str = meta["chain_id"]
         self.genesis = float(meta["genesis"])
         self.block_time = float(meta["block_time"])
@@ -115,6 +128,30 @@ class LocalChain(Chain):
         self.max_uids = int(meta["max_uids"])
         self.immunity_period = int(meta["immunity_period"])
         self.max_validators = int(meta["max_validators"])
+        # files made before activity_cutoff existed get it from their first newer opener (_create)
+        self.activity_cutoff = int(meta.get("activity_cutoff", cfg.activity_cutoff))
+
+    def _busy_retry(self, fn: Callable[[], T]) -> T:
+        """`fn()`, retried with backoff while the file is busy or locked, up to `busy_timeout`."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.01
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() + pause > deadline:
+                    raise ChainError(f"local chain {self.path} is busy: {e}", transient=True) from e
+            except ChainError as e:
+                if not e.transient or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause * (0.5 + secrets.randbelow(1000) / 1000))
+            pause = min(pause * 2, 0.5)
+
+    def _set_pragmas(self) -> None:
+        # WAL is a property of the file: only the first opener has to switch it (others read it)
+        if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
 
     def _create(self, cfg: ChainConfig) -> None:
         values = {name: str(getattr(cfg, name)) for name in _PARAMS}
@@ -136,7 +173,7 @@ class LocalChain(Chain):
         try:
             yield
         except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
+            if _is_busy(e):
                 raise ChainError(f"local chain {self.path} is busy: {e}", transient=True) from e
             raise
 
@@ -144,7 +181,7 @@ class LocalChain(Chain):
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; rolled back on any error."""
         with self._lock, self._guard():
-            self._db.execute("BEGIN IMMEDIATE")
+            self._busy_retry(lambda: self._db.execute("BEGIN IMMEDIATE"))
             try:
                 yield self._db
             except BaseException:
@@ -156,7 +193,7 @@ class LocalChain(Chain):
     def _read(self) -> Iterator[sqlite3.Connection]:
         """A consistent snapshot for reads (WAL readers never block writers)."""
         with self._lock, self._guard():
-            self._db.execute("BEGIN")
+            self._busy_retry(lambda: self._db.execute("BEGIN"))
             try:
                 yield self._db
             finally:
@@ -168,9 +205,19 @@ class LocalChain(Chain):
         return max(0, math.floor((time.time() - self.genesis) / self.block_time))
 
     def block_hash(self, block: int) -> str:
+        """The block's hash: drawn at random the first time anyone asks after the block is reached."""
         if block < 0 or block > self.block():
             raise ChainError(f"block {block} does not exist yet (current block {self.block()})")
-        return "0x" + hashlib.sha256(f"{self.chain_id}:{block}".encode()).hexdigest()
+        with self._read() as db:
+            row = db.execute("SELECT hash FROM block_hashes WHERE block=?", (block,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        with self._write() as db:  # the first writer's bytes win; every later reader sees them
+            db.execute(
+                "INSERT OR IGNORE INTO block_hashes (block, hash) VALUES (?, ?)",
+                (block, "0x" + secrets.token_hex(32)),
+            )
+            return str(db.execute("SELECT hash FROM block_hashes WHERE block=?", (block,)).fetchone()[0])
 
     def wait_for_block(self, block: int, timeout: float | None = None) -> int:
         """Sleep until the chain reaches `block`; return the current block."""
@@ -196,23 +243,30 @@ class LocalChain(Chain):
         with self._write() as db:
             last = int(db.execute("SELECT value FROM meta WHERE key='last_epoch'").fetchone()[0])
             epochs = list(range(last + self.tempo, due + 1, self.tempo))[-MAX_CATCHUP_EPOCHS:]
-            for _ in epochs:
-                self._epoch(db)
+            for epoch_block in epochs:
+                self._epoch(db, epoch_block)
             db.execute("UPDATE meta SET value=? WHERE key='last_epoch'", (str(due),))
 
-    def _epoch(self, db: sqlite3.Connection) -> None:
-        rows = db.execute("SELECT uid, hotkey FROM neurons ORDER BY uid").fetchall()
+    def _epoch(self, db: sqlite3.Connection, block: int) -> None:
+        rows = db.execute(
+            "SELECT uid, hotkey, COALESCE(last_update, registered_at) FROM neurons ORDER BY uid"
+        ).fetchall()
         if not rows:
             return
-        n = max(uid for uid, _ in rows) + 1
+        n = max(uid for uid, _, _ in rows) + 1
         S, permit = self._stake_and_permits(db, n)
+        last = np.full(n, -(10**12), dtype=np.int64)  # empty slots: never active
+        for uid, _, seen in rows:
+            last[uid] = seen
         W = np.zeros((n, n))
         for src, dst, value in db.execute("SELECT src, dst, value FROM weights"):
             W[src, dst] = value
         B = np.zeros((n, n))
         for src, dst, value in db.execute("SELECT src, dst, value FROM bonds"):
             B[src, dst] = value
-        r = yuma_epoch(W, S, B, validator_permit=permit)
+        r = yuma_epoch(
+            W, S, B, validator_permit=permit, active=active_mask(last, block, self.activity_cutoff)
+        )
         db.executemany(
             "UPDATE neurons SET incentive=?, dividends=?, consensus=?, validator_trust=? WHERE uid=?",
             [
@@ -223,7 +277,7 @@ class LocalChain(Chain):
                     float(r.validator_trust[u]),
                     u,
                 )
-                for u, _ in rows
+                for u, _, _ in rows
             ],
         )
         db.execute("DELETE FROM bonds")
@@ -254,7 +308,8 @@ class LocalChain(Chain):
         with self._read() as db:
             rows = db.execute(
                 "SELECT n.uid, n.hotkey, COALESCE(s.amount, 0), n.incentive, n.dividends, "
-                "COALESCE(n.last_update, 0) FROM neurons n LEFT JOIN stakes s ON s.hotkey = n.hotkey "
+                "COALESCE(n.last_update, 0), n.validator_trust "
+                "FROM neurons n LEFT JOIN stakes s ON s.hotkey = n.hotkey "
                 "ORDER BY n.uid"
             ).fetchall()
             n = rows[-1][0] + 1 if rows else 0
@@ -278,6 +333,7 @@ class LocalChain(Chain):
             validator_permit=permit[uids] if n else np.zeros(0, dtype=bool),
             last_update=np.array([r[5] for r in rows], dtype=np.int64),
             weights=weights,
+            validator_trust=np.array([r[6] for r in rows], dtype=np.float64),
         )
 
     def commitments(self) -> dict[int, str]:
@@ -333,11 +389,39 @@ class LocalChain(Chain):
         if not math.isfinite(amount) or amount <= 0:
             raise ChainError(f"stake amount must be a positive number, not {amount!r}")
         with self._write() as db:
+            # a file from before the log: its stakes so far count from genesis
+            db.execute(
+                "INSERT INTO stake_log (block, hotkey, amount) SELECT 0, hotkey, amount FROM stakes "
+                "WHERE NOT EXISTS (SELECT 1 FROM stake_log)"
+            )
             db.execute(
                 "INSERT INTO stakes (hotkey, amount) VALUES (?, ?) "
                 "ON CONFLICT(hotkey) DO UPDATE SET amount = amount + excluded.amount",
                 (hotkey, float(amount)),
             )
+            # the history `top_validator_at` reads: every node agrees on who was top at a block
+            db.execute(
+                "INSERT INTO stake_log (block, hotkey, amount) "
+                "SELECT ?, hotkey, amount FROM stakes WHERE hotkey = ?",
+                (self.block(), hotkey),
+            )
+
+    def top_validator_at(self, block: int) -> str | None:
+        """The registered hotkey with the most stake (> 0) at `block`, ties to the lowest uid; from
+        the stake log (a file written before the log existed: the current stake)."""
+        with self._read() as db:
+            if db.execute("SELECT 1 FROM stake_log LIMIT 1").fetchone() is None:
+                rows = db.execute(
+                    "SELECT n.uid, n.hotkey, s.amount FROM neurons n JOIN stakes s ON s.hotkey = n.hotkey"
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT n.uid, n.hotkey, l.amount FROM neurons n JOIN stake_log l ON l.rowid = "
+                    "(SELECT MAX(rowid) FROM stake_log WHERE hotkey = n.hotkey AND block <= ?)",
+                    (block,),
+                ).fetchall()
+        ranked = sorted((r for r in rows if r[2] > 0), key=lambda r: (-r[2], r[0]))
+        return ranked[0][1] if ranked else None
 
     def commit(self, wallet: Any, data: str) -> None:
         size = len(data.encode())

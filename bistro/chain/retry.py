@@ -61,6 +61,10 @@ class RetryingChain(Chain):
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
+    @property
+    def block_time(self) -> float:  # type: ignore[override] - the inner chain's, not the default
+        return float(self.inner.block_time)
+
     def __getattr__(self, name: str) -> Any:
         value = getattr(self.inner, name)
         if not callable(value):
@@ -75,6 +79,9 @@ class RetryingChain(Chain):
 
     def metagraph(self) -> Metagraph:
         return self._call(self.inner.metagraph)
+
+    def top_validator_at(self, block: int) -> str | None:
+        return self._call(self.inner.top_validator_at, block)
 
     def commit(self, wallet: Any, data: str) -> None:
         self._call(self.inner.commit, wallet, data)

@@ -3,7 +3,9 @@
 Follows subtensor's `epoch` (pallets/subtensor/src/epoch/run_epoch.rs, Yuma with bonds EMA), in
 floats rather than fixed point:
 
-1. Active stake: the stake of uids with a validator permit, normalised to sum 1.
+1. Active stake: the stake of uids with a validator permit that were active within
+   `activity_cutoff` blocks (their last weights, or their registration if they never set any),
+   normalised to sum 1. A validator that stopped setting weights stops counting.
 2. Weights: rows of uids without a permit are zeroed, self-weights (the diagonal) are removed,
    then each row is normalised to sum 1.
 3. Consensus per column: the stake-weighted median with majority κ. A validator that set no weight
@@ -73,6 +75,15 @@ def weighted_median_col(stake: np.ndarray, W: np.ndarray, kappa: float) -> np.nd
     return out
 
 
+def active_mask(last_update: np.ndarray, block: int, activity_cutoff: int) -> np.ndarray:
+    """Which uids are active at `block`: subtensor's `last_update + activity_cutoff >= block`.
+
+    `last_update` is the block of each uid's last weights, or of its registration when it never
+    set any (subtensor stamps LastUpdate at registration too).
+    """
+    return np.asarray(last_update, dtype=np.int64) + int(activity_cutoff) >= int(block)
+
+
 def yuma_epoch(
     W: np.ndarray,
     S: np.ndarray,
@@ -82,6 +93,7 @@ def yuma_epoch(
     bond_penalty: float = 1.0,
     bonds_alpha: float = 0.1,
     validator_permit: np.ndarray | None = None,
+    active: np.ndarray | None = None,
 ) -> YumaResult:
     """Run one Yuma epoch over n uids.
 
@@ -89,7 +101,8 @@ def yuma_epoch(
     S: stake of each uid. validator_permit: which rows count; by default every uid that set any
     weight. Rows without a permit are zeroed and their stake does not count.
     B_prev: the previous epoch's bonds (n × n), or None for the first epoch (the EMA then starts
-    from zero, as a fresh subnet does).
+    from zero, as a fresh subnet does). active: which uids are active (`active_mask`); by default
+    all. An inactive validator's stake does not count, so its weights move nothing.
     """
     W = np.asarray(W, dtype=np.float64)
     S = np.asarray(S, dtype=np.float64)
@@ -102,22 +115,25 @@ def yuma_epoch(
         permit = W.sum(axis=1) > 0
     else:
         permit = np.asarray(validator_permit, dtype=bool)
+    alive = np.ones(n, dtype=bool) if active is None else np.asarray(active, dtype=bool)
+    if alive.shape != (n,):
+        raise ValueError(f"active must have length {n}, got {alive.shape}")
     # 1. Active stake.
-    active = _normalize(np.where(permit, S, 0.0))
+    active_stake = _normalize(np.where(permit & alive, S, 0.0))
     # 2. Weights: permitted rows only, no self-weight, rows sum to 1.
     W = np.where(permit[:, None], W, 0.0)
     np.fill_diagonal(W, 0.0)
     W = _row_normalize(W)
     # 3-4. Consensus and clipping.
-    consensus = weighted_median_col(active, W, kappa)
+    consensus = weighted_median_col(active_stake, W, kappa)
     clipped = np.minimum(W, consensus[None, :])
     validator_trust = clipped.sum(axis=1)
     # 5. Rank and incentive.
-    rank = active @ clipped
+    rank = active_stake @ clipped
     incentive = _normalize(rank)
     # 6. Bonds EMA.
     w_bonds = (1.0 - bond_penalty) * W + bond_penalty * clipped
-    delta = _col_normalize(active[:, None] * w_bonds)
+    delta = _col_normalize(active_stake[:, None] * w_bonds)
     prev = np.zeros((n, n)) if B_prev is None else np.asarray(B_prev, dtype=np.float64)
     if prev.shape != (n, n):
         raise ValueError(f"B_prev must be {n}x{n}, got {prev.shape}")

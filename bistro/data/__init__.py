@@ -8,7 +8,9 @@ repeated until it fills exactly one, so every page gives at least one sequence.
 Tokenized pages are cached on disk as safetensors under
 `<cache_dir>/pages/<corpus hash>-r<rows per page>-<tokenizer hash>/<page>.safetensors`, holding the page's whole token
 stream and, in the header, the sha256 of its bytes: a corrupted entry is detected and rebuilt. An
-in-memory LRU in front of it means a validator asking for a page twice does not touch disk.
+in-memory LRU in front of it means a validator asking for a page twice does not touch disk. The disk
+cache is bounded: past `data.page_cache_bytes` the least recently used pages are deleted (a read
+refreshes a page's time), down to 90% of the bound.
 """
 
 from __future__ import annotations
@@ -24,10 +26,22 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from ..config import Settings
-from .corpus import Corpus, CorpusError, Manifest, PageOutOfRange, open_corpus
+from ..atomicfile import write_atomic
+from ..config import DataConfig, Settings
+from . import corpus as _local
+from .corpus import Corpus, CorpusError, Manifest, PageOutOfRange
+from .hub import IndexSource, open_hub_corpus
 from .pages import PageSettings, eval_pages, global_pages, local_pages
 from .tokenizer import Tok, TokenizerError, load_tokenizer
+
+
+def open_corpus(cfg: DataConfig, rows_per_page: int, index_source: IndexSource | None = None) -> Corpus:
+    """The corpus `cfg.corpus` names: `hf:NAME@REVISION[:SPLIT]` through data/hub.py (`index_source`:
+    where else its row-group index may come from), anything else through data/corpus.py."""
+    if cfg.corpus.startswith("hf:"):
+        return open_hub_corpus(cfg, rows_per_page, index_source)
+    return _local.open_corpus(cfg, rows_per_page)
+
 
 __all__ = [
     "Corpus",
@@ -61,7 +75,7 @@ def pack(tokens: torch.Tensor, length: int) -> torch.Tensor:
 class Dataset:
     """Corpus + tokenizer + page cache: what miners and validators read their tokens from."""
 
-    def __init__(self, corpus: Corpus, tokenizer: Tok, sequence_length: int, page_settings: PageSettings, cache_dir: str) -> None:  # fmt: skip
+    def __init__(self, corpus: Corpus, tokenizer: Tok, sequence_length: int, page_settings: PageSettings, cache_dir: str, cache_bytes: int = 4 << 30) -> None:  # fmt: skip
         self.corpus = corpus
         self.tokenizer = tokenizer
         self.sequence_length = sequence_length
@@ -71,15 +85,18 @@ class Dataset:
         key = f"{m.content_hash[:16]}-r{m.rows_per_page}-{tokenizer.hash[:16]}"
         self.cache = Path(cache_dir).expanduser() / "pages" / key
         self.memory: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self._disk_bytes: int | None = None  # measured at the first write
         self.disk_reads = 0
         self.builds = 0
 
     @classmethod
-    def open(cls, settings: Settings) -> Dataset:
-        corpus = open_corpus(settings.data, settings.mechanism.rows_per_page)
+    def open(cls, settings: Settings, index_source=None) -> Dataset:  # noqa: ANN001 - hub.IndexSource
+        corpus = open_corpus(settings.data, settings.mechanism.rows_per_page, index_source)
         tok = load_tokenizer(settings.data, corpus, settings.model.vocab_size)
         pages = PageSettings.of(settings, corpus.num_pages)
-        return cls(corpus, tok, settings.model.sequence_length, pages, settings.data.cache_dir)
+        return cls(corpus, tok, settings.model.sequence_length, pages, settings.data.cache_dir,
+                   settings.data.page_cache_bytes)  # fmt: skip
 
     @property
     def manifest(self) -> Manifest:
@@ -126,11 +143,31 @@ class Dataset:
 
     def _write(self, page: int, tokens: torch.Tensor) -> None:
         meta = {"sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(), "page": str(page)}
-        path = self._path(page)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(save({"tokens": tokens}, metadata=meta))
-        os.replace(tmp, path)
+        data = save({"tokens": tokens}, metadata=meta)
+        write_atomic(self._path(page), data, durable=False)
+        if self._disk_bytes is None:
+            self._disk_bytes = sum(f.stat().st_size for f in self.cache.glob("*.safetensors"))
+        else:
+            self._disk_bytes += len(data)
+        if self._disk_bytes > self.cache_bytes:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Delete the least recently used cached pages until they take at most 90% of the bound."""
+        files = []
+        for f in self.cache.glob("*.safetensors"):
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # another process evicted it
+                continue
+            files.append((st.st_mtime, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files, key=lambda x: x[0]):
+            if total <= 0.9 * self.cache_bytes:
+                break
+            f.unlink(missing_ok=True)
+            total -= size
+        self._disk_bytes = total
 
     def _read(self, page: int) -> torch.Tensor | None:
         """The cached tokens, or None when absent or failing their hash (then rebuilt)."""
@@ -151,4 +188,8 @@ class Dataset:
         if hashlib.sha256(tokens.numpy().tobytes()).hexdigest() != meta.get("sha256"):
             return None
         self.disk_reads += 1
+        try:
+            os.utime(path)  # recently used: evicted last
+        except OSError:
+            pass
         return tokens

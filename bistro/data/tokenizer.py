@@ -11,12 +11,12 @@ is set (tests set it).
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..atomicfile import write_atomic
 from ..config import DataConfig
 from ..protocol import digest
 from .corpus import Corpus
@@ -67,10 +67,7 @@ def _bpe(cfg: DataConfig, corpus: Corpus, vocab_size: int) -> Tok:
         tok = Tokenizer.from_file(str(path))
     else:
         tok = train_bpe(corpus.documents, vocab_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tok.save(str(tmp))
-        os.replace(tmp, path)
+        write_atomic(path, tok.to_str().encode(), durable=False)
     eos = tok.token_to_id(EOS)
     if eos is None:
         raise TokenizerError(f"{path}: no {EOS} token; delete the file to retrain")

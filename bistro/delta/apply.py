@@ -110,6 +110,120 @@ def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> 
     return out
 
 
+def merge_mean(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
+    """Per index, the `weights`-weighted mean of the values of the deltas that hold it (a dense part
+    holds every index), each delta first scaled down to the median norm (templar's merge).
+
+    `merge` divides a coordinate only one of N barely overlapping top-k deltas holds by about N; this
+    keeps it. The median is the lower one (torch.median's) so every node takes the same."""
+    if len(deltas) != len(weights):
+        raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
+    norms = [delta_norm(d) for d in deltas]
+    median = sorted(norms)[(len(norms) - 1) // 2] if norms else 0.0
+    clip = [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
+    out: Delta = {}
+    for name, shape in shapes.items():
+        parts = [(d[name], float(w), c) for d, w, c in zip(deltas, weights, clip, strict=True) if name in d]
+        if not parts:
+            continue
+        if all(isinstance(p, Sparse) for p, _, _ in parts):
+            idx = torch.cat([p.indices for p, _, _ in parts])
+            vals = torch.cat([p.values.float() * (w * c) for p, w, c in parts])
+            held = torch.cat([torch.full((p.indices.numel(),), w) for p, w, _ in parts])
+            union, inverse = torch.unique(idx, sorted=True, return_inverse=True)
+            total = torch.zeros(union.numel()).index_add_(0, inverse, vals)
+            out[name] = Sparse(union, total / torch.zeros(union.numel()).index_add_(0, inverse, held))
+            continue
+        total, held = torch.zeros(numel(shape)), torch.zeros(numel(shape))
+        for p, w, c in parts:
+            if isinstance(p, Sparse):
+                total.index_add_(0, p.indices, p.values.float(), alpha=w * c)
+                held.index_add_(0, p.indices, torch.full((p.indices.numel(),), w))
+            else:
+                total.add_(p.float().reshape(-1), alpha=w * c)
+                held.add_(w)
+        out[name] = torch.where(held > 0, total / held.clamp_min(1e-30), 0.0).view(shape)
+    return out
+
+
+class MeanMerge:
+    """`merge_mean` of a window's deltas, and each one's exact leave-one-out.
+
+    "Without uid i" for a merge that is not a weighted sum: i's values leave every per-index mean
+    they were part of, and nothing else changes (the clipping factors stay those of the full set, so
+    removing one delta never rescales the others). `without(i)` is the change, at i's positions only,
+    that turns θ + `update` into θ + the mean merge of the others. The validator applies it with
+    `apply_` and comes back with `restore_`, bit for bit, as with the weighted sum:
+
+        add_(params, mm.update, 1.0)                    # θ_eval
+        saved = apply_(params, mm.without(i), 1.0)      # θ_eval without i
+        restore_(params, saved)
+    """
+
+    def __init__(self, deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> None:
+        self.deltas, self.weights, self.shapes = list(deltas), [float(w) for w in weights], shapes
+        norms = [delta_norm(d) for d in deltas]
+        median = sorted(norms)[(len(norms) - 1) // 2] if norms else 0.0
+        self.clip = [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
+        self.update = merge_mean(deltas, weights, shapes)
+        # Per parameter: the update's flat positions (None: dense), and Σ w c v and Σ w over the
+        # senders at each of them: O(union) for a sparse part, never a dense copy of the model.
+        self.sums: dict[str, tuple[Tensor | None, Tensor, Tensor]] = {}
+        for name in self.update:
+            part = self.update[name]
+            at = part.indices if isinstance(part, Sparse) else None
+            size = at.numel() if at is not None else numel(shapes[name])
+            total, held = torch.zeros(size), torch.zeros(size)
+            for d, w, c in zip(self.deltas, self.weights, self.clip, strict=True):
+                p = d.get(name)
+                if isinstance(p, Sparse):
+                    where = p.indices if at is None else torch.searchsorted(at, p.indices)
+                    total.index_add_(0, where, p.values.float(), alpha=w * c)
+                    held.index_add_(0, where, torch.full((p.indices.numel(),), w))
+                elif p is not None:
+                    total.add_(p.float().reshape(-1), alpha=w * c)
+                    held.add_(w)
+            self.sums[name] = (at, total, held)
+
+    def _at(self, name: str, p: Part) -> tuple[Tensor, Tensor]:
+        """Delta part `p`'s flat positions and where they sit in `self.sums[name]`."""
+        at = self.sums[name][0]
+        pos = p.indices if isinstance(p, Sparse) else torch.arange(numel(self.shapes[name]))
+        return pos, (pos if at is None else torch.searchsorted(at, pos))
+
+    def share(self, i: int) -> float:
+        """How much of delta i the update holds: the mean, over i's positions weighted by |value|, of
+        its share w_i / Σ w of the means there, times its clipping factor. 1 for an unclipped delta
+        that no other overlaps; w_i (normalised) where every delta holds every position, which is
+        what the weighted sum gives it. The validator scores per unit of this, as per unit of m_i."""
+        w, c = self.weights[i], self.clip[i]
+        mass = taken = 0.0
+        for name, p in self.deltas[i].items():
+            _, where = self._at(name, p)
+            size = (p.values if isinstance(p, Sparse) else p.reshape(-1)).float().abs().double()
+            mass += float(size.sum())
+            taken += float((size * (w / self.sums[name][2][where].double().clamp_min(1e-30))).sum())
+        return c * taken / mass if mass > 0 else c
+
+    def without(self, i: int) -> Delta:
+        out: Delta = {}
+        w, c = self.weights[i], self.clip[i]
+        for name, p in self.deltas[i].items():
+            at, total, held = self.sums[name]
+            pos, where = self._at(name, p)
+            vals = p.values.float() if isinstance(p, Sparse) else p.float().reshape(-1)
+            left_total, left_held = total[where] - w * c * vals, held[where] - w
+            rest = torch.where(left_held > 1e-12, left_total / left_held.clamp_min(1e-30), 0.0)
+            part = self.update[name]
+            now = part.values[where] if at is not None else part.reshape(-1)[pos]
+            out[name] = Sparse(pos, rest - now)
+        return out
+
+
+MERGES = {"sum": merge, "mean": merge_mean}
+"""Merge rules by the name `mechanism.merge` gives (part of the protocol: every node must agree)."""
+
+
 def _intersect(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Common values of two sorted unique index tensors and where each holds them."""
     if x.numel() == 0 or y.numel() == 0:
@@ -140,7 +254,7 @@ def _square(p: Part) -> float:
 def similarity(a: Delta, b: Delta) -> float:
     """Cosine between two deltas as whole vectors (a position one delta does not hold is 0 there).
 
-    The validator zeroes the later of two uploads whose similarity reaches `copy_threshold`. The
+    The validator groups deltas whose similarity reaches `copy_threshold` (evaluator.drop_copies). The
     cosine over the shared positions only is no test of copying: honest top-k deltas of one window
     agree in sign and size where their supports meet (measured on `tiny`: 0.99 over the ~10% of
     positions they share, 0.09-0.16 as whole vectors, 1.0 for a copy).

@@ -10,6 +10,13 @@ from its header alone, before any tensor is loaded.
   when chunk <= 4096 (int32 otherwise); values as int8 with one fp32 scale (absmax/127) per chunk.
   fp32 scales cost ~2% of the ratio against fp16 but cannot underflow for late, tiny deltas:
   ~154x at compression 100. Pair it with `ErrorFeedback`.
+- `topk2` (codec version 2 of topk, SparseLoCo-like): the same k largest per chunk, but each chunk
+  is one byte record: the sorted local indices Elias–Fano coded (r = floor(log2(chunk/k)) low bits
+  each, plus a bitmap of k + ceil(chunk/2^r) bits for the high parts: 8 bits an index at 64 of
+  4096, against 12), `value_bits`-bit codes of 2^bits equal bins over ±3σ of the chunk's values,
+  and a table of each bin's mean (bf16: fp32's range, so late tiny deltas cannot underflow). One
+  uint8 tensor per parameter, so the safetensors header lists a third of topk's entries. At 64 of
+  4096 and 2 bits: 88 bytes a chunk, ~186x before the header. Pair it with `ErrorFeedback`.
 - `mask`: the same positions for every miner, drawn from a CPU generator seeded by
   (netuid, window, name); only fp32 values travel, so the ratio is `compression` exactly.
 - `dense`: bf16 values of everything, for debugging and as a reference (2x).
@@ -21,13 +28,16 @@ import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import protocol
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 Shapes = dict[str, tuple[int, ...]]
 WireSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -48,6 +58,11 @@ class BadTensors(ValueError):
     """The wire tensors are not exactly what the codec promises for these shapes."""
 
 
+class NonFiniteValues(BadTensors):
+    """Values packed inside integer wire tensors (topk2's bf16 bin means) hold NaN or Inf: the
+    `non_finite` reason, as for a float tensor, not a malformed layout."""
+
+
 @dataclass(frozen=True)
 class CodecContext:
     """Everything a codec needs besides the tensors; the same on every node for a window."""
@@ -56,12 +71,30 @@ class CodecContext:
     window: int
     compression: float
     chunk: int = 4096
+    value_bits: int = 2
+    """Bits a value for `topk2`."""
+    ef_decay: float = 1.0
+    """Error feedback as momentum (SparseLoCo): e <- ef_decay * e + delta before the codec; 1 is plain
+    error feedback. A miner's choice, never on the wire."""
 
     def __post_init__(self) -> None:
         if not (isinstance(self.compression, (int, float)) and self.compression >= 1):
             raise ValueError(f"compression must be >= 1, got {self.compression!r}")
         if not (isinstance(self.chunk, int) and self.chunk >= 1):
             raise ValueError(f"chunk must be a positive int, got {self.chunk!r}")
+        if self.value_bits not in (1, 2, 3, 4):
+            raise ValueError(f"value_bits must be 1, 2, 3 or 4, got {self.value_bits!r}")
+        if not 0 < self.ef_decay <= 1:
+            raise ValueError(f"ef_decay must be in (0, 1], got {self.ef_decay!r}")
+
+
+def codec_context(settings: Settings, window: int) -> CodecContext:
+    """The codec context every node uses for `window` under `settings`."""
+    m = settings.mechanism
+    return CodecContext(
+        netuid=settings.chain.netuid, window=window, compression=m.compression, chunk=m.topk_chunk,
+        value_bits=m.value_bits, ef_decay=m.ef_decay,
+    )  # fmt: skip
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -198,6 +231,123 @@ class TopK(Codec):
         return delta
 
 
+# --- topk2 --------------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """Bit layout of one `topk2` chunk record."""
+
+    k: int
+    low: int
+    """Low bits an index (Elias–Fano)."""
+    highs: int
+    """High buckets: ceil(chunk / 2**low); the bitmap holds k + highs bits."""
+    bits: int
+    """Bits a value code."""
+    packed: int
+    """Bytes of the bit fields (indices, then codes), zero-padded to a byte."""
+    table: int
+    """Bytes of the bin-mean table (2**bits bf16)."""
+
+    @property
+    def record(self) -> int:
+        return self.packed + self.table
+
+
+def _bits(x: Tensor, width: int) -> Tensor:
+    """[..., n] ints -> [..., n*width] bits, least significant first (uint8)."""
+    shifts = torch.arange(width, dtype=torch.int64)
+    return ((x[..., None] >> shifts) & 1).to(torch.uint8).flatten(-2)
+
+
+def _ints(bits: Tensor, width: int) -> Tensor:
+    """Inverse of `_bits`: [..., n*width] bits -> [..., n] int64."""
+    shifts = torch.arange(width, dtype=torch.int64)
+    return (bits.view(*bits.shape[:-1], -1, width).to(torch.int64) << shifts).sum(-1)
+
+
+class TopK2(TopK):
+    name = "topk2"
+
+    def params(self, ctx: CodecContext) -> dict:
+        return {"compression": float(ctx.compression), "chunk": ctx.chunk, "value_bits": ctx.value_bits}
+
+    def layout(self, ctx: CodecContext) -> Layout:
+        k = self.k(ctx)
+        low = max(0, math.floor(math.log2(ctx.chunk / k)))
+        highs = -(-ctx.chunk // (1 << low))
+        nbits = k * low + k + highs + k * ctx.value_bits
+        return Layout(k, low, highs, ctx.value_bits, -(-nbits // 8), 2 * (1 << ctx.value_bits))
+
+    def wire_spec(self, shapes: Shapes, ctx: CodecContext) -> WireSpec:
+        record = self.layout(ctx).record
+        return {name: ((-(-numel(s) // ctx.chunk) * record,), torch.uint8) for name, s in shapes.items()}
+
+    def encode(self, delta: dict[str, Tensor], ctx: CodecContext) -> dict[str, Tensor]:
+        lay = self.layout(ctx)
+        out = {}
+        for name, t in delta.items():
+            flat = t.detach().to("cpu", torch.float32).reshape(-1)
+            chunks = -(-flat.numel() // ctx.chunk)
+            pad = chunks * ctx.chunk - flat.numel()
+            x = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(chunks, ctx.chunk)
+            idx = x.abs().topk(lay.k, dim=1, sorted=False).indices.sort(dim=1).values  # [chunks, k]
+            out[name] = self._record(idx, x.gather(1, idx), lay)
+        return out
+
+    def _record(self, idx: Tensor, vals: Tensor, lay: Layout) -> Tensor:
+        chunks, k = idx.shape
+        bitmap = torch.zeros(chunks, k + lay.highs, dtype=torch.uint8)
+        bitmap.scatter_(1, (idx >> lay.low) + torch.arange(k), 1)  # high part j at high_j + j
+        bins = 1 << lay.bits
+        sigma = vals.square().mean(dim=1, keepdim=True).sqrt()  # [chunks, 1]
+        width = (6 * sigma / bins).clamp_min(1e-30)
+        code = ((vals + 3 * sigma) / width).floor().clamp(0, bins - 1).to(torch.int64)
+        sums = torch.zeros(chunks, bins).scatter_add_(1, code, vals)
+        counts = torch.zeros(chunks, bins).scatter_add_(1, code, torch.ones_like(vals))
+        table = (sums / counts.clamp_min(1)).to(torch.bfloat16)  # [chunks, bins]: each bin's mean
+        fields = torch.cat([_bits(idx & ((1 << lay.low) - 1), lay.low), bitmap, _bits(code, lay.bits)], 1)
+        fields = torch.nn.functional.pad(fields, (0, 8 * lay.packed - fields.shape[1]))
+        packed = torch.from_numpy(np.packbits(fields.numpy(), axis=1, bitorder="little"))
+        record = torch.cat([packed, table.view(torch.uint8).view(chunks, lay.table)], 1)
+        return record.reshape(-1).contiguous()
+
+    def decode(self, tensors: dict[str, Tensor], ctx: CodecContext, shapes: Shapes) -> Delta:
+        self.check(tensors, ctx, shapes)
+        lay = self.layout(ctx)
+        delta = {}
+        for name, shape in shapes.items():
+            n = numel(shape)
+            chunks = -(-n // ctx.chunk)
+            local, values = self._read(tensors[name].view(chunks, lay.record), lay, ctx.chunk, name)
+            flat = (local + torch.arange(chunks)[:, None] * ctx.chunk).reshape(-1)
+            real = flat < n
+            delta[name] = Sparse(flat[real], values.reshape(-1)[real])
+        return delta
+
+    def _read(self, record: Tensor, lay: Layout, chunk: int, name: str) -> tuple[Tensor, Tensor]:
+        """[chunks, record] bytes -> local indices [chunks, k] and values [chunks, k]."""
+        chunks, k = record.shape[0], lay.k
+        bits = torch.from_numpy(np.unpackbits(record[:, : lay.packed].numpy(), axis=1, bitorder="little"))
+        used = k * lay.low + k + lay.highs + k * lay.bits
+        if bool(bits[:, used:].any()):
+            raise BadTensors(f"{name}: non-zero padding bits")
+        bitmap = bits[:, k * lay.low : k * lay.low + k + lay.highs]
+        if bool((bitmap.sum(dim=1, dtype=torch.int64) != k).any()):
+            raise BadTensors(f"{name}: index bitmap must hold exactly {k} ones a chunk")
+        high = bitmap.nonzero()[:, 1].view(chunks, k) - torch.arange(k)  # row-major: sorted per chunk
+        local = (high << lay.low) | _ints(bits[:, : k * lay.low], lay.low) if lay.low else high
+        if bool((local >= chunk).any()):
+            raise BadTensors(f"{name}: index outside its chunk")
+        if k > 1 and bool((local[:, 1:] <= local[:, :-1]).any()):
+            raise BadTensors(f"{name}: indices within a chunk not strictly increasing")
+        table = record[:, lay.packed :].reshape(-1).clone().view(torch.bfloat16).view(chunks, -1).float()
+        if not bool(torch.isfinite(table).all()):
+            raise NonFiniteValues(f"{name}: bin means must be finite")
+        code = _ints(bits[:, used - k * lay.bits : used], lay.bits)
+        return local, table.gather(1, code)
+
+
 # --- mask ---------------------------------------------------------------------------------------
 
 
@@ -269,8 +419,8 @@ class Dense(Codec):
         return {name: tensors[name].float() for name in shapes}
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (TopK(), Mask(), Dense())}
-if set(CODECS) != {"topk", "mask", "dense"}:
+CODECS: dict[str, Codec] = {c.name: c for c in (TopK(), TopK2(), Mask(), Dense())}
+if set(CODECS) != {"topk", "topk2", "mask", "dense"}:
     raise ImportError(f"codec registry is inconsistent: {sorted(CODECS)}")
 
 
@@ -324,7 +474,10 @@ def compress(
     target = {}
     for name, t in delta.items():
         t = t.detach().float()
-        target[name] = t + ef.residual[name].to(t.device) if name in ef.residual else t.clone()
+        if name in ef.residual:  # e <- decay * e + delta (decay 1: plain error feedback)
+            target[name] = t + ctx.ef_decay * ef.residual[name].to(t.device)
+        else:
+            target[name] = t.clone()
     wire = codec.encode(target, ctx)
     sent = codec.decode(wire, ctx, {n: tuple(t.shape) for n, t in target.items()})
     for name, part in sent.items():

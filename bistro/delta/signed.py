@@ -298,6 +298,15 @@ def unpack_signed(
     `expect` names document fields that must hold given values (netuid, window -> wrong_*;
     any field mentioning "master" -> wrong_master; others -> bad_header).
     """
+    header, entries = check_signed(blob, signer=signer, max_bytes=max_bytes, expect=expect)
+    return header.doc, load_tensors(blob, entries)
+
+
+def check_signed(
+    blob: bytes, *, signer: str, max_bytes: int, expect: dict[str, Any] | None = None
+) -> tuple[Header, dict[str, Entry]]:
+    """Every check of `unpack_signed` (header, signature, expected fields, entries, tensor hash),
+    loading no tensor: what `tensor_views` then reads from."""
     header = read_header(blob, max_bytes)
     doc = header.doc
     for key in RESERVED:
@@ -319,4 +328,26 @@ def unpack_signed(
             raise SignedObjectError(reason, f"{key} is {doc.get(key)!r}, expected {value!r}")
     entries = check_entries(blob, header, None)
     verify_hash(blob, header, entries)
-    return doc, load_tensors(blob, entries)
+    return header, entries
+
+
+def tensor_views(blob: bytes, header: Header, entries: dict[str, Entry]) -> dict[str, Tensor]:
+    """The tensors of a checked blob as read-only views of its bytes (no copy: a 7B checkpoint is
+    not held twice); float tensors must be finite (else non_finite). Never write into them."""
+    import warnings
+
+    out: dict[str, Tensor] = {}
+    for name, e in entries.items():
+        count = math.prod(e.shape)
+        if count == 0:
+            out[name] = torch.empty(e.shape, dtype=e.dtype)
+            continue
+        with warnings.catch_warnings():  # bytes are immutable: torch warns that the view is read-only
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(blob, dtype=e.dtype, count=count, offset=header.data_start + e.begin)
+        t = t.view(e.shape)
+        # max and min propagate NaN and keep ±Inf, without a tensor-sized temporary
+        if t.is_floating_point() and not bool(torch.isfinite(torch.stack([t.amax(), t.amin()])).all()):
+            raise SignedObjectError(Reason.non_finite, f"{name} holds NaN or Inf")
+        out[name] = t
+    return out

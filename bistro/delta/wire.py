@@ -13,13 +13,13 @@ of the blob's size whatever the header claims.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 from .. import protocol
 from .apply import delta_norm
-from .codec import CODECS, BadTensors, CodecContext, Delta, Shapes
+from .codec import CODECS, BadTensors, CodecContext, Delta, NonFiniteValues, Shapes, codec_context
 from .signed import (
     Reason,
     SignedObjectError,
@@ -33,7 +33,12 @@ from .signed import (
     write_signed,
 )
 
-__all__ = ["DecodedDelta", "DeltaRejected", "Expectation", "Reason", "decode_delta", "encode_delta"]
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = [
+    "DecodedDelta", "DeltaRejected", "Expectation", "Reason", "decode_delta", "encode_delta", "expectation",
+]  # fmt: skip
 
 DOC_FIELDS: dict[str, type] = {
     "version": int,
@@ -154,9 +159,22 @@ def decode_delta(blob: bytes, exp: Expectation) -> DecodedDelta:
         delta = codec.decode(tensors, exp.ctx, exp.shapes)
     except SignedObjectError as e:
         raise DeltaRejected(e.reason, e.detail) from e
+    except NonFiniteValues as e:
+        raise DeltaRejected(Reason.non_finite, str(e)) from e
     except BadTensors as e:
         raise DeltaRejected(Reason.bad_tensors, str(e)) from e
     norm = delta_norm(delta)
     if not norm <= exp.max_norm:  # also refuses a NaN norm
         raise DeltaRejected(Reason.norm_too_large, f"norm {norm:.4g} > {exp.max_norm}")
     return DecodedDelta(header=header.doc, delta=delta, norm=norm)
+
+
+def expectation(
+    settings: Settings, window: int, hotkey: str, master_hash: str, shapes: Shapes
+) -> Expectation:
+    """What a valid delta from `hotkey` for `window` must be, under `settings`."""
+    m = settings.mechanism
+    return Expectation(
+        netuid=settings.chain.netuid, window=window, hotkey=hotkey, master_hash=master_hash, codec=m.codec,
+        ctx=codec_context(settings, window), shapes=shapes, max_bytes=m.max_delta_bytes, max_norm=m.max_delta_norm,
+    )  # fmt: skip

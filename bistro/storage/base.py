@@ -6,6 +6,7 @@ bucket, atomic writes) and `s3.py` (any S3 API through boto3).
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,6 +14,20 @@ from datetime import datetime
 
 class StorageError(Exception):
     """The store could not answer (after retries): network, throttling, server errors."""
+
+
+class PeerTimeout(TimeoutError):
+    """The object did not arrive whole before the caller's deadline (the read was abandoned)."""
+
+
+def check_deadline(deadline: float | None, what: str) -> float | None:
+    """Seconds left before `deadline` (None: no deadline); PeerTimeout once it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PeerTimeout(f"{what}: deadline passed")
+    return left
 
 
 class NotFound(Exception):
@@ -47,8 +62,9 @@ class Store(ABC):
         """Write `data` at `key`, whole or not at all."""
 
     @abstractmethod
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        """The object at `key`. Raises NotFound, TooLarge (before reading the body), StorageError."""
+    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        """The object at `key`. Raises NotFound, TooLarge (before reading the body), StorageError,
+        and PeerTimeout when it cannot finish by `deadline` (an absolute `time.monotonic()`)."""
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo | None:

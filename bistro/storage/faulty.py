@@ -9,7 +9,7 @@ import random
 import threading
 import time
 
-from .base import ObjectInfo, StorageError, Store
+from .base import ObjectInfo, StorageError, Store, check_deadline
 
 
 class FaultyStore(Store):
@@ -27,14 +27,17 @@ class FaultyStore(Store):
         self._lock = threading.Lock()
         self.calls = self.failures = 0
 
-    def _maybe_fail(self, op: str, key: str) -> None:
+    def _maybe_fail(self, op: str, key: str, deadline: float | None = None) -> None:
         with self._lock:
             self.calls += 1
             fail = self._rng.random() < self.fail_rate
             wait = self.delay > 0 and self._rng.random() < self.delay_rate
             self.failures += fail
         if wait:
-            time.sleep(self.delay)
+            # a real store's bounded read: it waits no longer than the caller's deadline
+            left = check_deadline(deadline, f"{op} {self.bucket}/{key}")
+            time.sleep(self.delay if left is None else min(self.delay, left))
+            check_deadline(deadline, f"{op} {self.bucket}/{key}")
         if fail:
             raise StorageError(f"{op} {self.bucket}/{key}: injected fault")
 
@@ -42,9 +45,9 @@ class FaultyStore(Store):
         self._maybe_fail("put", key)
         self.inner.put(key, data)
 
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        self._maybe_fail("get", key)
-        return self.inner.get(key, max_bytes=max_bytes)
+    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        self._maybe_fail("get", key, deadline)
+        return self.inner.get(key, max_bytes=max_bytes, deadline=deadline)
 
     def head(self, key: str) -> ObjectInfo | None:
         self._maybe_fail("head", key)

@@ -1,60 +1,60 @@
-"""Fetch many keys from many buckets at once: what arrived, and why the rest did not.
+"""Fetch many keys from many buckets at once, all under one deadline: what arrived, and why not.
 
-A validator downloads one delta per uid each window. Each fetch runs in a worker thread with its own
-deadline (`timeout` seconds from when it starts) and size limit; one slow, huge or missing object
-never stops the others. A fetch that passes its deadline is reported as `TimeoutError` and left to
-finish in its (daemon) thread, which the store's own socket timeouts end.
+A validator downloads one delta per uid each window. Every fetch starts at once, in its own thread,
+and all share ONE absolute deadline (`time.monotonic()`), whatever their number or order: a slow
+peer cannot make a fast one wait for a free worker, and 64 peers that trickle bytes or hang cost
+the window the deadline, not 64 timeouts. `gather` returns by the deadline (plus `GRACE`); what has
+not arrived by then is `PeerTimeout`.
+
+Abandoning a thread is not a deadline (a blocked read cannot be cancelled), so each store's `get`
+bounds its own reads by the same deadline (the peer reader in `peer.py` sets every connect and recv
+to the time left): the threads end with the deadline too, none keeps reading after it.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Sequence
 
-from .base import Store
+from .base import PeerTimeout, Store
+
+GRACE = 0.25
+"""Seconds past the deadline that `gather` waits for reads finishing at the deadline itself."""
 
 
 def gather(
-    items: Sequence[tuple[Store, str]], *, max_bytes: int, timeout: float, workers: int = 16
+    items: Sequence[tuple[Store, str]], *, max_bytes: int, deadline: float
 ) -> list[bytes | BaseException]:
     """One entry per (store, key), in order: the bytes, or NotFound, TooLarge, StorageError,
-    TimeoutError (or whatever else that one fetch raised). Never raises for one item."""
+    PeerTimeout, BadCommitment (or whatever else that one fetch raised). Never raises for one item.
+    `deadline` is absolute (`time.monotonic()`), shared by every item."""
     n = len(items)
     results: list[bytes | BaseException | None] = [None] * n
-    started: list[float | None] = [None] * n
-    todo: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(n):
-        todo.put(i)
     done = threading.Condition()
 
-    def work() -> None:
-        while True:
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            with done:
-                started[i] = time.monotonic()
-            store, key = items[i]
-            try:
-                out: bytes | BaseException = store.get(key, max_bytes=max_bytes)
-            except Exception as e:  # noqa: BLE001 -- not hidden: it is this item's answer to the caller
-                out = e
-            with done:
-                if results[i] is None:  # not already timed out
-                    results[i] = out
-                done.notify_all()
+    def work(i: int) -> None:
+        store, key = items[i]
+        try:
+            out: bytes | BaseException = store.get(key, max_bytes=max_bytes, deadline=deadline)
+        except Exception as e:  # noqa: BLE001 -- not hidden: it is this item's answer to the caller
+            out = e
+        with done:
+            if results[i] is None:  # not already timed out
+                results[i] = out
+            done.notify_all()
 
-    for _ in range(min(workers, n)):
-        threading.Thread(target=work, daemon=True, name="gather").start()
+    # one thread per item (the caller bounds the count: at most max_uids_per_window), all started now
+    for i in range(n):
+        threading.Thread(target=work, args=(i,), daemon=True, name=f"gather-{i}").start()
     with done:
         while any(r is None for r in results):
-            now = time.monotonic()
-            for i, t0 in enumerate(started):
-                if results[i] is None and t0 is not None and now - t0 >= timeout:
-                    store, key = items[i]
-                    results[i] = TimeoutError(f"{store.bucket}/{key}: no answer in {timeout:g} s")
-            done.wait(0.05)
+            left = deadline + GRACE - time.monotonic()
+            if left <= 0:
+                break
+            done.wait(left)
+        for i, r in enumerate(results):
+            if r is None:
+                store, key = items[i]
+                results[i] = PeerTimeout(f"{store.bucket}/{key}: not whole by the deadline")
     return [r for r in results if r is not None]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .base import NotFound, ObjectInfo, StorageError, Store, TooLarge
+from ..atomicfile import write_atomic
+from .base import NotFound, ObjectInfo, StorageError, Store, TooLarge, check_deadline
 
 TEMP_PREFIX = ".bistro-tmp-"
 """Temp files start with this; keys whose segments start with it are refused, so none collide."""
@@ -50,31 +50,6 @@ def check_bucket_name(bucket: str) -> str:
     return bucket
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_temp(directory: Path, data: bytes) -> Path:
-    """A fully written, fsynced temp file in `directory`."""
-    tmp = directory / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
 class LocalStore(Store):
     """One bucket directory under `<root>/buckets/`."""
 
@@ -90,48 +65,49 @@ class LocalStore(Store):
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        # 1. a concurrent delete may remove the (empty) parent between mkdir and the temp file
+        # a concurrent delete may remove the (empty) parent directory under us: try again
         for attempt in range(3):
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = _write_temp(path.parent, data)
-                break
+                write_atomic(path, data, temp_prefix=TEMP_PREFIX)
+                return
             except FileNotFoundError:
                 if attempt == 2:
                     raise StorageError(f"put {self.bucket}/{key}: directory vanished") from None
             except (NotADirectoryError, FileExistsError) as e:
                 raise StorageError(f"put {self.bucket}/{key}: a key is in the way: {e}") from None
-        # 2. rename over the key (atomic on POSIX), then make the rename itself durable
-        try:
-            os.replace(tmp, path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise StorageError(f"put {self.bucket}/{key}: {e.strerror}") from None
-        _fsync_dir(path.parent)
+            except OSError as e:
+                raise StorageError(f"put {self.bucket}/{key}: {e.strerror}") from None
 
     def _inside(self, path: Path) -> bool:
         """Whether `path`, symlinks resolved, stays in the bucket: a bucket's owner may plant a
         symlink to another bucket or to the reader's own files (its wallet), which we never read."""
         return os.path.realpath(path).startswith(os.path.realpath(self.dir) + os.sep)
 
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        check_deadline(deadline, f"get {self.bucket}/{key}")
         path = self._path(key)
-        if not self._inside(path):
-            raise NotFound(f"{self.bucket}/{key}")
         try:
+            if not self._inside(path):
+                raise NotFound(f"{self.bucket}/{key}")
             # O_NONBLOCK: opening a FIFO planted at the key would otherwise block until a writer comes
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"{self.bucket}/{key}") from None
+        except OSError as e:  # a symlink loop (ELOOP), a key we may not read: the bucket owner's doing
+            raise StorageError(f"get {self.bucket}/{key}: {e.strerror or type(e).__name__}") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):  # a directory or FIFO: fdopen would raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):  # a directory, FIFO or device planted at the key
             os.close(fd)
-            raise NotFound(f"{self.bucket}/{key}")
+            raise StorageError(f"get {self.bucket}/{key}: not a regular file")
         with os.fdopen(fd, "rb") as f:
             # the size of the very file we opened, checked before one byte is read
             if max_bytes is not None and st.st_size > max_bytes:
                 raise TooLarge(key, st.st_size, max_bytes)
-            return f.read()
+            # a file that grows while we read (its owner appending) is cut at max_bytes + 1
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise TooLarge(key, len(data), max_bytes)
+        return data
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)

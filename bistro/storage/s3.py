@@ -1,8 +1,8 @@
 """A bucket on any S3 API (AWS S3, Cloudflare R2, MinIO, a loopback moto server) through boto3.
 
 Credentials come from boto3's standard chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
-`AWS_PROFILE`, `~/.aws/credentials`, instance roles), then from a `.env` file in the working directory. When there are none, or `anonymous=True`,
-requests go unsigned, which is how a validator reads another uid's public-read bucket.
+`AWS_PROFILE`, `~/.aws/credentials`, instance roles), then from a `.env` file in the working
+directory. When there are none, or `anonymous=True`, requests go unsigned.
 
 What this adds to a bare boto3 client, and why:
 - Our own retry loop (exponential backoff, full jitter, `storage.retries`) on throttling, 5xx,
@@ -32,10 +32,14 @@ the miner's own credentials (an IAM user or role with s3:PutObject/s3:DeleteObje
 Never give the public s3:PutObject.
 
 Cloudflare R2: endpoint `https://<account_id>.r2.cloudflarestorage.com`, region `auto`, keys from an
-R2 API token in `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`; commit `https://<account_id>.r2.
-cloudflarestorage.com/<bucket>` so others find it. R2's S3 API always wants a signature: public
-reads go through the bucket's r2.dev subdomain or a custom domain (plain HTTPS GETs), or validators
-use an R2 read-only token. MinIO: its URL as the endpoint, path style.
+R2 API token in `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (the miner's own, read-write). R2's S3
+API refuses unsigned reads, so do not commit the bare endpoint: publish a public URL
+(`storage.public_url`, r2.dev or a custom domain) or a read-only token (`storage.read_key_id` /
+`read_secret`), and `bucket_commitment` commits that (steps: `bistro/storage/__init__.py`).
+MinIO: its URL as the endpoint, path style.
+
+This module is for a node's OWN bucket. Peers' buckets are read by `peer.py` (bounded, unsigned or
+signed with the peer's published read key), never with these clients and our credentials.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from botocore.config import Config
 from dotenv import dotenv_values
 
 from ..config import StorageConfig
-from .base import NotFound, ObjectInfo, StorageError, Store, TooLarge
+from .base import NotFound, ObjectInfo, StorageError, Store, TooLarge, check_deadline
 
 log = logging.getLogger("bistro.storage.s3")
 
@@ -114,9 +118,11 @@ def _classify(e: BaseException) -> tuple[str, str]:
     return "fail", f"{type(e).__name__}: {e}"
 
 
-def retrying(what: str, retries: int, fn: Callable[[], T]) -> T:
-    """`fn()`, retried on transient failures. NotFound for 404; StorageError when it gives up."""
+def retrying(what: str, retries: int, fn: Callable[[], T], deadline: float | None = None) -> T:
+    """`fn()`, retried on transient failures. NotFound for 404; StorageError when it gives up;
+    PeerTimeout when `deadline` (absolute, monotonic) passes before an attempt or a backoff ends."""
     for attempt in range(retries + 1):
+        check_deadline(deadline, what)
         try:
             return fn()
         except (bce.BotoCoreError, bce.ClientError, OSError) as e:
@@ -128,7 +134,9 @@ def retrying(what: str, retries: int, fn: Callable[[], T]) -> T:
                     f"{what}: {reason}" + (f" (after {attempt} retries)" if attempt else "")
                 ) from None
             log.warning("retry %d/%d %s: %s", attempt + 1, retries, what, reason)
-            time.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+            pause = random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt))
+            left = check_deadline(deadline, what)
+            time.sleep(pause if left is None else min(pause, left))
     raise AssertionError("unreachable")
 
 
@@ -173,12 +181,20 @@ def _client(
         return _session().client("s3", endpoint_url=endpoint, config=config)
 
 
-def _total_size(r: dict[str, Any]) -> int:
-    """The whole object's size from a (ranged) GetObject response: `bytes 0-99/1234` -> 1234."""
+def _total_size(r: dict[str, Any], what: str) -> int:
+    """The whole object's size from a (ranged) GetObject response: `bytes 0-99/1234` -> 1234.
+    A size the server does not state (`bytes 0-9/*`) or garbles is a StorageError."""
     content_range = r.get("ContentRange")
-    if content_range and "/" in content_range:
-        return int(content_range.rsplit("/", 1)[1])
-    return int(r["ContentLength"])
+    try:
+        if content_range:
+            size = int(content_range.rsplit("/", 1)[1])
+        else:
+            size = int(r["ContentLength"])
+    except (KeyError, ValueError, IndexError):
+        raise StorageError(f"{what}: no usable size (Content-Range {content_range!r})") from None
+    if size < 0:
+        raise StorageError(f"{what}: negative size")
+    return size
 
 
 def public_read_policy(bucket: str, *, listing: bool = True) -> str:
@@ -278,8 +294,11 @@ class S3Store(Store):
 
     # -- get ------------------------------------------------------------------------------------
 
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        return self._retry("get", key, lambda: self._get_once(key, max_bytes))
+    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        """Our own bucket's object (signed with our keys): peers are read through `peer.py`.
+        `deadline` is checked between attempts; one attempt is bounded by `storage.timeout`."""
+        what = f"get {self.bucket}/{key}"
+        return retrying(what, self.cfg.retries, lambda: self._get_once(key, max_bytes), deadline)
 
     def _get_once(self, key: str, max_bytes: int | None) -> bytes:
         # 1. ask for the first `multipart_threshold` bytes: small objects come whole, large ones
@@ -291,7 +310,12 @@ class S3Store(Store):
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 416:
                 raise
             r = self.client.get_object(Bucket=self.bucket, Key=key)  # an empty object has no range
-        body, size = r["Body"], _total_size(r)
+        body = r["Body"]
+        try:
+            size = _total_size(r, f"get {self.bucket}/{key}")
+        except StorageError:
+            body.close()
+            raise
         if max_bytes is not None and size > max_bytes:
             body.close()  # drops the connection instead of draining the body
             raise TooLarge(key, size, max_bytes)
@@ -343,7 +367,11 @@ class S3Store(Store):
             r = self._retry("head", key, lambda: self.client.head_object(Bucket=self.bucket, Key=key))
         except NotFound:
             return None
-        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].astimezone(UTC))
+        try:
+            return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"].astimezone(UTC))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            # a server that omits Last-Modified (or sends garbage) answered nonsense: its fault
+            raise StorageError(f"head {self.bucket}/{key}: no Content-Length or Last-Modified") from None
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
@@ -364,8 +392,10 @@ class S3Store(Store):
         except NotFound:
             pass
 
-    def create_bucket(self) -> None:
-        """Create the bucket (tests, localnet, first run against MinIO); an existing one is fine."""
+    def create_bucket(self, *, public_read: bool = False) -> None:
+        """Create the bucket (tests, localnet, first run against MinIO); an existing one is fine.
+        `public_read` also applies `public_read_policy(bucket, listing=False)`: peers read a bucket
+        unsigned (`open_peer_store`), so a localnet on an S3 server needs it."""
         kw: dict[str, Any] = {"Bucket": self.bucket}
         if self.region not in ("us-east-1", "auto"):
             kw["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
@@ -374,3 +404,10 @@ class S3Store(Store):
         except StorageError as e:
             if "BucketAlreadyOwnedByYou" not in str(e) and "BucketAlreadyExists" not in str(e):
                 raise
+        if public_read:
+            policy = public_read_policy(self.bucket, listing=False)
+            self._retry(
+                "put bucket policy",
+                "",
+                lambda: self.client.put_bucket_policy(Bucket=self.bucket, Policy=policy),
+            )

@@ -3,23 +3,40 @@
 In-process: `start_s3_server()` runs it in a thread. As its own process:
 `python -m bistro.storage.s3server --port N` prints its URL on one line of stdout once it accepts
 connections, then serves until killed (SIGTERM or SIGINT).
+
+moto is an optional extra (`pip install 'bistro[s3sim]'`): a real deployment talks to a real S3
+API and does not need it; `bistro localnet --storage s3` and `bistro bench storage` do.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import sys
 import threading
 
-from moto.server import ThreadedMotoServer
+S3SIM_HINT = "pip install 'bistro[s3sim]'"
+
+
+class S3SimUnavailable(RuntimeError):
+    """moto, which serves the loopback S3 endpoint, is not installed; the message names the extra."""
+
+
+def require_moto() -> None:
+    """Raise `S3SimUnavailable` (naming the extra to install) unless moto's server can be imported."""
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        raise S3SimUnavailable(f"the loopback S3 server needs moto's server mode: {S3SIM_HINT}")
 
 
 class S3Server:
     """A running moto server; `.url` is its endpoint."""
 
     def __init__(self, host: str, port: int) -> None:
+        require_moto()
+        from moto.server import ThreadedMotoServer
+
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per request
         self._server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
         self._server.start()
@@ -40,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    server = start_s3_server(args.host, args.port)
+    try:
+        server = start_s3_server(args.host, args.port)
+    except S3SimUnavailable as e:
+        print(e, file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,386 @@
+"""`bistro bench learning [--ablation]`: does the network learn nearly as much as one machine would?
+
+Three arms from the same initial model (`build_model(settings.model, seed)`) on the same tokens:
+
+- **network**: N miners (`SimMiner`: a persistent `Trainer` each, AdamW state kept across windows)
+  train S steps a window from the master on their own pages; Δ = trained − master; `compress` with
+  error feedback (the codec of `settings.mechanism`); `encode_delta` signed by a real hotkey; the
+  validator `decode_delta`s, `drop_copies`, `Evaluator.score`s (incentive = the previous window's
+  weights), `Evaluator.propose_update`s (merge rule and acceptance test of production) and
+  `master.apply_update`s. The production, synchronous schedule: deltas of window w go into θ_w.
+- **sequential**: one `Trainer` steps through exactly the miners' batches, interleaved, N×S steps
+  of one miner's batch size a window: `learning_efficiency`.
+- **ddp**: one `Trainer` with N× the batch, S steps a window, step j being the N miners' step-j
+  batches, the same learning-rate schedule as a miner: `learning_efficiency_ddp`.
+
+Every arm's held-out loss is measured after every window, on pages of the whole corpus that no
+miner trains on in the run. Efficiency = (loss drop of the network) / (loss drop of a baseline),
+both read at the **read-out window** of that baseline: the last window w at which the baseline still
+learns, i.e. its drop over the last quarter of windows 0..w is at least `STILL_LEARNS` (10%) of its
+whole drop over 0..w. A ratio of drops taken after the baseline has flattened says little: the
+network catches up while the baseline stands still. `baseline_last_quarter_fraction` is that
+fraction for the whole run. `tokens_efficiency`: tokens the sequential baseline needed to reach the
+network's loss at the read-out window (linear between windows), over the tokens the network used.
+
+All arms warm the learning rate up over `min(train.warmup_steps, S)` steps: a warm-up longer than a
+miner's first window would hand the baselines (N× the steps a window) a head start that says nothing
+about the mechanism.
+
+`--ablation` runs the network arm once more per row of `ABLATIONS`, each changing one setting from
+the default, on the same plan and the same baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import scoring
+from ..config import Settings, replace
+from ..data import Dataset
+from ..data.pages import local_pages
+from ..delta import Delta, to_dense
+from ..evaluator import Evaluator
+from ..master import apply_update
+from ..model import build_model, model_hash, state_tensors
+from ..training import Trainer
+from .common import Plan, SimMiner, block_hash, clone
+from .common import row as _row
+from .mechanism import batches, decode_all, held_out_pages
+
+log = logging.getLogger("bistro.bench.learning")
+
+Params = dict[str, torch.Tensor]
+
+STILL_LEARNS = 0.1
+"""A baseline still learns at window w if its drop over the last quarter of 0..w is at least this
+fraction of its drop over 0..w."""
+TARGETS = {"learning_efficiency": 0.8, "learning_efficiency_ddp": 0.95, "tokens_efficiency": 0.5,
+           "compression_ratio": 146.0}  # fmt: skip
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "merge sum": {"overrides": {"mechanism.merge": "sum"}},
+    "plain error feedback": {"overrides": {"mechanism.ef_decay": 1.0}},
+    "topk 8-bit 1/100": {"overrides": {"mechanism.codec": "topk", "mechanism.compression": 100.0}},
+    "outer nesterov 0.7/0.9": {"outer": (0.7, 0.9)},
+    "acceptance test off": {"accept_all": True},
+    "dense": {"overrides": {"mechanism.codec": "dense"}},
+    "pipelined": {"pipelined": True},
+    "v1 design: topk 1/100, sum, plain ef": {
+        "overrides": {
+            "mechanism.codec": "topk",
+            "mechanism.compression": 100.0,
+            "mechanism.merge": "sum",
+            "mechanism.ef_decay": 1.0,
+        }
+    },
+}
+"""Ablation rows: label -> the one setting (dotted path) or bench option it changes."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of running the network: setting overrides plus bench-only options."""
+
+    label: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    accept_all: bool = False
+    """Apply the proposed update even when the acceptance test refuses it."""
+    pipelined: bool = False
+    """Score and merge the deltas of window w into θ_{w+1} (miners never wait; not production)."""
+    outer: tuple[float, float] | None = None
+    """(lr, momentum) of a Nesterov outer step on the master (DiLoCo), applied to each accepted update
+    U as to a negative pseudo-gradient: v <- mu v + U; θ <- θ + lr (U + mu v). Not production."""
+
+
+def plan_for(settings: Settings, quick: bool) -> Plan:
+    if quick:
+        return Plan(miners=2, windows=3, steps=2, held_out=2)
+    # 4 miners x 5 steps x 48 windows. Measured with one thread (a 6-window run): 4.5 / 6.0 / 6.8 s of
+    # CPU a window for sequential / ddp / network, so ~14 min of CPU for the suite (docs/performance.md).
+    return Plan(miners=4, windows=48, steps=5, held_out=8)
+
+
+def bench_settings(settings: Settings, plan: Plan) -> Settings:
+    """The plan's steps a window, and a warm-up no longer than one miner window."""
+    warmup = min(settings.train.warmup_steps, plan.steps)
+    return replace(settings, **{"train.steps_per_window": plan.steps, "train.warmup_steps": warmup})
+
+
+def _loss(evaluator: Evaluator, params: Params, held: torch.Tensor) -> float:
+    evaluator.set_params(params)
+    return evaluator.loss(held)
+
+
+def window_batches(settings: Settings, dataset: Dataset, plan: Plan, window: int) -> torch.Tensor:
+    """[N, S, batch, L]: the rows miner i steps through in window w (what `Trainer.train` cycles)."""
+    bs, netuid, ps = settings.train.batch_size, settings.chain.netuid, dataset.page_settings
+    return torch.stack([
+        batches(dataset.sequences(local_pages(netuid, uid, window, ps)), plan.steps, bs)
+        for uid in range(plan.miners)
+    ])  # fmt: skip
+
+
+# --- baselines -------------------------------------------------------------------------------------
+
+
+def sequential(settings: Settings, dataset: Dataset, plan: Plan, evaluator: Evaluator,
+               held: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """One Trainer on the miners' batches, interleaved (step j of miner i is step j*N + i)."""
+    model = build_model(settings.model, seed=settings.model.seed)
+    trainer = Trainer(model, settings.train, settings.device)
+    return _baseline(
+        "sequential", settings, dataset, plan, evaluator, held, trainer, plan.miners * plan.steps
+    )
+
+
+def ddp(settings: Settings, dataset: Dataset, plan: Plan, evaluator: Evaluator,
+        held: torch.Tensor) -> dict[str, Any]:  # fmt: skip
+    """One Trainer with N× the batch, S steps a window: each step averages the N miners' step-j
+    gradients, as data-parallel training over N machines would."""
+    big = replace(settings, **{"train.batch_size": plan.miners * settings.train.batch_size})
+    model = build_model(settings.model, seed=settings.model.seed)
+    trainer = Trainer(model, big.train, settings.device)
+    return _baseline("ddp", settings, dataset, plan, evaluator, held, trainer, plan.steps)
+
+
+def _baseline(name: str, settings: Settings, dataset: Dataset, plan: Plan, evaluator: Evaluator,
+              held: torch.Tensor, trainer: Trainer, steps: int) -> dict[str, Any]:  # fmt: skip
+    """`steps` optimizer steps a window over the N miners' batches, step j's side by side."""
+    params = state_tensors(trainer.model)
+    curve = [_loss(evaluator, params, held)]
+    start = time.process_time()
+    for w in range(plan.windows):
+        b = window_batches(settings, dataset, plan, w)  # [N, S, bs, L]
+        trainer.train(
+            b.transpose(0, 1).reshape(-1, b.shape[-1]), steps
+        )  # [S*N*bs, L], step j's rows together
+        curve.append(_loss(evaluator, params, held))
+        log.info("%s window %d/%d: held-out loss %.4f", name, w + 1, plan.windows, curve[-1])
+    return {"curve": curve, "cpu_seconds": time.process_time() - start}
+
+
+# --- the network -----------------------------------------------------------------------------------
+
+
+def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor, arm: Arm) -> dict[str, Any]:
+    """N miners and one validator; the held-out loss of the master after each window."""
+    s = replace(settings, **arm.overrides) if arm.overrides else settings
+    m = s.mechanism
+    evaluator = Evaluator(s, build_model(s.model, seed=s.model.seed).to(s.device).eval(), dataset)
+    master = clone(evaluator.params)  # θ_w: what miners train from
+    following = clone(master)  # θ_{w+1}: where pipelined deltas go
+    miners = [SimMiner(s, dataset, uid) for uid in range(plan.miners)]
+    weights: dict[int, float] = {}
+    averages: dict[int, float] = {}
+    curve = [_loss(evaluator, master, held)]
+    wire, refused, refused_good = [], 0, 0
+    momentum: Params = {}
+    start = time.process_time()
+    for w in range(plan.windows):
+        digest = model_hash(master)
+        blobs = {mi.uid: (mi.keypair.ss58_address, mi.produce(w, master, digest)) for mi in miners}
+        wire += [len(b) for _, b in blobs.values()]
+        verdicts = decode_all(s, evaluator.shapes, w, digest, blobs)
+        target = following if arm.pipelined else master
+        evaluator.drop_copies(verdicts, w, block_hash(w), target)
+        base, global_seqs = evaluator.score(w, block_hash(w), target, verdicts, weights)
+        update, _ = evaluator.propose_update(target, verdicts, base, global_seqs)
+        if update is None and evaluator.refused is not None:
+            refused += 1
+            trial = clone(target)
+            apply_update(trial, evaluator.refused)
+            refused_good += int(_loss(evaluator, trial, held) < _loss(evaluator, target, held))
+            if arm.accept_all:
+                update = evaluator.refused
+        if arm.pipelined:
+            master = clone(following)
+        if update is not None and arm.outer is not None:
+            update = outer_step(update, momentum, evaluator.shapes, *arm.outer)
+        if update is not None:
+            apply_update(target, update)
+        scores = {uid: v.score for uid, v in verdicts.items()}
+        averages = scoring.update_averages(averages, scores, scores, m.ma_alpha)
+        weights = scoring.weights_from_averages(averages, m.temperature, m.eligibility)
+        curve.append(_loss(evaluator, target, held))  # the master holding every update so far
+        log.info("%s window %d/%d: held-out loss %.4f, update %s", arm.label, w + 1, plan.windows, curve[-1],
+                 "applied" if update is not None else "refused")  # fmt: skip
+    params = sum(p.numel() for p in master.values())
+    mean_bytes = statistics.mean(wire)
+    return {
+        "curve": curve, "wire_bytes": mean_bytes, "ratio": 4 * params / mean_bytes,
+        "refused_updates": refused, "refused_good_updates": refused_good,
+        "cpu_seconds": time.process_time() - start,
+    }  # fmt: skip
+
+
+def outer_step(update: Delta, momentum: Params, shapes: dict, lr: float, mu: float) -> Delta:
+    """DiLoCo's Nesterov outer step on a merged update (dense): v <- mu v + U; step = lr (U + mu v)."""
+    dense = to_dense(update, shapes)
+    for name, u in dense.items():
+        v = momentum.setdefault(name, torch.zeros_like(u))
+        v.mul_(mu).add_(u)
+        dense[name] = lr * (u + mu * v)
+    return dense
+
+
+# --- read-out --------------------------------------------------------------------------------------
+
+
+def last_quarter_fraction(curve: list[float], upto: int) -> float:
+    """The baseline's drop over the last quarter of windows 0..upto, over its drop over 0..upto."""
+    whole = curve[0] - curve[upto]
+    if whole <= 0:
+        return 0.0
+    return (curve[upto - upto // 4] - curve[upto]) / whole if upto >= 4 else 1.0
+
+
+def readout_window(curve: list[float]) -> int:
+    """The last window at which the baseline still learns (`STILL_LEARNS`); at least 4."""
+    windows = len(curve) - 1
+    for w in range(windows, 0, -1):
+        if last_quarter_fraction(curve, w) >= STILL_LEARNS:
+            return w
+    return min(windows, 4)
+
+
+def efficiency(net: list[float], base: list[float], at: int) -> float:
+    drop = base[0] - base[at]
+    return (net[0] - net[at]) / drop if drop > 0 else float("nan")
+
+
+def tokens_efficiency(net: list[float], base: list[float], at: int) -> float | None:
+    """Windows of the baseline needed to reach the network's loss at `at` (linear between windows),
+    over `at`: with the same tokens a window, the ratio of tokens. None if the baseline never got
+    that low in the run."""
+    target = net[at]
+    for j in range(1, len(base)):
+        if base[j] <= target:
+            frac = (base[j - 1] - target) / (base[j - 1] - base[j])
+            return (j - 1 + max(0.0, frac)) / at
+    return None
+
+
+def summarize(net: dict[str, Any], seq: list[float], dp: list[float]) -> dict[str, Any]:
+    curve = net["curve"]
+    at_seq, at_ddp = readout_window(seq), readout_window(dp)
+    last = len(curve) - 1
+    return {
+        "learning_efficiency": efficiency(curve, seq, at_seq),
+        "learning_efficiency_ddp": efficiency(curve, dp, at_ddp),
+        "tokens_efficiency": tokens_efficiency(curve, seq, at_seq),
+        "tokens_efficiency_ddp": tokens_efficiency(curve, dp, at_ddp),
+        "readout_window": at_seq, "readout_window_ddp": at_ddp,
+        "learning_efficiency_final": efficiency(curve, seq, last),
+        "learning_efficiency_ddp_final": efficiency(curve, dp, last),
+        "tokens_efficiency_final": tokens_efficiency(curve, seq, last),
+    }  # fmt: skip
+
+
+# --- the suite -------------------------------------------------------------------------------------
+
+
+def learning(settings: Settings, plan: Plan, arms: list[Arm]) -> dict[str, Any]:
+    dataset = Dataset.open(settings)
+    s = bench_settings(settings, plan)
+    held_pages = held_out_pages(s, dataset, plan)
+    held = dataset.sequences(held_pages)
+    log.info("learning: %d miners x %d windows x %d steps, warm-up %d; %d held-out pages (%d sequences)",
+             plan.miners, plan.windows, plan.steps, s.train.warmup_steps, len(held_pages), len(held))  # fmt: skip
+    evaluator = Evaluator(s, build_model(s.model, seed=s.model.seed).eval(), dataset)
+    seq = sequential(s, dataset, plan, evaluator, held)
+    dp = ddp(s, dataset, plan, evaluator, held)
+    out: dict[str, Any] = {}
+    for arm in arms:
+        net = network(s, dataset, plan, held, arm)
+        net.update(summarize(net, seq["curve"], dp["curve"]))
+        out[arm.label] = net
+        log.info("%s: efficiency %.3f (ddp %.3f), tokens %s, ratio %.1fx", arm.label, net["learning_efficiency"],
+                 net["learning_efficiency_ddp"], net["tokens_efficiency"], net["ratio"])  # fmt: skip
+    return {
+        "miners": plan.miners, "windows": plan.windows, "steps_per_window": plan.steps,
+        "warmup_steps": s.train.warmup_steps, "held_out_pages": held_pages,
+        "baseline_last_quarter_fraction": last_quarter_fraction(seq["curve"], plan.windows),
+        "baseline_last_quarter_fraction_ddp": last_quarter_fraction(dp["curve"], plan.windows),
+        "sequential": seq, "ddp": dp, "arms": out,
+    }  # fmt: skip
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    """Held-out loss of every arm per window, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ax.plot(result["sequential"]["curve"], label="sequential (N×S steps)", color="black", lw=2)
+    ax.plot(result["ddp"]["curve"], label="data parallel (N× batch)", color="gray", lw=2, ls="--")
+    for label, arm in result["arms"].items():
+        ax.plot(arm["curve"], label=f"network: {label} ({arm['ratio']:.0f}x)", lw=1.2)
+    ax.set_xlabel("window")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title(f"{result['miners']} miners x {result['steps_per_window']} steps a window")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(settings: Settings, *, quick: bool, ablation: bool = False) -> dict:
+    plan = plan_for(settings, quick)
+    arms = [Arm("default")]
+    if ablation:
+        arms += [Arm(label, **spec) for label, spec in ABLATIONS.items()]
+    result = learning(settings, plan, arms)
+    name = "learning_ablation.png" if ablation else "learning.png"
+    result["png"] = str(plot(result, settings.home / "bench" / name))
+    default = result["arms"]["default"]
+    rows = [
+        _row("sequential held-out loss drop", result["sequential"]["curve"][0] - result["sequential"]["curve"][-1],
+             "nats"),
+        _row("ddp held-out loss drop", result["ddp"]["curve"][0] - result["ddp"]["curve"][-1], "nats"),
+        _row("baseline drop, last quarter / whole", result["baseline_last_quarter_fraction"], "x"),
+    ]  # fmt: skip
+    for label, arm in result["arms"].items():
+        rows += _arm_rows(label, arm, is_default=label == "default")
+    headline = {
+        **{key: default[key] for key in ("learning_efficiency", "learning_efficiency_ddp", "tokens_efficiency")},
+        "compression_ratio": default["ratio"],
+        "baseline_last_quarter_fraction": result["baseline_last_quarter_fraction"],
+        "learning_readout_window": default["readout_window"],
+        "learning_readout_window_ddp": default["readout_window_ddp"],
+        "learning_efficiency_final": default["learning_efficiency_final"],
+        "learning_efficiency_ddp_final": default["learning_efficiency_ddp_final"],
+        "learning_efficiency_pipelined": result["arms"].get("pipelined", {}).get("learning_efficiency"),
+        "learning_windows": plan.windows,
+        "learning_cpu_seconds": result["sequential"]["cpu_seconds"] + result["ddp"]["cpu_seconds"]
+        + default["cpu_seconds"],
+    }  # fmt: skip
+    return {"rows": rows, "headline": headline, "learning": result, "quick": quick}
+
+
+def _arm_rows(label: str, arm: dict[str, Any], is_default: bool) -> list[dict[str, Any]]:
+    def row(key: str, name: str, value: float | None, unit: str = "x") -> dict[str, Any]:
+        target = TARGETS.get(key) if is_default else None
+        ok = None if target is None or value is None else value >= target
+        return _row(
+            f"{name} {label}", value, unit, target=None if target is None else f">= {target:g}", ok=ok
+        )
+
+    return [
+        row("learning_efficiency", "learning efficiency (vs sequential)", arm["learning_efficiency"]),
+        row("learning_efficiency_ddp", "  learning efficiency vs ddp", arm["learning_efficiency_ddp"]),
+        row("tokens_efficiency", "  tokens efficiency", arm["tokens_efficiency"]),
+        row("compression_ratio", "  compression", arm["ratio"]),
+        row("", "  refused updates", float(arm["refused_updates"]), "windows"),
+    ]

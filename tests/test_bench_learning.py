@@ -1,0 +1,72 @@
+"""`bistro bench learning --quick`: the three arms run through the production code and report sane
+figures (behaviour, not timings), and the read-out rule does what docs/performance.md says."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from bistro.bench import learning
+from bistro.config import build_settings
+
+HEADLINE = (
+    "learning_efficiency",
+    "learning_efficiency_ddp",
+    "tokens_efficiency",
+    "compression_ratio",
+    "baseline_last_quarter_fraction",
+    "learning_readout_window",
+    "learning_readout_window_ddp",
+)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    home = tmp_path_factory.mktemp("home")
+    settings = build_settings("tiny", overrides={"train.threads": 1, "dir": str(home)})
+    return learning.run(settings, quick=True)
+
+
+def test_headline_has_every_figure(result: dict) -> None:
+    head = result["headline"]
+    for key in HEADLINE:
+        assert key in head, key
+        assert head[key] is not None and math.isfinite(head[key]), key
+    assert 100 < head["compression_ratio"] < 1000
+    assert 0 <= head["baseline_last_quarter_fraction"] <= 1
+
+
+def test_every_arm_learns_on_the_same_held_out_pages(result: dict) -> None:
+    learn = result["learning"]
+    windows = learn["windows"]
+    for name in ("sequential", "ddp"):
+        curve = learn[name]["curve"]
+        assert len(curve) == windows + 1
+        assert curve[-1] < curve[0] - 0.1, f"the {name} baseline must learn"
+    net = learn["arms"]["default"]
+    assert len(net["curve"]) == windows + 1
+    assert net["curve"][0] == learn["sequential"]["curve"][0] == learn["ddp"]["curve"][0]  # same model
+    assert net["curve"][-1] < net["curve"][0], "the master never moved"
+    assert 0 < net["learning_efficiency"] and math.isfinite(net["learning_efficiency_ddp"])
+    assert 0 <= net["refused_good_updates"] <= net["refused_updates"] <= windows
+    assert Path(learn["png"]).stat().st_size > 1000
+
+
+def test_readout_window_is_where_the_baseline_still_learns() -> None:
+    flat_after_4 = [8.0, 6.0, 5.0, 4.5, 4.2] + [4.2] * 12  # stops learning at window 4
+    w = learning.readout_window(flat_after_4)
+    assert learning.last_quarter_fraction(flat_after_4, w) >= learning.STILL_LEARNS
+    assert w < 8, "read where the baseline still learns, not after it flattened"
+    still = [8.0 - 0.1 * i for i in range(17)]  # learns to the end
+    assert learning.readout_window(still) == 16
+    assert learning.last_quarter_fraction(still, 16) == pytest.approx(0.25)
+
+
+def test_efficiencies_on_known_curves() -> None:
+    base = [8.0, 7.0, 6.0, 5.0, 4.0]
+    net = [8.0, 7.5, 7.0, 6.5, 6.0]
+    assert learning.efficiency(net, base, 4) == pytest.approx(0.5)
+    assert learning.tokens_efficiency(net, base, 4) == pytest.approx(0.5)  # base hit 6.0 at window 2
+    assert learning.tokens_efficiency([8.0, 3.0], [8.0, 7.0], 1) is None  # baseline never got there

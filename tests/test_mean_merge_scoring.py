@@ -1,0 +1,105 @@
+"""The validator scores the merge the master applies (issue 16: "whatever the master applies, the
+validator's leave-one-out scoring must measure the same merge"), and the master takes only the
+deltas of uids the weights pay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bistro.config import build_settings
+from bistro.data import Dataset
+from bistro.delta import CODECS
+from bistro.delta.apply import MeanMerge, add_
+from bistro.delta.codec import codec_context
+from bistro.evaluator import Evaluator, Verdict
+from bistro.model import build_model, state_tensors
+
+BLOCK_HASH = "cd" * 32
+
+
+@pytest.fixture(scope="module")
+def world():
+    settings = build_settings("tiny", overrides={"train.threads": 1})
+    assert settings.mechanism.merge == "mean" and settings.mechanism.codec == "topk2"  # the defaults
+    model = build_model(settings.model, seed=settings.model.seed)
+    master = {k: v.detach().clone() for k, v in state_tensors(model).items()}
+    evaluator = Evaluator(settings, model, Dataset.open(settings))
+    codec, ctx = CODECS[settings.mechanism.codec], codec_context(settings, 3)
+    g = torch.Generator().manual_seed(7)
+    deltas = [
+        codec.decode(
+            codec.encode({k: torch.randn(v.shape, generator=g) * 3e-3 for k, v in master.items()}, ctx),
+            ctx,
+            evaluator.shapes,
+        )
+        for _ in range(3)
+    ]
+    return settings, evaluator, master, deltas
+
+
+def verdicts_of(deltas) -> dict[int, Verdict]:
+    return {uid: Verdict(uid, "ok", delta=d) for uid, d in enumerate(deltas, start=1)}
+
+
+def test_theta_eval_is_what_the_master_would_apply(world) -> None:
+    """With every delta helpful, the update the master proposes moves θ to exactly the θ_eval the
+    scores were measured at: the same global loss, bit for bit."""
+    _, evaluator, master, deltas = world
+    verdicts = verdicts_of(deltas)
+    base, seqs = evaluator.score(3, BLOCK_HASH, master, verdicts, {})
+    with_global = verdicts[1].with_global
+    for v in verdicts.values():
+        v.score = 1.0
+    update, info = evaluator.propose_update(master, verdicts, float("inf"), seqs)
+    assert update is not None and info["merged_uids"] == [1, 2, 3]
+    assert info["global_loss_after"] == with_global
+    assert base != with_global
+
+
+def test_leave_one_out_is_the_mean_of_the_others(world) -> None:
+    """Without uid i under the mean merge: the loss at θ + the others' per-index mean (clipping
+    factors of the full set), not θ_eval − m_i Δ_i as under the weighted sum."""
+    _, evaluator, master, deltas = world
+    verdicts = verdicts_of(deltas)
+    evaluator.score(3, BLOCK_HASH, master, verdicts, {})
+    mm = MeanMerge(deltas, [1 / 3] * 3, evaluator.shapes)
+    for j, uid in enumerate(sorted(verdicts)):
+        evaluator.set_params(master)
+        with torch.no_grad():
+            add_(evaluator.params, mm.update, 1.0)
+            add_(evaluator.params, mm.without(j), 1.0)
+        own = evaluator.eval_sequences(uid, 3, BLOCK_HASH)
+        assert evaluator.loss(own) == pytest.approx(verdicts[uid].without_local, abs=1e-6)
+    # the sum's leave-one-out would be a different model: the test can tell the two apart
+    evaluator.set_params(master)
+    with torch.no_grad():
+        for d in deltas[1:]:
+            add_(evaluator.params, d, 1 / 3)
+    assert evaluator.loss(evaluator.eval_sequences(1, 3, BLOCK_HASH)) != pytest.approx(
+        verdicts[1].without_local, abs=1e-6
+    )
+
+
+def test_share_is_one_without_overlap_and_the_weight_under_full_overlap(world) -> None:
+    _, evaluator, _, deltas = world
+    alone = MeanMerge(deltas[:1], [1.0], evaluator.shapes)
+    assert alone.share(0) == pytest.approx(1.0)
+    same = MeanMerge([deltas[0], deltas[0]], [0.25, 0.75], evaluator.shapes)
+    assert same.share(0) == pytest.approx(0.25) and same.share(1) == pytest.approx(0.75)
+    mixed = MeanMerge(deltas, [1 / 3] * 3, evaluator.shapes)
+    assert all(1 / 3 < mixed.share(i) <= 1.0 for i in range(3))  # random top-k overlaps little
+
+
+def test_the_master_merges_only_uids_the_weights_pay(world) -> None:
+    """A delta that scored above 0 by chance (noise, poison) but carries no weight stays out of the
+    master: under the mean merge it would count whole wherever no other delta overlaps it."""
+    _, evaluator, master, deltas = world
+    verdicts = verdicts_of(deltas)
+    _, seqs = evaluator.score(3, BLOCK_HASH, master, verdicts, {})
+    for v in verdicts.values():
+        v.score = 1.0
+    _, info = evaluator.propose_update(master, verdicts, float("inf"), seqs, paid={1, 3})
+    assert info["merged_uids"] == [1, 3]
+    update, info = evaluator.propose_update(master, verdicts, float("inf"), seqs, paid=set())
+    assert update is None and info["merged_uids"] == []
