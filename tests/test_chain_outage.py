@@ -108,9 +108,11 @@ def test_validator_carries_on_through_an_outage_and_says_what_it_skipped(world: 
     caplog.set_level(logging.INFO, logger="bistro")
     run_in_thread(validator, windows=2)
     assert outage.failures > 0
-    # the outage hits whichever chain call comes 4th: the metagraph ("not scored yet: chain failed")
-    # or the master's catch-up ("master θ_w not available: not scored"); either way it is said
-    assert "not scored" in caplog.text and "retrying in" in caplog.text
+    # the outage hits whichever chain call comes 4th (which one depends on how busy the box is): the
+    # metagraph ("not scored yet: chain failed"), the master's catch-up ("master θ_w not available:
+    # not scored") or the block clock ("asking again in"); either way the wait and the loss are said
+    assert "not scored" in caplog.text
+    assert "retrying in" in caplog.text or "asking again in" in caplog.text
     assert "behind: windows" in caplog.text  # the windows the outage cost are named
     assert "validator stopped after 2 windows" in caplog.text  # it went on to later windows
 
