@@ -66,11 +66,19 @@ def clip_to_median_norm(weights: Mapping[int, float], norms: Mapping[int, float]
     clips peers to the median norm before merging): m_i · min(1, median / ‖Δ_i‖). One amplified
     delta then moves θ_eval no more than a typical one, so it cannot turn the pooled help that the
     own-page test divides by negative for everyone. Zero deltas keep their weight (they move nothing)."""
-    if not weights:
-        return {}
-    ordered = sorted(float(norms[uid]) for uid in weights)
-    median = ordered[(len(ordered) - 1) // 2]  # the lower median: never above a real delta's norm
-    return {uid: (m * min(1.0, median / norms[uid]) if norms[uid] > 0 else m) for uid, m in weights.items()}
+    uids = list(weights)
+    factors = clip_factors([float(norms[uid]) for uid in uids])
+    return {uid: weights[uid] * c for uid, c in zip(uids, factors, strict=True)}
+
+
+def clip_factors(norms: Sequence[float]) -> list[float]:
+    """min(1, median / ‖Δ_i‖) per delta, the median (the lower one, so every node takes the same)
+    over the deltas that move anything. Zero deltas keep 1 (they move nothing) and do not count
+    towards the median: with them in it, one zero upload beside one real delta made the median 0,
+    the real delta's factor 0 and its share of the merge 0, and the validator divided by it."""
+    moving = sorted(n for n in norms if n > 0)
+    median = moving[(len(moving) - 1) // 2] if moving else 0.0
+    return [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
 
 
 def own_page_test(
@@ -89,6 +97,8 @@ def own_page_test(
     ratios are 1 and the test would give exactly 0 however well it trained), the raw margin is the
     test. (The tolerance, a thousandth of the pool, absorbs the fp32 noise of taking a lone delta
     out: θ_eval − Δ is not bit-exactly θ, and at 1e-6 that noise sent a lone miner to the ratios.)"""
+    if merge_weight <= 0.0:  # it puts nothing into θ_eval: nothing it could have taught
+        return 0.0
     tolerance = 1e-3 * (abs(pooled_own) + abs(pooled_other))
     if pooled_own - help_own <= tolerance and pooled_other - help_other <= tolerance:
         return (help_own - help_other) / merge_weight

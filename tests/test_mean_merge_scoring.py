@@ -4,6 +4,8 @@ deltas of uids the weights pay."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -103,3 +105,16 @@ def test_the_master_merges_only_uids_the_weights_pay(world) -> None:
     assert info["merged_uids"] == [1, 3]
     update, info = evaluator.propose_update(master, verdicts, float("inf"), seqs, paid=set())
     assert update is None and info["merged_uids"] == []
+
+
+def test_a_zero_delta_beside_a_real_one_neither_crashes_nor_silences_it(world) -> None:
+    """Seen in a localnet: a freeloader's all-zero upload and one real delta were the window's only
+    valid deltas; the zero set the median norm, the real delta's share became 0 and the validator
+    died dividing by it. Now the real delta counts whole and both are scored."""
+    _, evaluator, master, deltas = world
+    zero = {k: type(p)(p.indices, torch.zeros_like(p.values)) for k, p in deltas[0].items()}
+    mm = MeanMerge([zero, deltas[1]], [0.5, 0.5], evaluator.shapes)
+    assert mm.clip == [1.0, 1.0] and mm.share(1) > 0.5
+    verdicts = verdicts_of([zero, deltas[1]])
+    evaluator.score(3, BLOCK_HASH, master, verdicts, {})
+    assert math.isfinite(verdicts[1].score) and verdicts[2].score != 0.0

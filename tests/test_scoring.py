@@ -125,6 +125,16 @@ def test_an_amplified_delta_counts_at_most_the_median_norm() -> None:
     assert scoring.clip_to_median_norm({}, {}) == {}
 
 
+def test_zero_deltas_do_not_set_the_median() -> None:
+    """One zero upload beside one real delta made the (lower) median 0 and the real delta's weight
+    0; sybils uploading zeros could do it to everyone. Zeros move nothing and do not count."""
+    assert scoring.clip_factors([0.0, 2.0]) == [1.0, 1.0]
+    assert scoring.clip_factors([0.0, 0.0, 0.0, 1.0, 3.0]) == [1.0, 1.0, 1.0, 1.0, pytest.approx(1 / 3)]
+    assert scoring.clip_factors([0.0, 0.0]) == [1.0, 1.0] and scoring.clip_factors([]) == []
+    assert scoring.clip_to_median_norm({1: 0.5, 2: 0.5}, {1: 0.0, 2: 2.0}) == {1: 0.5, 2: 0.5}
+    assert scoring.own_page_test(0.3, 0.1, 0.3, 0.1, merge_weight=0.0) == 0.0  # nothing in θ_eval
+
+
 def test_a_lone_miner_is_judged_by_its_raw_margin_not_cut_to_zero() -> None:
     # one delta: its help is the pool on both page sets, so the ratios are both 1
     assert scoring.own_page_test(0.30, 0.10, 0.30, 0.10) == pytest.approx(0.20)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..scoring import clip_factors
 from .codec import Delta, Part, Shapes, Sparse, densify, numel
 
 Saved = dict[str, Part]
@@ -118,9 +119,7 @@ def merge_mean(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes
     keeps it. The median is the lower one (torch.median's) so every node takes the same."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
-    norms = [delta_norm(d) for d in deltas]
-    median = sorted(norms)[(len(norms) - 1) // 2] if norms else 0.0
-    clip = [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
+    clip = clip_factors([delta_norm(d) for d in deltas])
     out: Delta = {}
     for name, shape in shapes.items():
         parts = [(d[name], float(w), c) for d, w, c in zip(deltas, weights, clip, strict=True) if name in d]
@@ -162,9 +161,7 @@ class MeanMerge:
 
     def __init__(self, deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> None:
         self.deltas, self.weights, self.shapes = list(deltas), [float(w) for w in weights], shapes
-        norms = [delta_norm(d) for d in deltas]
-        median = sorted(norms)[(len(norms) - 1) // 2] if norms else 0.0
-        self.clip = [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
+        self.clip = clip_factors([delta_norm(d) for d in deltas])
         self.update = merge_mean(deltas, weights, shapes)
         # Per parameter: the update's flat positions (None: dense), and Σ w c v and Σ w over the
         # senders at each of them: O(union) for a sparse part, never a dense copy of the model.
