@@ -127,3 +127,27 @@ def test_miner_carries_on_through_an_outage(world: World, caplog) -> None:
     assert "skipped: chain failed" in caplog.text and "retrying in" in caplog.text
     assert "already over: joining window" in caplog.text
     assert "miner stopped after 2 windows" in caplog.text
+
+
+def test_a_bug_in_one_window_costs_that_window_not_the_validator(world: World, caplog) -> None:
+    """A ZeroDivisionError in scoring (a zero delta beside one real one, since fixed) once escaped
+    `evaluate` and ended `bistro validator`: every later window went unscored. A bug of ours in one
+    window is logged with its traceback and the next window is scored."""
+    from bistro.config import replace
+    from bistro.validator import Validator
+
+    validator = Validator(replace(world.members["val"].settings, dir=str(world.dir / "v-bug")))
+    real, calls = validator.evaluate, []
+
+    def evaluate(window: int) -> None:
+        calls.append(window)
+        if len(calls) == 1:
+            raise ZeroDivisionError("float division by zero")
+        real(window)
+
+    validator.evaluate = evaluate  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="bistro")
+    run_in_thread(validator, windows=2)
+    assert len(calls) == 2 and calls[1] > calls[0]
+    assert "scoring failed: not scored" in caplog.text and "ZeroDivisionError" in caplog.text
+    assert "validator stopped after 2 windows" in caplog.text
