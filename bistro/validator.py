@@ -527,10 +527,12 @@ class Validator(Node):
         best = sorted(((w, u) for u, w in weights.items() if w > 0), reverse=True)[:4]
         master = ""
         if master_info:
+            state, step = "kept", master_info.get("step", 1.0)
+            if master_info["accepted"]:
+                state = "accepted" if step == 1.0 else f"accepted at {step:g}×U"
             master = "  master {} {:.4f} -> {:.4f}".format(
-                "accepted" if master_info["accepted"] else "kept",
-                master_info["global_loss_before"], master_info["global_loss_after"],
-            )  # fmt: skip
+                state, master_info["global_loss_before"], master_info["global_loss_after"]
+            )
         log.info(
             "window %d scored in %.1fs: %s  top weights %s%s", window, seconds,
             " ".join(f"{k}={n}" for k, n in sorted(counts.items())),

@@ -118,3 +118,45 @@ def test_a_zero_delta_beside_a_real_one_neither_crashes_nor_silences_it(world) -
     verdicts = verdicts_of([zero, deltas[1]])
     evaluator.score(3, BLOCK_HASH, master, verdicts, {})
     assert math.isfinite(verdicts[1].score) and verdicts[2].score != 0.0
+
+
+def test_an_update_that_overshoots_is_taken_at_half_its_size(world) -> None:
+    """The master step tries U, then U/2 (evaluator.STEPS): a merge that overshoots on the global
+    pages no longer stands the master still (the demo refused three honest updates in a row)."""
+    from bistro.evaluator import STEPS, scaled
+    from bistro.model import token_losses
+
+    assert STEPS == (1.0, 0.5)
+    _, evaluator, master, _ = world
+    _, seqs = evaluator.score(3, BLOCK_HASH, master, {}, {})
+    evaluator.set_params(master)
+    params = dict(evaluator.model.named_parameters())
+    evaluator.model.zero_grad()
+    with torch.enable_grad():
+        token_losses(evaluator.model, seqs[:8]).mean().backward()
+    down = {n: -params[n].grad.detach().clone() for n in master if params[n].grad is not None}
+    evaluator.model.zero_grad()
+    base = evaluator.loss(seqs)
+
+    def loss_at(step: dict) -> float:
+        evaluator.set_params(master)
+        add_(evaluator.params, step, 1.0)
+        return evaluator.loss(seqs)
+
+    # the smallest step along the descent direction whose full size overshoots and whose half helps
+    for size in (2.0**k for k in range(-6, 16)):
+        update = scaled(down, size)
+        if loss_at(update) >= base and loss_at(scaled(update, 0.5)) < base:
+            break
+    else:
+        pytest.fail("no overshooting step found")
+    # one helpful delta: the mean merge of it alone is itself
+    verdicts = {1: Verdict(1, "ok", delta=update, merge_weight=1.0, score=1.0)}
+    got, info = evaluator.propose_update(master, verdicts, base, seqs)
+    assert info["accepted"] and info["step"] == 0.5 and info["global_loss_after"] < base
+    assert all(torch.equal(got[n], update[n] * 0.5) for n in update)
+    # a small step uphill helps at neither size: refused, whole, for the benchmarks to count
+    away = scaled(down, -(2.0**-6))
+    verdicts[1].delta = away
+    got, info = evaluator.propose_update(master, verdicts, base, seqs)
+    assert got is None and not info["accepted"] and evaluator.refused is not None
