@@ -103,7 +103,7 @@ def plan_for(settings: Settings, quick: bool) -> Plan:
     if quick:
         return Plan(miners=2, windows=3, steps=2, held_out=2)
     # 4 miners x 5 steps x 48 windows. Measured with one thread (a 6-window run): 4.5 / 6.0 / 6.8 s of
-    # CPU a window for sequential / ddp / network, so ~14 min of CPU for the suite (docs/performance.md).
+    # CPU a window for sequential / ddp / network, planned ~14 min; measured 19.9 min (docs/performance.md).
     return Plan(miners=4, windows=48, steps=5, held_out=8)
 
 
