@@ -17,8 +17,7 @@ from .config import Settings
 from .data import Dataset
 from .data.pages import eval_pages, global_pages, local_pages, other_pages
 from .delta import Delta, add_, apply_, delta_norm, restore_, similarity, sketch
-from .delta.apply import MERGES, MeanMerge
-from .delta.codec import Sparse
+from .delta.apply import MERGES, MeanMerge, scaled
 from .master import apply_update
 from .model import sequence_losses, state_tensors
 from .protocol import seed
@@ -37,14 +36,6 @@ SCREEN = 0.1
 """Pairs whose sketched cosine is this far below the copy threshold are not compared exactly. The
 sketch's error is about 0.006 for spread-out vectors, but on real top-k deltas of `tiny` it reached
 0.038 (the hash is linear and the supports are structured): 0.05 left too little room."""
-
-
-def scaled(delta: Delta, factor: float) -> Delta:
-    """`delta` with every value times `factor` (sparse parts keep their positions)."""
-    return {
-        name: Sparse(p.indices, p.values * factor) if isinstance(p, Sparse) else p * factor
-        for name, p in delta.items()
-    }
 
 
 @dataclass

@@ -123,7 +123,8 @@ def test_a_zero_delta_beside_a_real_one_neither_crashes_nor_silences_it(world) -
 def test_an_update_that_overshoots_is_taken_at_half_its_size(world) -> None:
     """The master step tries U, then U/2 (evaluator.STEPS): a merge that overshoots on the global
     pages no longer stands the master still (the demo refused three honest updates in a row)."""
-    from bistro.evaluator import STEPS, scaled
+    from bistro.delta.apply import scaled
+    from bistro.evaluator import STEPS
     from bistro.model import token_losses
 
     assert STEPS == (1.0, 0.5)

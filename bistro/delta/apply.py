@@ -79,6 +79,14 @@ def restore_(params: dict[str, Tensor], saved: Saved) -> None:
             p.copy_(part)
 
 
+def scaled(delta: Delta, factor: float) -> Delta:
+    """`delta` with every value times `factor` (sparse parts keep their positions)."""
+    return {
+        name: Sparse(p.indices, p.values * factor) if isinstance(p, Sparse) else p * factor
+        for name, p in delta.items()
+    }
+
+
 def delta_norm(delta: Delta) -> float:
     """L2 norm over every part (float64 accumulation, so huge values give inf, not NaN)."""
     return math.sqrt(sum(_square(p) for p in delta.values()))
