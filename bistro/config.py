@@ -112,7 +112,7 @@ class TrainConfig:
         _check(self.threads >= 0, "train.threads", "must be >= 0")
 
 
-CODEC_NAMES = ("topk", "topk2", "mask", "dense")
+CODEC_NAMES = ("topk", "topk2", "lowrank", "mask", "dense")
 MERGE_RULES = ("sum", "mean")
 
 
@@ -135,14 +135,18 @@ class MechanismConfig:
     global_pages: int = 2
     """Pages from the whole corpus on which every validator also scores each delta."""
     codec: str = "topk2"
-    """Delta codec on the wire: topk2 (the default: 64 of 4096 at 2 bits, Elias-Fano indices), topk,
-    mask or dense."""
+    """Delta codec on the wire: topk2 (the default: 64 of 4096 at 2 bits, Elias-Fano indices),
+    lowrank (a rank-`rank` int8 factor pair of each matrix, then topk2 of the rest), topk, mask or
+    dense."""
     compression: float = 64.0
-    """Target ratio of kept values for topk and mask (1/compression of each tensor)."""
+    """Kept values for topk, topk2 and lowrank's sparse part (k = chunk/compression a chunk) and
+    mask (1/compression of each tensor)."""
     topk_chunk: int = 4096
     """Chunk size of the topk codec (indices are local to a chunk)."""
     value_bits: int = 2
-    """Bits a value for the topk2 codec (1-4)."""
+    """Bits a value for the topk2 and lowrank codecs (1-4)."""
+    rank: int = 1
+    """Factors of each 2-D parameter for the lowrank codec (1-8)."""
     ef_decay: float = 0.95
     """Error-feedback decay beta of miners: e <- beta e + delta, top-k of e, e <- e - sent (1: plain)."""
     merge: str = "mean"
@@ -218,6 +222,7 @@ class MechanismConfig:
         _check(self.codec in CODEC_NAMES, "mechanism.codec", f"must be one of {CODEC_NAMES}")
         _check(self.compression >= 1, "mechanism.compression", "must be >= 1")
         _check(self.value_bits in (1, 2, 3, 4), "mechanism.value_bits", "must be 1, 2, 3 or 4")
+        _check(1 <= self.rank <= 8, "mechanism.rank", "must be in [1, 8]")
         _check(0 < self.ef_decay <= 1, "mechanism.ef_decay", "must be in (0, 1]")
         _check(self.merge in MERGE_RULES, "mechanism.merge", f"must be one of {MERGE_RULES}")
         _check(self.temperature > 0, "mechanism.temperature", "must be positive")
@@ -504,6 +509,11 @@ def _mechanism(bpw: int, rows: int, pages: int, global_: int, alpha: float, max_
                 max_delta_norm=max_norm, checkpoint_every=checkpoint)  # fmt: skip
 
 
+SPARSE_CODEC = {"codec": "topk2", "compression": 64.0}
+"""The codec of the 150M, 1B and 7B presets: lowrank decodes each matrix of a delta dense, and a
+validator holding 256 peers' deltas dense needs 151 GiB at 150M (`bistro plan`; topk2: 21 GiB).
+They take lowrank once its factors are merged without densifying."""
+
 # fmt: off
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~1.9M parameters: thousands of tokens/s on 2 CPU cores; sized so a 10-miner localnet keeps up.
@@ -517,15 +527,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~148M parameters.
     "150M": {"model": _model(32000, 768, 12, 12, 12, 2560, 1024),
              "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
-             "mechanism": _mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10)},
+             "mechanism": {**_mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10), **SPARSE_CODEC}},
     # TinyLlama's shape: ~1.1B parameters.
     "1B": {"model": _model(32000, 2048, 22, 32, 4, 5632, 2048),
            "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
-           "mechanism": _mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20)},
+           "mechanism": {**_mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20), **SPARSE_CODEC}},
     # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
     "7B": {"model": _model(32000, 4096, 32, 32, 32, 11008, 2048),
            "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
-           "mechanism": _mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3)},
+           "mechanism": {**_mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3), **SPARSE_CODEC}},
 }
 # fmt: on
 

@@ -96,19 +96,30 @@ def wire_bytes(settings: Settings, shapes: Shapes) -> int:
     return sum(math.prod(s) * dt.itemsize for s, dt in spec.values())
 
 
+def _dense(settings: Settings, shape: tuple[int, ...]) -> bool:
+    """Whether a decoded delta holds this parameter dense (dense; lowrank's 2-D parts)."""
+    codec = settings.mechanism.codec
+    return codec == "dense" or (codec == "lowrank" and len(shape) == 2)
+
+
 def kept_entries(settings: Settings, shapes: Shapes) -> int:
     """Entries one decoded delta holds (each an int64 index and an fp32 value when sparse)."""
     m = settings.mechanism
-    if m.codec == "dense":
-        return _n(shapes)
-    if m.codec == "topk":
-        k = TopK().k(codec_context(settings, 0))
-        return sum(-(-math.prod(s) // m.topk_chunk) * k for s in shapes.values())
-    return sum(max(1, round(math.prod(s) / m.compression)) for s in shapes.values())
+    k = TopK().k(codec_context(settings, 0))
+
+    def entries(s: tuple[int, ...]) -> int:
+        if _dense(settings, s):
+            return math.prod(s)
+        if m.codec in ("topk", "topk2", "lowrank"):
+            return min(math.prod(s), -(-math.prod(s) // m.topk_chunk) * k)
+        return max(1, round(math.prod(s) / m.compression))
+
+    return sum(entries(s) for s in shapes.values())
 
 
-def _entry_bytes(settings: Settings) -> int:
-    return 4 if settings.mechanism.codec == "dense" else 12
+def decoded_bytes(settings: Settings, shapes: Shapes) -> int:
+    """Bytes of one decoded delta: 4 an entry of a dense part, 12 (int64 index, fp32 value) a sparse one."""
+    return sum((4 if _dense(settings, s) else 12) * kept_entries(settings, {n: s}) for n, s in shapes.items())
 
 
 def miner_items(settings: Settings, shapes: Shapes, nproc: int, rank: int = 0) -> dict[str, list[Item]]:
@@ -156,12 +167,10 @@ def _largest_layer(shapes: Shapes) -> int:
 def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, list[Item]]:
     """What the validator holds while scoring `uids` deltas and while merging them."""
     n = _n(shapes)
-    kept = kept_entries(settings, shapes)
-    per_uid = kept * _entry_bytes(settings)
+    per_uid = decoded_bytes(settings, shapes)
     cuda = settings.device.startswith("cuda")
     act = activation_bytes(settings.model, settings.train.eval_batch_size, cuda=cuda, checkpointing=False,
                            train=False)  # fmt: skip
-    union = min(n, uids * kept)
     state = [
         Item("θ_eval (the model)", 4 * n, "Evaluator.params"),
         Item("master θ_w", 4 * n, "Node.master"),
@@ -170,8 +179,11 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
         Item("sketches", uids * 8 * (1 << 16), "drop_copies"),
     ]
     score = [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")]
-    merge = [*state, Item("merge inputs", uids * (kept * 20), "cat of indices, values, inverse (merge)"),
-             Item("merged update", union * 12, "union of positions and values")]  # fmt: skip
+    sparse = sum(kept_entries(settings, {k: s}) for k, s in shapes.items() if not _dense(settings, s))
+    dense = n - sum(math.prod(s) for s in shapes.values() if not _dense(settings, s))
+    union = min(n - dense, uids * sparse)
+    merge = [*state, Item("merge inputs", uids * (sparse * 20), "cat of indices, values, inverse (merge)"),
+             Item("merged update", union * 12 + dense * 4, "union of positions and values; dense parts")]  # fmt: skip
     return {"score": score, "merge": merge}
 
 
@@ -218,7 +230,7 @@ def make_plan(settings: Settings, nproc: int = 1, uids: int = UIDS) -> dict[str,
         },
         "validator": {
             "parameters": n,
-            "bytes_per_param": 8.0 + uids * kept_entries(settings, shapes) * _entry_bytes(settings) / n,
+            "bytes_per_param": 8.0 + uids * decoded_bytes(settings, shapes) / n,
             "peak_bytes_per_rank": val_peak,
             "peak_phase": val_phase,
             "delta_wire_bytes": wire,
