@@ -26,7 +26,7 @@ from .chain.base import ChainError
 from .config import ConfigError, Settings
 from .data.pages import local_pages
 from .delta import Sparse
-from .delta.codec import CODECS, CodecContext, ErrorFeedback, codec_context, compress
+from .delta.codec import CODECS, CodecContext, ErrorFeedback, codec_context, compress, full
 from .delta.wire import encode_delta
 from .master import Position
 from .node import Node, NotRegistered, install_signals
@@ -238,7 +238,7 @@ class Miner(Node):
                 if isinstance(part, Sparse):
                     t.view(-1).index_add_(0, part.indices.to(t.device), part.values.to(t.device))
                 else:
-                    t.add_(part.to(t.device).view_as(t))
+                    t.add_(full(part).to(t.device).view_as(t))
         log.info("window %d: not uploaded: its delta stays in the error-feedback residual", window)
 
     def cleanup(self, window: int) -> None:

@@ -219,17 +219,19 @@ class NoisyCopier(Copycat):
     def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
         m, original = self.miner, stolen[0][1]
         g = torch.Generator().manual_seed(protocol.seed("noisy-copier", m.uid, window))
-        noise = {
-            n: torch.randn(p.values.shape, generator=g) for n, p in original.items() if isinstance(p, Sparse)
+        dense = densify(original, m.shapes)  # every codec's parts (sparse, dense, mixed) as tensors
+        held = {  # where the original holds values: its sparse positions, or everywhere
+            n: p.indices if isinstance(p, Sparse) else torch.arange(dense[n].numel())
+            for n, p in original.items()
         }
-        rms = {n: float(original[n].values.float().pow(2).mean().sqrt()) for n in noise}
+        noise = {n: torch.randn(idx.shape, generator=g) for n, idx in held.items()}
+        rms = {n: float(dense[n].reshape(-1)[idx].float().pow(2).mean().sqrt()) for n, idx in held.items()}
 
         def wire_at(size: float) -> dict[str, torch.Tensor]:
-            jittered = {
-                n: Sparse(p.indices, p.values.float() + size * rms[n] * noise[n]) if n in noise else p
-                for n, p in original.items()
-            }
-            return compress(densify(jittered, m.shapes), m.codec, m.ctx(window), None)
+            jittered = {n: t.clone() for n, t in dense.items()}
+            for n, idx in held.items():
+                jittered[n].view(-1).index_add_(0, idx, size * rms[n] * noise[n])
+            return compress(jittered, m.codec, m.ctx(window), None)
 
         low, high = 0.0, 2.0
         for _ in range(8):

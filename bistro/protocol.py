@@ -11,9 +11,11 @@ import json
 import re
 from typing import Any, Protocol
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the delta and master object formats. 2: the topk2 codec, the mean merge and error
-feedback 0.95 became the defaults (what a node of version 1 would merge differently)."""
+feedback 0.95 became the defaults (what a node of version 1 would merge differently). 3: the lowrank
+codec is the default, and the mean merge takes a `Mixed` part as two means (dense part over every
+sender, sparse values over theirs)."""
 
 PREFIX = "bistro"
 

@@ -92,7 +92,7 @@ def test_unknown_file_key_is_refused(tmp_path: Path) -> None:
 def test_replace_returns_validated_copy() -> None:
     s = build_settings("tiny")
     t = replace(s, **{"mechanism.codec": "mask", "device": "cpu"})
-    assert t.mechanism.codec == "mask" and s.mechanism.codec == "topk2"
+    assert t.mechanism.codec == "mask" and s.mechanism.codec == "lowrank"
     with pytest.raises(ConfigError):
         replace(s, **{"mechanism.codec": "nope"})
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bistro.config import build_settings
-from bistro.delta import CODECS, BadTensors, CodecContext, ErrorFeedback, Sparse, compress, to_dense
+from bistro.delta import CODECS, BadTensors, CodecContext, ErrorFeedback, Mixed, Sparse, compress, to_dense
+from bistro.delta.apply import MeanMerge, add_, apply_, delta_norm, merge_mean, restore_, scaled
 from bistro.delta.codec import NonFiniteValues, low_rank
 from bistro.model import build_model, state_tensors
 
@@ -37,10 +38,10 @@ def test_a_rank_one_delta_travels_almost_whole_where_topk2_sends_a_sliver() -> N
     wire = LOWRANK.encode(delta, CTX)
     assert {n: (tuple(t.shape), t.dtype) for n, t in wire.items()} == LOWRANK.wire_spec(SHAPES, CTX)
     decoded = LOWRANK.decode(wire, CTX, SHAPES)
-    assert decoded["w"].shape == (300, 50)  # 2-D parts come back dense ...
-    assert isinstance(decoded["b"], Sparse) and isinstance(decoded["c"], Sparse)  # ... the rest sparse
+    assert isinstance(decoded["w"], Mixed) and decoded["w"].dense.shape == (300, 50)  # 2-D: product + top-k
+    assert isinstance(decoded["b"], Sparse) and isinstance(decoded["c"], Sparse)  # the rest: top-k
     top = to_dense(TOPK2.decode(TOPK2.encode(delta, CTX), CTX, SHAPES), SHAPES)
-    assert rel_error(decoded["w"], delta["w"]) < 0.1
+    assert rel_error(decoded["w"].full(), delta["w"]) < 0.1
     assert rel_error(top["w"], delta["w"]) > 0.9
 
 
@@ -62,9 +63,9 @@ def test_decoding_gives_the_same_bits_every_time_and_in_any_thread_count() -> No
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = LOWRANK.decode(wire, ctx, SHAPES)["w"]
+        one = LOWRANK.decode(wire, ctx, SHAPES)["w"].full()
         torch.set_num_threads(max(2, threads))
-        two = LOWRANK.decode(wire, ctx, SHAPES)["w"]
+        two = LOWRANK.decode(wire, ctx, SHAPES)["w"].full()
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
@@ -126,3 +127,43 @@ def test_the_rank_is_a_codec_parameter_and_bounded() -> None:
     for rank in (0, 9, 1.0):
         with pytest.raises(ValueError, match="rank"):
             CodecContext(netuid=1, window=1, compression=128.0, rank=rank)  # type: ignore[arg-type]
+
+
+def test_merge_mean_averages_low_rank_parts_over_everyone_and_top_k_values_over_their_senders() -> None:
+    shapes = {"w": (2, 3)}
+    low = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    a = {"w": Mixed(2 * low, Sparse(torch.tensor([5]), torch.tensor([0.0])))}
+    b = {"w": Mixed(0 * low, Sparse(torch.tensor([5]), torch.tensor([2.0])))}
+    # norms 2, 2, 2: nothing clipped. The dense parts: mean over all three, 2/3 at [0, 0]. Index 5:
+    # a and b sent it, (0 + 2) / 2; index 4: c alone sent 2, and keeps it (a plain mean gives 2/3).
+    c = {"w": Mixed(0 * low, Sparse(torch.tensor([4]), torch.tensor([2.0])))}
+    out = merge_mean([a, b, c], [1.0, 1.0, 1.0], shapes)["w"]
+    assert out.reshape(-1).tolist() == pytest.approx([2 / 3, 0.0, 0.0, 0.0, 2.0, 1.0])
+
+
+def test_leave_one_out_of_mixed_parts_is_the_mean_of_the_others_and_restores_exactly() -> None:
+    shapes = {"w": (40, 30), "b": (50,)}
+    deltas = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        d = {"w": Mixed(torch.randn(40, 1, generator=g) @ torch.randn(1, 30, generator=g),
+                        Sparse(torch.randperm(1200, generator=g)[:60].sort().values, torch.randn(60, generator=g))),
+             "b": Sparse(torch.randperm(50, generator=g)[:10].sort().values, torch.randn(10, generator=g))}  # fmt: skip
+        norm = delta_norm(d)
+        deltas.append({n: scaled({n: p}, 1 / norm)[n] for n, p in d.items()})  # the same norm each
+    weights = [0.5, 0.3, 0.2]
+    mm = MeanMerge(deltas, weights, shapes)
+    params = {"w": torch.zeros(40, 30), "b": torch.zeros(50)}
+    add_(params, mm.update, 1.0)
+    assert torch.allclose(params["w"], to_dense(merge_mean(deltas, weights, shapes), shapes)["w"])
+    before = {k: v.clone() for k, v in params.items()}
+    for i in range(3):
+        saved = apply_(params, mm.without(i), 1.0)
+        rest = [j for j in range(3) if j != i]
+        want = to_dense(merge_mean([deltas[j] for j in rest], [weights[j] for j in rest], shapes), shapes)
+        for name in shapes:
+            assert torch.allclose(params[name], want[name], atol=1e-6), (i, name)
+        restore_(params, saved)
+        assert all(torch.equal(params[k], before[k]) for k in params)
+    # the dense parts are shared by all three: no delta's share of the update is whole
+    assert all(0 < mm.share(i) < 1 for i in range(3))

@@ -12,7 +12,7 @@ import torch
 from bistro.config import build_settings
 from bistro.data import Dataset
 from bistro.delta import CODECS
-from bistro.delta.apply import MeanMerge, add_
+from bistro.delta.apply import MeanMerge, add_, scaled
 from bistro.delta.codec import codec_context
 from bistro.evaluator import Evaluator, Verdict
 from bistro.model import build_model, state_tensors
@@ -23,7 +23,7 @@ BLOCK_HASH = "cd" * 32
 @pytest.fixture(scope="module")
 def world():
     settings = build_settings("tiny", overrides={"train.threads": 1})
-    assert settings.mechanism.merge == "mean" and settings.mechanism.codec == "topk2"  # the defaults
+    assert settings.mechanism.merge == "mean" and settings.mechanism.codec == "lowrank"  # the defaults
     model = build_model(settings.model, seed=settings.model.seed)
     master = {k: v.detach().clone() for k, v in state_tensors(model).items()}
     evaluator = Evaluator(settings, model, Dataset.open(settings))
@@ -112,7 +112,7 @@ def test_a_zero_delta_beside_a_real_one_neither_crashes_nor_silences_it(world) -
     valid deltas; the zero set the median norm, the real delta's share became 0 and the validator
     died dividing by it. Now the real delta counts whole and both are scored."""
     _, evaluator, master, deltas = world
-    zero = {k: type(p)(p.indices, torch.zeros_like(p.values)) for k, p in deltas[0].items()}
+    zero = scaled(deltas[0], 0.0)
     mm = MeanMerge([zero, deltas[1]], [0.5, 0.5], evaluator.shapes)
     assert mm.clip == [1.0, 1.0] and mm.share(1) > 0.5
     verdicts = verdicts_of([zero, deltas[1]])

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from bistro import protocol
+from bistro.delta.codec import CODECS, codec_context
 from bistro.delta.wire import encode_delta
 
 from .reliability_kit import FIRST, World, make_world
@@ -82,6 +83,7 @@ class Net:
 def net(tmp_path_factory: pytest.TempPathFactory, honest_blobs) -> Net:
     made = Net(tmp_path_factory.mktemp("inputs"), honest_blobs)
     SHAPES.update({name: math.prod(shape) for name, shape in made.validator.evaluator.shapes.items()})
+    RECORD.append(CODECS["topk2"].layout(codec_context(made.validator.settings, 0)).record)
     return made
 
 
@@ -131,9 +133,10 @@ def first(tensors: dict, suffix: str = "") -> str:
     return sorted(k for k in tensors if k.endswith(suffix))[0]
 
 
-# The default codec (topk2) sends one uint8 record tensor a parameter: per chunk of 4096, the packed
-# bits (low index bits, the high-part bitmap, the value codes), then a table of bf16 bin means. topk
-# sends `.idx` / `.val` / `.scale` tensors. The crafting below knows both.
+# The default codec (lowrank) and topk2 send one uint8 tensor a parameter: lowrank first the int8
+# factors of a matrix and their scales, then (both) per chunk of 4096 a record: the packed bits (low
+# index bits, the high-part bitmap, the value codes), then a table of bf16 bin means. topk sends
+# `.idx` / `.val` / `.scale` tensors. The crafting below knows all three.
 TABLE_BYTES = 2 * (1 << 2)  # four bf16 bin means at value_bits 2
 CHUNK = 4096
 
@@ -143,14 +146,17 @@ def is_topk2(t: dict) -> bool:
 
 
 def tables(t: dict, name: str) -> torch.Tensor:
-    """A topk2 record tensor's bin-mean tables as a writable [chunks, 4] bf16 view of a copy."""
+    """The bin-mean tables of a parameter's chunk records (after lowrank's factors, if any) as a
+    writable [chunks, 4] bf16 view of a copy."""
     records = t[name].clone()
     t[name] = records
-    return records.view(-1, records.numel() // -(-SHAPES[name] // CHUNK))[:, -TABLE_BYTES:].view(
-        torch.bfloat16
-    )
+    chunks = -(-SHAPES[name] // CHUNK)
+    body = records[records.numel() - chunks * RECORD[0] :]
+    return body.view(chunks, RECORD[0])[:, -TABLE_BYTES:].view(torch.bfloat16)
 
 
+RECORD: list[int] = []
+"""Bytes of one chunk record under the fixture's settings."""
 SHAPES: dict[str, int] = {}
 """Parameter sizes by wire name (topk2 records are named like the parameter), filled by the fixture."""
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ..scoring import clip_factors
-from .codec import Delta, Part, Shapes, Sparse, densify, numel
+from .codec import Delta, Mixed, Part, Shapes, Sparse, densify, full, numel
 
 Saved = dict[str, Part]
 """Previous values at every touched position: Sparse(indices, old values) or a dense copy."""
@@ -46,6 +47,9 @@ def add_(params: dict[str, Tensor], delta: Delta, scale: float) -> None:
     """params += scale * delta, in place, without saving anything (θ_eval, the master)."""
     for name, part in delta.items():
         p = params[name]
+        if isinstance(part, Mixed):
+            add_(params, {name: part.dense}, scale)
+            part = part.sparse
         if isinstance(part, Sparse):
             idx, vals = part.indices.to(p.device), part.values.to(p.device, p.dtype)
             _flat(p).index_add_(0, idx, vals, alpha=scale)
@@ -81,10 +85,13 @@ def restore_(params: dict[str, Tensor], saved: Saved) -> None:
 
 def scaled(delta: Delta, factor: float) -> Delta:
     """`delta` with every value times `factor` (sparse parts keep their positions)."""
-    return {
-        name: Sparse(p.indices, p.values * factor) if isinstance(p, Sparse) else p * factor
-        for name, p in delta.items()
-    }
+    return {name: _scaled(p, factor) for name, p in delta.items()}
+
+
+def _scaled(p: Part, factor: float) -> Part:
+    if isinstance(p, Mixed):
+        return Mixed(p.dense * factor, Sparse(p.sparse.indices, p.sparse.values * factor))
+    return Sparse(p.indices, p.values * factor) if isinstance(p, Sparse) else p * factor
 
 
 def delta_norm(delta: Delta) -> float:
@@ -141,6 +148,9 @@ def merge_mean(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes
             total = torch.zeros(union.numel()).index_add_(0, inverse, vals)
             out[name] = Sparse(union, total / torch.zeros(union.numel()).index_add_(0, inverse, held))
             continue
+        if any(isinstance(p, Mixed) for p, _, _ in parts):
+            out[name] = TwoMeans.of(parts, numel(shape)).mean().view(shape)
+            continue
         total, held = torch.zeros(numel(shape)), torch.zeros(numel(shape))
         for p, w, c in parts:
             if isinstance(p, Sparse):
@@ -151,6 +161,66 @@ def merge_mean(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes
                 held.add_(w)
         out[name] = torch.where(held > 0, total / held.clamp_min(1e-30), 0.0).view(shape)
     return out
+
+
+class TwoMeans(NamedTuple):
+    """`merge_mean` of one parameter where some delta holds it as `Mixed`: the mean of the dense
+    parts over every delta that has one, plus, per index, the mean of the sparse values over the
+    deltas that hold that index (a low-rank part is everyone's, a top-k value its sender's)."""
+
+    dense_total: Tensor
+    dense_held: float
+    sparse_total: Tensor
+    sparse_held: Tensor
+
+    @classmethod
+    def of(cls, parts: Sequence[tuple[Part, float, float]], size: int) -> TwoMeans:
+        """Sums over (part, weight, clipping factor), in the given order (every node's order)."""
+        dense_total, dense_held = torch.zeros(size), 0.0
+        sparse_total, sparse_held = torch.zeros(size), torch.zeros(size)
+        for p, w, c in parts:
+            dense, sparse = (p.dense, p.sparse) if isinstance(p, Mixed) else (None, p) if isinstance(p, Sparse) else (p, None)  # fmt: skip
+            if dense is not None:
+                dense_total.add_(dense.float().reshape(-1), alpha=w * c)
+                dense_held += w
+            if sparse is not None:
+                sparse_total.index_add_(0, sparse.indices, sparse.values.float(), alpha=w * c)
+                sparse_held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), w))
+        return cls(dense_total, dense_held, sparse_total, sparse_held)
+
+    def mean(self) -> Tensor:
+        dense = (
+            self.dense_total / self.dense_held if self.dense_held > 0 else torch.zeros_like(self.dense_total)
+        )
+        held = self.sparse_held
+        return dense + torch.where(held > 1e-12, self.sparse_total / held.clamp_min(1e-30), 0.0)
+
+    def without(self, p: Part, w: float, c: float) -> TwoMeans:
+        """The sums with one delta's part taken out."""
+        dense_total, dense_held = self.dense_total, self.dense_held
+        sparse_total, sparse_held = self.sparse_total.clone(), self.sparse_held.clone()
+        dense, sparse = (p.dense, p.sparse) if isinstance(p, Mixed) else (None, p) if isinstance(p, Sparse) else (p, None)  # fmt: skip
+        if dense is not None:
+            dense_total, dense_held = dense_total - w * c * dense.float().reshape(-1), dense_held - w
+            if dense_held <= 1e-12:
+                dense_total, dense_held = torch.zeros_like(dense_total), 0.0
+        if sparse is not None:
+            sparse_total.index_add_(0, sparse.indices, sparse.values.float(), alpha=-w * c)
+            sparse_held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), -w))
+        return TwoMeans(dense_total, dense_held, sparse_total, sparse_held)
+
+    def taken(self, p: Part, w: float) -> tuple[float, float]:
+        """(|p| summed, |p| weighted by its share w / Σ w of each mean it is in): for `share`."""
+        dense, sparse = (p.dense, p.sparse) if isinstance(p, Mixed) else (None, p) if isinstance(p, Sparse) else (p, None)  # fmt: skip
+        mass = taken = 0.0
+        if dense is not None:
+            size = float(dense.float().abs().double().sum())
+            mass, taken = mass + size, taken + size * w / max(self.dense_held, 1e-30)
+        if sparse is not None:
+            size_s = sparse.values.float().abs().double()
+            held = self.sparse_held[sparse.indices].double().clamp_min(1e-30)
+            mass, taken = mass + float(size_s.sum()), taken + float((size_s * (w / held)).sum())
+        return mass, taken
 
 
 class MeanMerge:
@@ -174,7 +244,16 @@ class MeanMerge:
         # Per parameter: the update's flat positions (None: dense), and Σ w c v and Σ w over the
         # senders at each of them: O(union) for a sparse part, never a dense copy of the model.
         self.sums: dict[str, tuple[Tensor | None, Tensor, Tensor]] = {}
+        self.two: dict[str, TwoMeans] = {}  # parameters some delta holds as `Mixed`
         for name in self.update:
+            parts = [
+                (d[name], w, c)
+                for d, w, c in zip(self.deltas, self.weights, self.clip, strict=True)
+                if name in d
+            ]
+            if any(isinstance(p, Mixed) for p, _, _ in parts):
+                self.two[name] = TwoMeans.of(parts, numel(shapes[name]))
+                continue
             part = self.update[name]
             at = part.indices if isinstance(part, Sparse) else None
             size = at.numel() if at is not None else numel(shapes[name])
@@ -204,6 +283,10 @@ class MeanMerge:
         w, c = self.weights[i], self.clip[i]
         mass = taken = 0.0
         for name, p in self.deltas[i].items():
+            if name in self.two:
+                m, t = self.two[name].taken(p, w)
+                mass, taken = mass + m, taken + t
+                continue
             _, where = self._at(name, p)
             size = (p.values if isinstance(p, Sparse) else p.reshape(-1)).float().abs().double()
             mass += float(size.sum())
@@ -214,6 +297,10 @@ class MeanMerge:
         out: Delta = {}
         w, c = self.weights[i], self.clip[i]
         for name, p in self.deltas[i].items():
+            if name in self.two:
+                rest = self.two[name].without(p, w, c).mean()
+                out[name] = Sparse(torch.arange(rest.numel()), rest - self.update[name].reshape(-1))
+                continue
             at, total, held = self.sums[name]
             pos, where = self._at(name, p)
             vals = p.values.float() if isinstance(p, Sparse) else p.float().reshape(-1)
@@ -245,14 +332,14 @@ def _dot(a: Part, b: Part) -> float:
         _, ia, ib = _intersect(a.indices, b.indices)
         return float((a.values[ia].double() * b.values[ib].double()).sum())
     if isinstance(a, Sparse):
-        return float((a.values.double() * b.reshape(-1)[a.indices].double()).sum())
+        return float((a.values.double() * full(b).reshape(-1)[a.indices].double()).sum())
     if isinstance(b, Sparse):
         return _dot(b, a)
-    return float((a.reshape(-1).double() * b.reshape(-1).double()).sum())
+    return float((full(a).reshape(-1).double() * full(b).reshape(-1).double()).sum())
 
 
 def _square(p: Part) -> float:
-    values = p.values if isinstance(p, Sparse) else p
+    values = p.values if isinstance(p, Sparse) else full(p)
     return float(values.double().square().sum())
 
 
@@ -292,7 +379,7 @@ def sketch(delta: Delta, shapes: Shapes, width: int = SKETCH_WIDTH) -> Tensor:
         if isinstance(part, Sparse):
             idx, values = part.indices + offsets[name], part.values
         else:
-            values = part.reshape(-1)
+            values = full(part).reshape(-1)
             idx = torch.arange(values.numel(), dtype=torch.int64) + offsets[name]
         mixed = idx % _P
         bucket = (mixed * 1_000_003) % _P % width

@@ -56,7 +56,22 @@ class Sparse(NamedTuple):
     values: Tensor
 
 
-Part = Tensor | Sparse
+class Mixed(NamedTuple):
+    """One parameter's dense part plus a sparse part (`lowrank`: the factors' product, then the top-k
+    of what they leave). `merge_mean` takes two means of it: the dense part over every sender, the
+    sparse part per index over the deltas that hold that index, as for `Sparse`."""
+
+    dense: Tensor
+    sparse: Sparse
+
+    def full(self) -> Tensor:
+        """dense + sparse, as one new tensor."""
+        out = self.dense.float().clone()
+        out.view(-1).index_add_(0, self.sparse.indices.to(out.device), self.sparse.values.to(out.device))
+        return out
+
+
+Part = Tensor | Sparse | Mixed
 Delta = dict[str, Part]
 
 
@@ -391,8 +406,8 @@ class LowRank(TopK2):
     largest of every 4096 entries 4.8%), so a top-k codec alone sends a small part of early progress.
     Per 2-D parameter [m, n] the record is r·m int8 codes of P, r·n of Q, r fp32 scales of each
     (little-endian bytes), then the `topk2` records of Δ − P Qᵀ; other parameters are `topk2` only.
-    The decoded part of a 2-D parameter is dense: Σ_j outer(p_j, q_j) in a fixed order (elementwise,
-    so every node gets the same bits) plus the sparse values."""
+    A 2-D parameter decodes to `Mixed`: Σ_j outer(p_j, q_j) in a fixed order (elementwise, so every
+    node gets the same bits) and the sparse values."""
 
     name = "lowrank"
 
@@ -442,9 +457,7 @@ class LowRank(TopK2):
                 raise NonFiniteValues(f"{name}: factor scales must be finite")
             if bool((scales < 0).any()):
                 raise BadTensors(f"{name}: factor scales must be >= 0")
-            dense = _product(pc, scales[:r], qc, scales[r:]).reshape(-1)
-            dense.index_add_(0, sparse.indices, sparse.values)
-            delta[name] = dense.view(shape)
+            delta[name] = Mixed(_product(pc, scales[:r], qc, scales[r:]), sparse)
         return delta
 
 
@@ -545,8 +558,13 @@ def densify(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
             flat[part.indices] = part.values
             out[name] = flat.view(shape)
         else:
-            out[name] = part.float().reshape(shape)
+            out[name] = full(part).float().reshape(shape)
     return out
+
+
+def full(part: Tensor | Mixed) -> Tensor:
+    """A part that holds every position, as one tensor."""
+    return part.full() if isinstance(part, Mixed) else part
 
 
 @dataclass
@@ -593,6 +611,6 @@ def compress(
         if isinstance(part, Sparse):
             t.view(-1).index_add_(0, part.indices.to(t.device), part.values.to(t.device), alpha=-1.0)
         else:
-            t.sub_(part.to(t.device).view_as(t))
+            t.sub_(full(part).to(t.device).view_as(t))
     ef.residual = target
     return wire
