@@ -40,7 +40,7 @@ from . import protocol
 from .config import HOSTILE_PREFIX, ConfigError
 from .data.pages import local_pages
 from .delta import Delta, delta_norm, similarity
-from .delta.codec import Sparse, compress, densify
+from .delta.codec import Mixed, Sparse, compress, densify
 from .delta.wire import DeltaRejected, decode_delta, expectation
 from .storage.base import NotFound, StorageError
 from .storage.hostile import BEHAVIOURS, Behaviour, HostileServer, status_500
@@ -208,8 +208,9 @@ class Backdater(Copycat):
 
 
 class NoisyCopier(Copycat):
-    """A copy with its sent values jittered, at the same positions, and re-encoded with the codec
-    (whatever its layout), the jitter sized so the decoded cosine to the original is about
+    """A copy with its sent values jittered, at the same positions (a `Mixed` part: its sparse values;
+    its low-rank part is copied as is), and re-encoded with the codec (whatever its layout), the
+    jitter sized so the decoded cosine (`similarity`) to the original is about
     `cosine`: under the old copy_threshold 0.98, over today's 0.8. A quantising codec snaps small
     jitter back to the original's bins, so the size is found by bisection on the decoded result."""
 
@@ -220,10 +221,10 @@ class NoisyCopier(Copycat):
         m, original = self.miner, stolen[0][1]
         g = torch.Generator().manual_seed(protocol.seed("noisy-copier", m.uid, window))
         dense = densify(original, m.shapes)  # every codec's parts (sparse, dense, mixed) as tensors
-        held = {  # where the original holds values: its sparse positions, or everywhere
-            n: p.indices if isinstance(p, Sparse) else torch.arange(dense[n].numel())
+        held = {  # the values it jitters: sparse ones (a Mixed part's too: its low-rank part stays), or all
+            n: p.indices if isinstance(p, Sparse) else p.sparse.indices if isinstance(p, Mixed) else torch.arange(dense[n].numel())
             for n, p in original.items()
-        }
+        }  # fmt: skip
         noise = {n: torch.randn(idx.shape, generator=g) for n, idx in held.items()}
         rms = {n: float(dense[n].reshape(-1)[idx].float().pow(2).mean().sqrt()) for n, idx in held.items()}
 

@@ -179,7 +179,7 @@ def test_noisy_copier_lands_above_the_copy_threshold() -> None:
 
     from bistro.config import build_settings
     from bistro.delta import similarity
-    from bistro.delta.codec import CODECS, codec_context, compress
+    from bistro.delta.codec import CODECS, Mixed, codec_context, compress
     from bistro.personas import NoisyCopier
 
     s = build_settings("tiny")
@@ -194,5 +194,6 @@ def test_noisy_copier_lands_above_the_copy_threshold() -> None:
     forged = codec.decode(NoisyCopier(miner).forge(3, [(wire, original)]), ctx, shapes)
     cosine = similarity(original, forged)
     assert s.mechanism.copy_threshold + 0.05 < cosine < 0.98, cosine
-    for name in shapes:
-        assert torch.equal(original[name].indices, forged[name].indices)
+    for name in shapes:  # its sparse positions are (nearly all) the original's
+        was, now = (p.sparse if isinstance(p, Mixed) else p for p in (original[name], forged[name]))
+        assert torch.isin(now.indices, was.indices).float().mean() > 0.9, name

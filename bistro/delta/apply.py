@@ -343,6 +343,11 @@ def _square(p: Part) -> float:
     return float(values.double().square().sum())
 
 
+def _screened(delta: Delta) -> Delta:
+    """What the copy screen compares: a `Mixed` part's sparse values, every other part whole."""
+    return {name: p.sparse if isinstance(p, Mixed) else p for name, p in delta.items()}
+
+
 def similarity(a: Delta, b: Delta) -> float:
     """Cosine between two deltas as whole vectors (a position one delta does not hold is 0 there).
 
@@ -350,7 +355,14 @@ def similarity(a: Delta, b: Delta) -> float:
     cosine over the shared positions only is no test of copying: honest top-k deltas of one window
     agree in sign and size where their supports meet (measured on `tiny`: 0.99 over the ~10% of
     positions they share, 0.09-0.16 as whole vectors, 1.0 for a copy).
+
+    Of a `Mixed` part only the sparse values count (`_screened`): the low-rank parts of honest
+    deltas of one window share the direction of the common gradient (cosine 0.5-0.77 on `tiny`,
+    against the 0.8 threshold), their top-k residuals are as far apart as topk2 deltas. A copier
+    that keeps someone's low-rank part and sends its own sparse values passes this screen and meets
+    the own-page test, which pays the copied part nothing (it helps own and control pages alike).
     """
+    a, b = _screened(a), _screened(b)
     dot = sum(_dot(a[name], b[name]) for name in a.keys() & b.keys())
     na = sum(_square(p) for p in a.values())
     nb = sum(_square(p) for p in b.values())
@@ -368,14 +380,15 @@ def sketch(delta: Delta, shapes: Shapes, width: int = SKETCH_WIDTH) -> Tensor:
     estimates their `similarity` to about sqrt(2 / width) (0.006 at the default).
 
     Comparing every pair of 255 deltas exactly costs 32k sparse intersections (about 17 minutes on
-    `tiny` shapes); one matrix product of sketches finds the few pairs worth an exact look."""
+    `tiny` shapes); one matrix product of sketches finds the few pairs worth an exact look. It
+    sketches what `similarity` compares (`_screened`)."""
     out = torch.zeros(width, dtype=torch.float64)
     offset = 0
     offsets = {}
     for name in sorted(shapes):
         offsets[name] = offset
         offset += numel(tuple(shapes[name]))
-    for name, part in delta.items():
+    for name, part in _screened(delta).items():
         if isinstance(part, Sparse):
             idx, values = part.indices + offsets[name], part.values
         else:
