@@ -7,7 +7,7 @@ so everyone measures the same code. Nothing here reads a clock, a chain or a sto
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,7 @@ from .config import Settings
 from .data import Dataset
 from .data.pages import eval_pages, global_pages, local_pages, other_pages
 from .delta import Delta, add_, apply_, delta_norm, restore_, similarity, sketch
-from .delta.apply import MERGES, MeanMerge, scaled
+from .delta.apply import MERGES, MeanMerge, low_rank_part, low_rank_similarity, scaled
 from .master import apply_update
 from .model import sequence_losses, state_tensors
 from .protocol import seed
@@ -108,33 +108,53 @@ class Evaluator:
         exactly, so 255 uids cost one matrix product, not 32k sparse intersections. Who is the
         original comes from evidence no miner controls (never an upload time, which the miner's own
         server reports): the author's delta helps the author's own pages more than its control
-        pages; a copier's pages are not the ones the delta was trained on."""
+        pages; a copier's pages are not the ones the delta was trained on. A pair is near-identical by
+        its sparse values (`copy_threshold`) or, for lowrank deltas, by its low-rank parts
+        (`low_rank_copy_threshold`: a copier can keep someone's factors and send top-k values of
+        its own)."""
         ok = sorted(uid for uid, v in verdicts.items() if v.verdict == "ok")
         if len(ok) < 2:
             return
         row = {uid: k for k, uid in enumerate(ok)}
-        sketches = torch.stack([sketch(verdicts[uid].delta, self.shapes) for uid in ok])
-        gram = sketches @ sketches.T
-        threshold = self.settings.mechanism.copy_threshold
+        m = self.settings.mechanism
 
-        exact: dict[tuple[int, int], float] = {}
+        def screen(measure: Callable[[Delta, Delta], float], threshold: float, low_rank: bool) -> Callable[[int, int], float]:  # fmt: skip
+            """A pair's cosine by `measure`, exact only where the sketches put it near `threshold`."""
+            sketches = torch.stack(
+                [sketch(verdicts[uid].delta, self.shapes, low_rank=low_rank) for uid in ok]
+            )
+            gram, exact = sketches @ sketches.T, {}
+
+            def cosine(a: int, b: int) -> float:
+                estimate = float(gram[row[a], row[b]])
+                if estimate < threshold - SCREEN:
+                    return estimate
+                pair = (min(a, b), max(a, b))
+                if pair not in exact:
+                    exact[pair] = measure(verdicts[a].delta, verdicts[b].delta)
+                return exact[pair]
+
+            return cosine
+
+        whole = screen(similarity, m.copy_threshold, low_rank=False)
+        low = (
+            screen(low_rank_similarity, m.low_rank_copy_threshold, low_rank=True)
+            if any(low_rank_part(verdicts[uid].delta) for uid in ok)
+            else None
+        )
 
         def similar(a: int, b: int) -> float:
-            estimate = float(gram[row[a], row[b]])
-            if estimate < threshold - SCREEN:
-                return estimate
-            pair = (min(a, b), max(a, b))
-            if pair not in exact:
-                exact[pair] = similarity(verdicts[a].delta, verdicts[b].delta)
-            return exact[pair]
+            """≥ 1: a near-copy pair, by its sparse values or by its low-rank parts."""
+            score = whole(a, b) / m.copy_threshold
+            return max(score, low(a, b) / m.low_rank_copy_threshold) if low is not None else score
 
-        grouped = sorted({u for a in ok for b in ok if a < b and similar(a, b) >= threshold for u in (a, b)})
+        grouped = sorted({u for a in ok for b in ok if a < b and similar(a, b) >= 1.0 for u in (a, b)})
         if not grouped:
             return
         evidence = self.own_page_evidence(grouped, window, block_hash, master, verdicts)
         tiebreak = {uid: seed("bistro-copy-tie", self.netuid, window, uid) for uid in grouped}
         order = scoring.copy_order(evidence, tiebreak)
-        for uid, source in scoring.find_copies(order, similar, threshold).items():
+        for uid, source in scoring.find_copies(order, similar, 1.0).items():
             verdicts[uid].verdict, verdicts[uid].copy_of, verdicts[uid].delta = V.copy, source, None
             log.info(
                 "uid %d: copy of uid %d (own-page evidence %+.5f vs %+.5f)",
