@@ -171,17 +171,18 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
     cuda = settings.device.startswith("cuda")
     act = activation_bytes(settings.model, settings.train.eval_batch_size, cuda=cuda, checkpointing=False,
                            train=False)  # fmt: skip
+    sparse = sum(kept_entries(settings, {k: s}) for k, s in shapes.items() if not _dense(settings, s))
+    dense = n - sum(math.prod(s) for s in shapes.values() if not _dense(settings, s))
+    union = min(n - dense, uids * sparse)
     state = [
         Item("θ_eval (the model)", 4 * n, "Evaluator.params"),
         Item("master θ_w", 4 * n, "Node.master"),
         Item("decoded deltas", uids * per_uid, "Verdict.delta of every uid, held for the window"),
         Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results"),
         Item("sketches", uids * 8 * (1 << 16), "drop_copies"),
+        Item("mean-merge sums", 16 * dense, "MeanMerge of dense parts: three sums and the update"),
     ]
     score = [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")]
-    sparse = sum(kept_entries(settings, {k: s}) for k, s in shapes.items() if not _dense(settings, s))
-    dense = n - sum(math.prod(s) for s in shapes.values() if not _dense(settings, s))
-    union = min(n - dense, uids * sparse)
     merge = [*state, Item("merge inputs", uids * (sparse * 20), "cat of indices, values, inverse (merge)"),
              Item("merged update", union * 12 + dense * 4, "union of positions and values; dense parts")]  # fmt: skip
     return {"score": score, "merge": merge}

@@ -51,7 +51,7 @@ def _validator(settings, uids: int) -> None:
     params = state_tensors(model)
     master = {k: v.detach().clone() for k, v in params.items()}
     dataset = Dataset.open(settings)
-    codec, ctx = CODECS["topk"], codec_context(settings, 3)
+    codec, ctx = CODECS[settings.mechanism.codec], codec_context(settings, 3)
     shapes = {k: tuple(v.shape) for k, v in params.items()}
     verdicts = {}
     g = torch.Generator().manual_seed(1)
