@@ -136,6 +136,7 @@ class Validator(Node):
         self._canary_written = False
         self._record_lines = 0
         self.fetched_bytes = 0
+        self.io_seconds = 0.0
         """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
         self._load_state()
 
@@ -338,6 +339,7 @@ class Validator(Node):
 
         Our canary rides in the same gather: if it does not come back intact, every uid is `skip`."""
         m = self.settings.mechanism
+        self.io_seconds = 0.0  # the gather's seconds, for the record's fetch_seconds
         commitments = self.chain.commitments()
         verdicts = {uid: Verdict(uid) for uid in uids}
         items: list[tuple[Store, str]] = [(self.store, canary_key(self.netuid))]
@@ -354,7 +356,9 @@ class Validator(Node):
             owners.append((uid, hotkey))
         if not self._write_canary():
             return self._skip_all(verdicts, "cannot write our canary")
+        io_start = time.perf_counter()
         results = gather(items, max_bytes=m.max_delta_bytes, deadline=time.monotonic() + self.fetch_budget())
+        self.io_seconds = time.perf_counter() - io_start
         canary, results = results[0], results[1:]
         self.fetched_bytes = sum(len(r) for r in results if isinstance(r, bytes | bytearray))
         if canary != self.canary:
@@ -425,13 +429,19 @@ class Validator(Node):
             )
         fetch_start = time.perf_counter()
         verdicts = self.fetch(window, mg, uids)
-        timings = {"fetch_seconds": time.perf_counter() - fetch_start}
+        # fetch_seconds: the peer I/O, what the deadline bounds; decode_seconds: our own checks and
+        # decoding of what arrived (bounded by the codec's fixed layout, whatever a peer sends)
+        fetched = time.perf_counter() - fetch_start
+        timings = {
+            "fetch_seconds": min(self.io_seconds, fetched),
+            "decode_seconds": max(0.0, fetched - self.io_seconds),
+        }
         incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
         grace = m.upload_grace_blocks
         block_hash = self.chain.block_hash(protocol.seed_block(window, self.bpw, grace))
         self.evaluator.drop_copies(verdicts, window, block_hash, self.master)
         base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
-        timings["score_seconds"] = time.perf_counter() - fetch_start - timings["fetch_seconds"]
+        timings["score_seconds"] = time.perf_counter() - fetch_start - fetched
         keep = {int(u) for u in mg.uids} - {self.uid}
         evaluated = {u for u in uids if verdicts[u].verdict != V.skip}  # a skip keeps its average
         previous = {u: a for u, a in self.state.averages.items() if u in keep}

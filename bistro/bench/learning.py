@@ -65,6 +65,10 @@ TARGETS = {"learning_efficiency": 0.8, "learning_efficiency_ddp": 0.95, "tokens_
            "compression_ratio": 146.0}  # fmt: skip
 
 ABLATIONS: dict[str, dict[str, Any]] = {
+    "topk2 64/4096 (session 5 default)": {
+        "overrides": {"mechanism.codec": "topk2", "mechanism.compression": 64.0}
+    },
+    "lowrank rank 2": {"overrides": {"mechanism.rank": 2}},
     "merge sum": {"overrides": {"mechanism.merge": "sum"}},
     "plain error feedback": {"overrides": {"mechanism.ef_decay": 1.0}},
     "topk 8-bit 1/100": {"overrides": {"mechanism.codec": "topk", "mechanism.compression": 100.0}},

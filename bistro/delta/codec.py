@@ -5,7 +5,7 @@ describing the window, and a `CODECS` registry checked at import. Every codec al
 exact wire tensors (`wire_spec`) it produces for a model's shapes, so a validator can reject a blob
 from its header alone, before any tensor is loaded.
 
-- `topk` (default): per parameter, chunks of `ctx.chunk` entries, the k = round(chunk/compression)
+- `topk` (the first default): per parameter, chunks of `ctx.chunk` entries, the k = round(chunk/compression)
   largest by magnitude per chunk; local indices sorted and packed in 12 bits (two in three bytes)
   when chunk <= 4096 (int32 otherwise); values as int8 with one fp32 scale (absmax/127) per chunk.
   fp32 scales cost ~2% of the ratio against fp16 but cannot underflow for late, tiny deltas:
@@ -20,7 +20,8 @@ from its header alone, before any tensor is loaded.
 - `lowrank`: rank-`rank` factors of every 2-D parameter (int8 codes, an fp32 scale a factor), then
   `topk2` of what the factors leave, in one uint8 tensor a parameter (the default: rank 1 with 32 of
   4096; ~175x before the header on `tiny`). Early deltas of Adam are nearly low-rank and flat in
-  magnitude, which top-k alone sends badly. Decodes to dense 2-D parts. Pair it with `ErrorFeedback`.
+  magnitude, which top-k alone sends badly. A 2-D part decodes to `Mixed` (the product, dense, and
+  the sparse values). Pair it with `ErrorFeedback`.
 - `mask`: the same positions for every miner, drawn from a CPU generator seeded by
   (netuid, window, name); only fp32 values travel, so the ratio is `compression` exactly.
 - `dense`: bf16 values of everything, for debugging and as a reference (2x).
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
 
 Shapes = dict[str, tuple[int, ...]]
 MAX_RANK = 8
+"""Most factors `lowrank` sends a matrix."""
 LOW_RANK_ITERATIONS = 3
+"""Subspace iterations of `low_rank` (the miner's cost only; decoding reads the factors)."""
 WireSpec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
