@@ -163,6 +163,13 @@ def merge_mean(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes
     return out
 
 
+def _split(p: Part) -> tuple[Tensor | None, Sparse | None]:
+    """A part's dense and sparse halves (either may be absent)."""
+    if isinstance(p, Mixed):
+        return p.dense, p.sparse
+    return (None, p) if isinstance(p, Sparse) else (p, None)
+
+
 class TwoMeans(NamedTuple):
     """`merge_mean` of one parameter where some delta holds it as `Mixed`: the mean of the dense
     parts over every delta that has one, plus, per index, the mean of the sparse values over the
@@ -179,7 +186,7 @@ class TwoMeans(NamedTuple):
         dense_total, dense_held = torch.zeros(size), 0.0
         sparse_total, sparse_held = torch.zeros(size), torch.zeros(size)
         for p, w, c in parts:
-            dense, sparse = (p.dense, p.sparse) if isinstance(p, Mixed) else (None, p) if isinstance(p, Sparse) else (p, None)  # fmt: skip
+            dense, sparse = _split(p)
             if dense is not None:
                 dense_total.add_(dense.float().reshape(-1), alpha=w * c)
                 dense_held += w
@@ -199,7 +206,7 @@ class TwoMeans(NamedTuple):
         """The sums with one delta's part taken out."""
         dense_total, dense_held = self.dense_total, self.dense_held
         sparse_total, sparse_held = self.sparse_total.clone(), self.sparse_held.clone()
-        dense, sparse = (p.dense, p.sparse) if isinstance(p, Mixed) else (None, p) if isinstance(p, Sparse) else (p, None)  # fmt: skip
+        dense, sparse = _split(p)
         if dense is not None:
             dense_total, dense_held = dense_total - w * c * dense.float().reshape(-1), dense_held - w
             if dense_held <= 1e-12:
@@ -211,7 +218,7 @@ class TwoMeans(NamedTuple):
 
     def taken(self, p: Part, w: float) -> tuple[float, float]:
         """(|p| summed, |p| weighted by its share w / Σ w of each mean it is in): for `share`."""
-        dense, sparse = (p.dense, p.sparse) if isinstance(p, Mixed) else (None, p) if isinstance(p, Sparse) else (p, None)  # fmt: skip
+        dense, sparse = _split(p)
         mass = taken = 0.0
         if dense is not None:
             size = float(dense.float().abs().double().sum())
@@ -371,8 +378,8 @@ def similarity(a: Delta, b: Delta) -> float:
     Of a `Mixed` part only the sparse values count (`_screened`): the low-rank parts of honest
     deltas of one window share the direction of the common gradient (cosine 0.5-0.77 on `tiny`,
     against the 0.8 threshold), their top-k residuals are as far apart as topk2 deltas. A copier
-    that keeps someone's low-rank part and sends its own sparse values passes this screen and meets
-    the own-page test, which pays the copied part nothing (it helps own and control pages alike).
+    that keeps someone's low-rank part and sends its own sparse values passes this screen; the
+    second screen (`low_rank_similarity`) catches it.
     """
     a, b = _screened(a), _screened(b)
     dot = sum(_dot(a[name], b[name]) for name in a.keys() & b.keys())
