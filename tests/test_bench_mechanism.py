@@ -39,6 +39,8 @@ def test_headline_has_every_figure(result: dict) -> None:
 def test_validator_and_miner_parts_did_real_work(result: dict) -> None:
     over = result["validator_overhead"]
     assert over["uids"] >= 2 and over["overhead"] > 0 and over["score_s"] > 0
+    # The baseline runs exactly the sequences Evaluator.score runs (control pages included).
+    assert over["score_rows"] == over["bare_rows"] > 0
     duty = result["duty_cycle"]
     assert duty["windows"] >= 1
     assert 0 < duty["busy_fraction"] <= 1 and 0 < duty["wall_fraction"] <= duty["busy_fraction"]

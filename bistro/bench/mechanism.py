@@ -4,7 +4,10 @@
    kept here (`batches`, `held_out_pages`, `decode_all`) against a sequential and a data-parallel
    baseline.
 3. Validator overhead: `Evaluator.score` for 8 uids over the bare `sequence_losses` passes that its
-   scoring rule needs, on the same model and sequences, interleaved, medians.
+   scoring rule needs (issue 14's rule: every uid's eval pages and as many control pages, at θ, at
+   θ_eval and at θ_eval without the uid; the global pages at θ and θ_eval), on the same model and
+   sequences, interleaved, medians. The ratio is what the merge, the leave-one-out and the
+   bookkeeping cost on top of the forward passes.
 4./5. Miner duty cycle and the 256-uid validator window: `bench/scale.py`.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace as dc_replace
 from typing import Any
 
@@ -20,7 +24,7 @@ import torch
 
 from ..config import Settings
 from ..data import Dataset
-from ..data.pages import eval_pages, global_pages, local_pages
+from ..data.pages import eval_pages, global_pages, local_pages, other_pages
 from ..delta import DeltaRejected, decode_delta
 from ..delta.wire import expectation
 from ..evaluator import Evaluator, Verdict
@@ -94,17 +98,20 @@ def overhead(settings: Settings, dataset: Dataset, blobs: dict[int, tuple[str, b
     bh = block_hash(window)
     ps, netuid = dataset.page_settings, settings.chain.netuid
     own = {u: dataset.sequences(eval_pages(netuid, u, window, bh, ps)) for u in uids}
+    # Own pages, then the control pages the own-page test compares them with (Evaluator.score).
+    pages = {u: torch.cat([own[u], dataset.sequences(other_pages(netuid, u, window, bh, ps))]) for u in uids}
     glob = dataset.sequences(global_pages(netuid, window, bh, ps))
     model, bs = evaluator.model, settings.train.eval_batch_size
 
     def score() -> None:
         evaluator.score(window, bh, master, verdicts, {})
 
-    def bare() -> None:  # base, one shared "with" pass, one "without" pass per uid
-        sequence_losses(model, glob, bs)
-        sequence_losses(model, torch.cat([own[u] for u in uids] + [glob]), bs)
-        for u in uids:
-            sequence_losses(model, torch.cat([own[u], glob]), bs)
+    def bare() -> None:  # the passes Evaluator.score makes, on one fixed model
+        sequence_losses(model, glob, bs)  # L(θ) on the global pages
+        sequence_losses(model, torch.cat([pages[u] for u in uids]), bs)  # L(θ) on every uid's pages
+        sequence_losses(model, torch.cat([pages[u] for u in uids] + [glob]), bs)  # θ_eval, one batch
+        for u in uids:  # θ_eval without uid u, on its pages
+            sequence_losses(model, pages[u], bs)
 
     def own_only() -> None:  # the issue's literal count: 2 per uid on its eval pages, the global once
         sequence_losses(model, glob, bs)
@@ -114,7 +121,7 @@ def overhead(settings: Settings, dataset: Dataset, blobs: dict[int, tuple[str, b
 
     times: dict[str, list[float]] = {"score": [], "bare": [], "own_only": []}
     fns = {"score": score, "bare": bare, "own_only": own_only}
-    score()  # warm-up: page cache, allocator
+    rows = {name: _rows_forwarded(model, fns[name]) for name in ("score", "bare")}  # also the warm-up
     for r in range(repeats):
         order = list(fns) if r % 2 == 0 else list(reversed(fns))
         for name in order:
@@ -129,7 +136,25 @@ def overhead(settings: Settings, dataset: Dataset, blobs: dict[int, tuple[str, b
         "own_only_s": med["own_only"], "overhead": med["score"] / med["bare"],
         "over_own_pages_only": med["score"] / med["own_only"],
         "overhead_of_fastest": min(times["score"]) / min(times["bare"]), "times": times,
+        "score_rows": rows["score"], "bare_rows": rows["bare"],
     }  # fmt: skip
+
+
+def _rows_forwarded(model: torch.nn.Module, fn: Callable[[], None]) -> int:
+    """How many sequences `fn` runs through `model`: the baseline must make the passes the scoring
+    rule makes, or the ratio measures a rule nobody runs."""
+    count = 0
+
+    def hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        nonlocal count
+        count += len(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return count
 
 
 # --- the suite ---------------------------------------------------------------------------------------
