@@ -140,3 +140,33 @@ def test_localnet_runs_miners_under_torchrun(tmp_path: Path) -> None:
     assert cmd[cmd.index("--train.fsdp") + 1] == "true" and "miner" in cmd
     validator = net.command(Member("validator-0", "validator", "validator", bucket="bistro-0123456789abcdef"))
     assert validator[0] != cmd[0] and "--train.fsdp" not in validator
+
+
+@pytest.mark.slow
+def test_localnet_fsdp_miner_delta_is_accepted(tmp_path: Path) -> None:
+    """`bistro localnet --nproc-per-miner 2 --train.fsdp true`: the miner's two gloo ranks train,
+    rank 0 uploads, and the real validator process decodes, scores and merges that delta."""
+    import json
+    import subprocess
+    import sys
+
+    run = tmp_path / "net"
+    out = subprocess.run(
+        [sys.executable, "-m", "bistro.cli", "localnet", "--miners", "1", "--validators", "1", "--windows", "4",
+         "--block-time", "2", "--personas", "honest", "--nproc-per-miner", "2", "--train.fsdp", "true",
+         "--train.steps_per_window", "4", "--dir", str(run), "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["crashed"] == [] and summary["windows_completed"] == 4
+    assert "on 2 processes (gloo), FSDP2" in (run / "logs" / "miner-0.log").read_text()
+    (uid,) = [u["uid"] for u in summary["uids"]]
+    records = [
+        json.loads(line)
+        for line in (run / "nodes/validator-0/validator/windows.jsonl").read_text().splitlines()
+    ]
+    ok = [r for r in records if r["uids"][str(uid)]["verdict"] == "ok"]
+    assert ok, [r["uids"][str(uid)]["verdict"] for r in records]  # window 0 has no master yet: missing
+    assert any(r["accepted"] and r["merged_uids"] == [uid] for r in ok)
+    assert summary["master_loss"][-1] < summary["master_loss"][0]
