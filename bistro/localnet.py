@@ -415,6 +415,9 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
             "validators": net.args.validators,
             "block_time": net.settings.chain.block_time,
             "blocks_per_window": net.settings.mechanism.blocks_per_window,
+            "corpus": net.settings.data.corpus,
+            "nproc_per_miner": int(getattr(net.args, "nproc_per_miner", 1) or 1),
+            "fsdp": net.settings.train.fsdp,
         },  # fmt: skip
     }
 
