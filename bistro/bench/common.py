@@ -32,6 +32,8 @@ class Plan:
     """Optimizer steps per miner per window."""
     held_out: int
     """Held-out pages."""
+    batch_size: int | None = None
+    """Sequences per miner step (None: the preset's `train.batch_size`)."""
 
 
 def clone(params: Params) -> Params:

@@ -22,6 +22,10 @@ network catches up while the baseline stands still. `baseline_last_quarter_fract
 fraction for the whole run. `tokens_efficiency`: tokens the sequential baseline needed to reach the
 network's loss at the read-out window (linear between windows), over the tokens the network used.
 
+The default plan steps each miner on 2 sequences (`Plan.batch_size`), so the N miners together take
+one preset batch a step. `baseline_ddp_tokens_efficiency` is the data-parallel baseline's own tokens
+efficiency against the sequential one: what averaging N batches a step can reach at all on the plan.
+
 All arms warm the learning rate up over `min(train.warmup_steps, S)` steps: a warm-up longer than a
 miner's first window would hand the baselines (N× the steps a window) a head start that says nothing
 about the mechanism.
@@ -106,15 +110,20 @@ class Arm:
 def plan_for(settings: Settings, quick: bool) -> Plan:
     if quick:
         return Plan(miners=2, windows=3, steps=2, held_out=2)
-    # 4 miners x 5 steps x 48 windows. Measured with one thread (a 6-window run): 4.5 / 6.0 / 6.8 s of
-    # CPU a window for sequential / ddp / network, planned ~14 min; measured 19.9 min (docs/performance.md).
-    return Plan(miners=4, windows=48, steps=5, held_out=8)
+    # 4 miners x 5 steps x 48 windows at 2 sequences a miner step: together one preset batch (8) a
+    # step, as one sequential step is. At the preset's 8 a miner (32 a step together) the data-parallel
+    # baseline itself reaches only 0.46 of the sequential baseline's tokens at the read-out: the
+    # combined batch is above what early training can use, and `tokens_efficiency` would measure
+    # that, not the mechanism (docs/performance.md, "Session 7"). CPU: see docs/performance.md.
+    return Plan(miners=4, windows=48, steps=5, held_out=8, batch_size=2)
 
 
 def bench_settings(settings: Settings, plan: Plan) -> Settings:
-    """The plan's steps a window, and a warm-up no longer than one miner window."""
+    """The plan's steps a window and batch, and a warm-up no longer than one miner window."""
     warmup = min(settings.train.warmup_steps, plan.steps)
-    return replace(settings, **{"train.steps_per_window": plan.steps, "train.warmup_steps": warmup})
+    batch = plan.batch_size or settings.train.batch_size
+    return replace(settings, **{"train.steps_per_window": plan.steps, "train.warmup_steps": warmup,
+                                "train.batch_size": batch})  # fmt: skip
 
 
 def _loss(evaluator: Evaluator, params: Params, held: torch.Tensor) -> float:
@@ -309,6 +318,10 @@ def learning(settings: Settings, plan: Plan, arms: list[Arm]) -> dict[str, Any]:
                  net["learning_efficiency_ddp"], net["tokens_efficiency"], net["ratio"])  # fmt: skip
     return {
         "miners": plan.miners, "windows": plan.windows, "steps_per_window": plan.steps,
+        "batch_size": s.train.batch_size,
+        # The data-parallel baseline's own tokens efficiency against the sequential one: what any
+        # arm that averages N batches a step can reach on this plan.
+        "ddp_tokens_efficiency": tokens_efficiency(dp["curve"], seq["curve"], readout_window(seq["curve"])),
         "warmup_steps": s.train.warmup_steps, "held_out_pages": held_pages,
         "baseline_last_quarter_fraction": last_quarter_fraction(seq["curve"], plan.windows),
         "baseline_last_quarter_fraction_ddp": last_quarter_fraction(dp["curve"], plan.windows),
@@ -367,6 +380,8 @@ def run(settings: Settings, *, quick: bool, ablation: bool = False) -> dict:
         "learning_efficiency_ddp_final": default["learning_efficiency_ddp_final"],
         "learning_efficiency_pipelined": result["arms"].get("pipelined", {}).get("learning_efficiency"),
         "learning_windows": plan.windows,
+        "learning_batch_size": result["batch_size"],
+        "baseline_ddp_tokens_efficiency": result["ddp_tokens_efficiency"],
         "learning_cpu_seconds": result["sequential"]["cpu_seconds"] + result["ddp"]["cpu_seconds"]
         + default["cpu_seconds"],
     }  # fmt: skip
