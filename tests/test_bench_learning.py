@@ -36,6 +36,17 @@ def test_headline_has_every_figure(result: dict) -> None:
         assert head[key] is not None and math.isfinite(head[key]), key
     assert 100 < head["compression_ratio"] < 1000
     assert 0 <= head["baseline_last_quarter_fraction"] <= 1
+    assert head["learning_batch_size"] == result["learning"]["batch_size"] > 0
+    ddp_tokens = head["baseline_ddp_tokens_efficiency"]  # None only if ddp never reached that loss
+    assert ddp_tokens is None or ddp_tokens > 0
+
+
+def test_default_plan_steps_the_miners_together_on_one_preset_batch() -> None:
+    settings = build_settings("tiny")
+    plan = learning.plan_for(settings, quick=False)
+    s = learning.bench_settings(settings, plan)
+    assert plan.miners * s.train.batch_size == settings.train.batch_size
+    assert plan.windows >= 40 and s.train.warmup_steps <= plan.steps
 
 
 def test_every_arm_learns_on_the_same_held_out_pages(result: dict) -> None:
