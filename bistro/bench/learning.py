@@ -343,7 +343,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.plot(arm["curve"], label=f"network: {label} ({arm['ratio']:.0f}x)", lw=1.2)
     ax.set_xlabel("window")
     ax.set_ylabel("held-out loss (nats)")
-    ax.set_title(f"{result['miners']} miners x {result['steps_per_window']} steps a window")
+    ax.set_title(f"{result['miners']} miners x {result['steps_per_window']} steps a window, "
+                 f"{result.get('batch_size', '?')} sequences a miner step")  # fmt: skip
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)
