@@ -213,12 +213,17 @@ class LocalNet:
         if self.args.config:
             cmd += ["--config", self.args.config]
         cmd += forwarded_flags(self.args)
-        nproc = int(getattr(self.args, "nproc_per_miner", 1) or 1)
+        nproc = self.nproc_per_miner
         if m.role == "miner" and nproc > 1:
             # One miner on N processes (gloo on CPU, NCCL on GPU); --standalone picks a free port.
             torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
             cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
         return cmd
+
+    @property
+    def nproc_per_miner(self) -> int:
+        """Processes each miner runs on (`--nproc-per-miner`; 1 when the caller's args lack it)."""
+        return int(getattr(self.args, "nproc_per_miner", 1) or 1)
 
     def start(self) -> None:
         env = {
@@ -416,7 +421,7 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
             "block_time": net.settings.chain.block_time,
             "blocks_per_window": net.settings.mechanism.blocks_per_window,
             "corpus": net.settings.data.corpus,
-            "nproc_per_miner": int(getattr(net.args, "nproc_per_miner", 1) or 1),
+            "nproc_per_miner": net.nproc_per_miner,
             "fsdp": net.settings.train.fsdp,
         },  # fmt: skip
     }

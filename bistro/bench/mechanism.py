@@ -24,7 +24,7 @@ import torch
 
 from ..config import Settings
 from ..data import Dataset
-from ..data.pages import eval_pages, global_pages, local_pages, other_pages
+from ..data.pages import global_pages, local_pages
 from ..delta import DeltaRejected, decode_delta
 from ..delta.wire import expectation
 from ..evaluator import Evaluator, Verdict
@@ -96,11 +96,10 @@ def overhead(settings: Settings, dataset: Dataset, blobs: dict[int, tuple[str, b
     verdicts = decode_all(settings, evaluator.shapes, window, digest, blobs)
     uids = [u for u, v in verdicts.items() if v.verdict == "ok"]
     bh = block_hash(window)
-    ps, netuid = dataset.page_settings, settings.chain.netuid
-    own = {u: dataset.sequences(eval_pages(netuid, u, window, bh, ps)) for u in uids}
-    # Own pages, then the control pages the own-page test compares them with (Evaluator.score).
-    pages = {u: torch.cat([own[u], dataset.sequences(other_pages(netuid, u, window, bh, ps))]) for u in uids}
-    glob = dataset.sequences(global_pages(netuid, window, bh, ps))
+    # The sequences Evaluator.score reads: each uid's eval pages, then its control pages.
+    own = {u: evaluator.eval_sequences(u, window, bh) for u in uids}
+    pages = {u: torch.cat([own[u], evaluator.other_sequences(u, window, bh)]) for u in uids}
+    glob = evaluator.global_sequences(window, bh)
     model, bs = evaluator.model, settings.train.eval_batch_size
 
     def score() -> None:
