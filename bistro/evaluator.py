@@ -261,9 +261,9 @@ class Evaluator:
             v.base_local = float(base[offset : offset + n].mean())
             v.base_other = float(base[offset + n : offset + k].mean())
             offset += k
-            with torch.no_grad():  # θ_eval without uid i
+            with torch.no_grad():  # θ_eval without uid i: without its term (MeanMerge.term says why)
                 saved = (
-                    apply_(self.params, mm.without(j), 1.0)
+                    apply_(self.params, mm.term(j), -1.0)
                     if mean
                     else apply_(self.params, v.delta, -v.merge_weight)
                 )

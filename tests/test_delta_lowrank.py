@@ -141,7 +141,7 @@ def test_merge_mean_averages_low_rank_parts_over_everyone_and_top_k_values_over_
     assert out.reshape(-1).tolist() == pytest.approx([2 / 3, 0.0, 0.0, 0.0, 2.0, 1.0])
 
 
-def test_leave_one_out_of_mixed_parts_is_the_mean_of_the_others_and_restores_exactly() -> None:
+def test_own_terms_of_mixed_parts_add_up_to_the_update_and_restores_exactly() -> None:
     shapes = {"w": (40, 30), "b": (50,)}
     deltas = []
     for seed in range(3):
@@ -158,12 +158,18 @@ def test_leave_one_out_of_mixed_parts_is_the_mean_of_the_others_and_restores_exa
     assert torch.allclose(params["w"], to_dense(merge_mean(deltas, weights, shapes), shapes)["w"])
     before = {k: v.clone() for k, v in params.items()}
     for i in range(3):
-        saved = apply_(params, mm.without(i), 1.0)
-        rest = [j for j in range(3) if j != i]
-        want = to_dense(merge_mean([deltas[j] for j in rest], [weights[j] for j in rest], shapes), shapes)
+        saved = apply_(params, mm.term(i), -1.0)
+        # i's values out, its weight still in every mean (the same norm each: no clip factor moves)
+        zeroed = [scaled(d, 0.0) if j == i else d for j, d in enumerate(deltas)]
+        want = to_dense(merge_mean(zeroed, weights, shapes), shapes)
         for name in shapes:
             assert torch.allclose(params[name], want[name], atol=1e-6), (i, name)
         restore_(params, saved)
         assert all(torch.equal(params[k], before[k]) for k in params)
+    total = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    for i in range(3):
+        add_(total, mm.term(i), 1.0)
+    for name in shapes:  # the terms are the update, split by sender
+        assert torch.allclose(total[name], before[name], atol=1e-6), name
     # the dense parts are shared by all three: no delta's share of the update is whole
     assert all(0 < mm.share(i) < 1 for i in range(3))

@@ -9,7 +9,7 @@ import transformers
 
 from bistro.config import build_settings
 from bistro.delta import CODECS, BadTensors, CodecContext, ErrorFeedback, Sparse, compress, to_dense
-from bistro.delta.apply import MeanMerge, add_, apply_, merge_mean, restore_
+from bistro.delta.apply import MeanMerge, add_, apply_, merge_mean, restore_, scaled
 from bistro.model import llama_config
 
 CTX = CodecContext(netuid=212, window=7, compression=64.0)
@@ -114,7 +114,7 @@ def test_merge_mean_averages_each_index_over_its_senders_after_median_clipping()
     assert mixed.tolist() == pytest.approx([4.0, 2.0, 0.0, 0.0, 0.0, 0.0])
 
 
-def test_mean_merge_leave_one_out_is_the_mean_of_the_others_and_restores_exactly() -> None:
+def test_mean_merge_own_terms_add_up_to_the_update_and_restores_exactly() -> None:
     shapes = {"w": (5000,), "d": (3, 4)}
     g = torch.Generator().manual_seed(5)
     deltas = []
@@ -129,11 +129,16 @@ def test_mean_merge_leave_one_out_is_the_mean_of_the_others_and_restores_exactly
     add_(params, mm.update, 1.0)
     before = {k: v.clone() for k, v in params.items()}
     for i in range(3):
-        saved = apply_(params, mm.without(i), 1.0)
-        others = merge_mean([d for j, d in enumerate(deltas) if j != i], [w for j, w in enumerate(weights) if j != i],
-                            shapes)  # fmt: skip
-        want = to_dense(others, shapes)
+        saved = apply_(params, mm.term(i), -1.0)
+        # i's values out, its weight still in every mean it was part of (nobody else's value grows)
+        zeroed = [scaled(d, 0.0) if j == i else d for j, d in enumerate(deltas)]
+        want = to_dense(merge_mean(zeroed, weights, shapes), shapes)
         for name in shapes:
             assert torch.allclose(params[name], want[name], atol=1e-6), (i, name)
         restore_(params, saved)
         assert all(torch.equal(params[k], before[k]) for k in params)
+    total = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    for i in range(3):
+        add_(total, mm.term(i), 1.0)
+    for name in shapes:  # the terms are the update, split by sender
+        assert torch.allclose(total[name], before[name], atol=1e-6), name

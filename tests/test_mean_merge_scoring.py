@@ -12,7 +12,7 @@ import torch
 from bistro.config import build_settings
 from bistro.data import Dataset
 from bistro.delta import CODECS
-from bistro.delta.apply import MeanMerge, add_, scaled
+from bistro.delta.apply import MeanMerge, add_, delta_norm, merge_mean, scaled
 from bistro.delta.codec import codec_context
 from bistro.evaluator import Evaluator, Verdict
 from bistro.model import build_model, state_tensors
@@ -59,28 +59,44 @@ def test_theta_eval_is_what_the_master_would_apply(world) -> None:
     assert base != with_global
 
 
-def test_leave_one_out_is_the_mean_of_the_others(world) -> None:
-    """Without uid i under the mean merge: the loss at θ + the others' per-index mean (clipping
-    factors of the full set), not θ_eval − m_i Δ_i as under the weighted sum."""
+def test_without_uid_i_is_theta_eval_less_its_own_term(world) -> None:
+    """Without uid i under the mean merge: the loss at θ + the merge with i's values zeroed and its
+    weight kept (nobody else's value grows where i was), not θ + the mean of the others (which
+    un-dilutes them, and paid a freeloader for it) nor θ_eval − m_i Δ_i as under the weighted sum."""
     _, evaluator, master, deltas = world
-    verdicts = verdicts_of(deltas)
+    size = delta_norm(deltas[0])
+    same = [scaled(d, size / delta_norm(d)) for d in deltas]  # one norm: zeroing one moves no clip factor
+    verdicts = verdicts_of(same)
     evaluator.score(3, BLOCK_HASH, master, verdicts, {})
-    mm = MeanMerge(deltas, [1 / 3] * 3, evaluator.shapes)
+    weights = [verdicts[uid].merge_weight for uid in sorted(verdicts)]
     for j, uid in enumerate(sorted(verdicts)):
+        zeroed = [scaled(d, 0.0) if k == j else d for k, d in enumerate(same)]
         evaluator.set_params(master)
         with torch.no_grad():
-            add_(evaluator.params, mm.update, 1.0)
-            add_(evaluator.params, mm.without(j), 1.0)
+            add_(evaluator.params, merge_mean(zeroed, weights, evaluator.shapes), 1.0)
         own = evaluator.eval_sequences(uid, 3, BLOCK_HASH)
         assert evaluator.loss(own) == pytest.approx(verdicts[uid].without_local, abs=1e-6)
-    # the sum's leave-one-out would be a different model: the test can tell the two apart
+    # the mean of the others is a different model: the test can tell the two apart
     evaluator.set_params(master)
     with torch.no_grad():
-        for d in deltas[1:]:
-            add_(evaluator.params, d, 1 / 3)
+        add_(evaluator.params, merge_mean(same[1:], weights[1:], evaluator.shapes), 1.0)
     assert evaluator.loss(evaluator.eval_sequences(1, 3, BLOCK_HASH)) != pytest.approx(
         verdicts[1].without_local, abs=1e-6
     )
+
+
+def test_a_zero_delta_among_real_ones_scores_exactly_zero(world) -> None:
+    """The freeloader of session 7's CI: its all-zero upload dilutes every mean it is in, and "the
+    mean of the others" gave it the credit of un-diluting them (its summed incentive beat an honest
+    miner's). Its own term is zero: θ_eval without it is θ_eval, bit for bit, and it earns 0.0."""
+    _, evaluator, master, deltas = world
+    verdicts = verdicts_of([*deltas, scaled(deltas[0], 0.0)])
+    evaluator.score(3, BLOCK_HASH, master, verdicts, {})
+    zero = verdicts[4]
+    assert zero.merge_weight > 0  # it is in θ_eval, diluting the others
+    assert zero.without_local == zero.with_local and zero.without_other == zero.with_other
+    assert zero.score == 0.0
+    assert all(verdicts[uid].without_local != verdicts[uid].with_local for uid in (1, 2, 3))  # measured
 
 
 def test_share_is_one_without_overlap_and_the_weight_under_full_overlap(world) -> None:

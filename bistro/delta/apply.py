@@ -202,20 +202,6 @@ class TwoMeans(NamedTuple):
         held = self.sparse_held
         return dense + torch.where(held > 1e-12, self.sparse_total / held.clamp_min(1e-30), 0.0)
 
-    def without(self, p: Part, w: float, c: float) -> TwoMeans:
-        """The sums with one delta's part taken out."""
-        dense_total, dense_held = self.dense_total, self.dense_held
-        sparse_total, sparse_held = self.sparse_total.clone(), self.sparse_held.clone()
-        dense, sparse = _split(p)
-        if dense is not None:
-            dense_total, dense_held = dense_total - w * c * dense.float().reshape(-1), dense_held - w
-            if dense_held <= 1e-12:
-                dense_total, dense_held = torch.zeros_like(dense_total), 0.0
-        if sparse is not None:
-            sparse_total.index_add_(0, sparse.indices, sparse.values.float(), alpha=-w * c)
-            sparse_held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), -w))
-        return TwoMeans(dense_total, dense_held, sparse_total, sparse_held)
-
     def taken(self, p: Part, w: float) -> tuple[float, float]:
         """(|p| summed, |p| weighted by its share w / Σ w of each mean it is in): for `share`."""
         dense, sparse = _split(p)
@@ -233,14 +219,14 @@ class TwoMeans(NamedTuple):
 class MeanMerge:
     """`merge_mean` of a window's deltas, and each one's exact leave-one-out.
 
-    "Without uid i" for a merge that is not a weighted sum: i's values leave every per-index mean
-    they were part of, and nothing else changes (the clipping factors stay those of the full set, so
-    removing one delta never rescales the others). `without(i)` is the change, at i's positions only,
-    that turns θ + `update` into θ + the mean merge of the others. The validator applies it with
-    `apply_` and comes back with `restore_`, bit for bit, as with the weighted sum:
+    "Without uid i" for a merge that is not a weighted sum: θ_eval minus i's own term, `term(i)`:
+    its values times its share of each per-index mean they are in, every denominator and clipping
+    factor kept, so taking one delta out never rescales the others (the terms add up to `update`).
+    The validator applies it with `apply_` and comes back with `restore_`, bit for bit, as with the
+    weighted sum:
 
         add_(params, mm.update, 1.0)                    # θ_eval
-        saved = apply_(params, mm.without(i), 1.0)      # θ_eval without i
+        saved = apply_(params, mm.term(i), -1.0)        # θ_eval without i
         restore_(params, saved)
     """
 
@@ -300,22 +286,39 @@ class MeanMerge:
             taken += float((size * (w / self.sums[name][2][where].double().clamp_min(1e-30))).sum())
         return c * taken / mass if mass > 0 else c
 
-    def without(self, i: int) -> Delta:
+    def term(self, i: int) -> Delta:
+        """Delta i's own term in the update: at each position it sends, its value times its share
+        w_i c_i / Σ w of the mean there, every denominator kept. `θ_eval − term(i)` is "θ_eval
+        without uid i" as the validator scores it (issue 16 asks to define it for a merge that is
+        not a weighted sum): what i's *values* put into θ_eval, and nothing else.
+
+        Not the mean of the others (until session 8): taking i out of a mean also un-dilutes
+        everyone else's values there, and that is not i's work. A freeloader's all-zero upload sits
+        in every dense mean (a low-rank part is everyone's), so the mean of the others scaled the
+        whole update up by 1 / (1 − its weight); where the update overshot, that "help" paid it:
+        its summed incentive beat an honest miner's in a 6-window localnet (a fresh-clone CI of
+        session 7). Its term is exactly 0, so its help is exactly 0."""
         out: Delta = {}
         w, c = self.weights[i], self.clip[i]
         for name, p in self.deltas[i].items():
+            shape = self.shapes[name]
             if name in self.two:
-                rest = self.two[name].without(p, w, c).mean()
-                out[name] = Sparse(torch.arange(rest.numel()), rest - self.update[name].reshape(-1))
+                two = self.two[name]
+                dense, sparse = _split(p)
+                t = torch.zeros(numel(shape))
+                if dense is not None and two.dense_held > 1e-12:
+                    t.add_(dense.float().reshape(-1), alpha=w * c / two.dense_held)
+                if sparse is not None:
+                    held = two.sparse_held[sparse.indices].clamp_min(1e-30)
+                    t.index_add_(0, sparse.indices, sparse.values.float() * (w * c) / held)
+                out[name] = t.view(shape)
                 continue
-            at, total, held = self.sums[name]
-            pos, where = self._at(name, p)
-            vals = p.values.float() if isinstance(p, Sparse) else p.float().reshape(-1)
-            left_total, left_held = total[where] - w * c * vals, held[where] - w
-            rest = torch.where(left_held > 1e-12, left_total / left_held.clamp_min(1e-30), 0.0)
-            part = self.update[name]
-            now = part.values[where] if at is not None else part.reshape(-1)[pos]
-            out[name] = Sparse(pos, rest - now)
+            _, where = self._at(name, p)
+            held = self.sums[name][2][where].clamp_min(1e-30)
+            if isinstance(p, Sparse):
+                out[name] = Sparse(p.indices, p.values.float() * (w * c) / held)
+            else:
+                out[name] = (p.float().reshape(-1) * (w * c) / held).view(shape)
         return out
 
 
