@@ -26,8 +26,8 @@ DELTA_RTOL = 5e-3
 (measured 2.4e-3 on the token embedding, whose rare rows AdamW normalises from tiny gradients)."""
 
 
-def _settings(fsdp: bool, batch: int):
-    return build_settings("tiny", overrides={"train.fsdp": fsdp, "train.batch_size": batch, "train.threads": 1,
+def _settings(fsdp: bool, batch: int, preset: str = "tiny"):
+    return build_settings(preset, overrides={"train.fsdp": fsdp, "train.batch_size": batch, "train.threads": 1,
                                              "mechanism.compression": 30.0})  # fmt: skip
 
 
@@ -45,10 +45,10 @@ class FixedData:
         self.seqs = seqs
 
 
-def _rank(rank: int, out: str, init: str) -> None:
+def _rank(rank: int, out: str, init: str, preset: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
-        settings = _settings(True, 4)
+        settings = _settings(True, 4, preset)
         model = build_model(settings.model)
         master = {k: v.detach().clone() for k, v in state_tensors(model).items()}
         trainer = Trainer(model, settings.train)
@@ -78,12 +78,15 @@ def test_shard_layout() -> None:
 
 
 @pytest.mark.slow
-def test_fsdp_delta_and_wire_match_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_fsdp_delta_and_wire_match_one_process(tmp_path: Path, preset: str) -> None:
+    """Issue 18: 2 gloo ranks on `tiny` and on `small` (10M parameters, 7 layers, sequences of
+    256: the preset a CPU localnet runs FSDP miners on)."""
     mp.start_processes(
-        _rank, args=(str(tmp_path), f"file://{tmp_path / 'rdzv'}"), nprocs=WORLD, start_method="spawn"
+        _rank, args=(str(tmp_path), f"file://{tmp_path / 'rdzv'}", preset), nprocs=WORLD, start_method="spawn"
     )
     # One process, batch WORLD*4: each step sees the union of the ranks' batches.
-    settings = _settings(False, WORLD * 4)
+    settings = _settings(False, WORLD * 4, preset)
     model = build_model(settings.model)
     params = state_tensors(model)
     trainer = Trainer(model, settings.train)
