@@ -153,6 +153,10 @@ class MechanismConfig:
     merge: str = "mean"
     """How the master merges the helpful deltas: sum (of merge weight x delta) or mean (per index, of the
     peers that sent it, each clipped to the median norm)."""
+    stream_deltas: bool = False
+    """Validator keeps each verified delta blob and decodes it again at each use, holding at most two
+    decoded deltas, not every uid's for the whole window (7B, 256 uids: hundreds of GiB); it costs a
+    few more decodes a window and gives the same scores and master bit for bit (a node's own choice)."""
     temperature: float = 1.0
     """Softmax temperature on moving-average scores normalised by their mean magnitude."""
     eligibility: float = 0.3
@@ -523,6 +527,9 @@ SPARSE_CODEC = {"codec": "topk2", "compression": 64.0}
 validator holding 256 peers' deltas dense needs 151 GiB at 150M (`bistro plan`; topk2: 21 GiB).
 They take lowrank once its factors are merged without densifying."""
 
+STREAM = {"stream_deltas": True}
+"""The 150M, 1B and 7B validators stream their deltas: 256 decoded topk2 deltas of 7B are ~340 GiB."""
+
 # fmt: off
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~1.9M parameters: thousands of tokens/s on 2 CPU cores; sized so a 10-miner localnet keeps up.
@@ -536,15 +543,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~148M parameters.
     "150M": {"model": _model(32000, 768, 12, 12, 12, 2560, 1024),
              "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
-             "mechanism": {**_mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10), **SPARSE_CODEC}},
+             "mechanism": {**_mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10), **SPARSE_CODEC, **STREAM}},
     # TinyLlama's shape: ~1.1B parameters.
     "1B": {"model": _model(32000, 2048, 22, 32, 4, 5632, 2048),
            "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
-           "mechanism": {**_mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20), **SPARSE_CODEC}},
+           "mechanism": {**_mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20), **SPARSE_CODEC, **STREAM}},
     # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
     "7B": {"model": _model(32000, 4096, 32, 32, 32, 11008, 2048),
            "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
-           "mechanism": {**_mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3), **SPARSE_CODEC}},
+           "mechanism": {**_mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3), **SPARSE_CODEC, **STREAM}},
 }
 # fmt: on
 

@@ -7,8 +7,10 @@ so everyone measures the same code. Nothing here reads a clock, a chain or a sto
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import torch
 
@@ -17,7 +19,16 @@ from .config import Settings
 from .data import Dataset
 from .data.pages import eval_pages, global_pages, local_pages, other_pages
 from .delta import Delta, add_, apply_, delta_norm, restore_, similarity, sketch
-from .delta.apply import MERGES, MeanMerge, low_rank_part, low_rank_similarity, scaled
+from .delta.apply import (
+    MERGES,
+    SKETCH_WIDTH,
+    MeanMerge,
+    low_rank_part,
+    low_rank_similarity,
+    merge_mean,
+    scaled,
+)
+from .delta.wire import DecodedDelta, DeltaRejected, Expectation, redecode
 from .master import apply_update
 from .model import sequence_losses, state_tensors
 from .protocol import seed
@@ -26,6 +37,7 @@ from .verdicts import V
 log = logging.getLogger("bistro.evaluator")
 
 Params = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 STEPS = (1.0, 0.5)
 """The master step tries θ + U, then θ + U/2, and keeps the first that lowers the global loss. A
@@ -38,7 +50,7 @@ sketch's error is about 0.006 for spread-out vectors, but on real top-k deltas o
 0.038 (the hash is linear and the supports are structured): 0.05 left too little room."""
 
 
-@dataclass
+@dataclass(eq=False)  # eq would compare (and so decode) the deltas
 class Verdict:
     """What happened to one uid's delta this window."""
 
@@ -61,6 +73,77 @@ class Verdict:
     """Upload order for copies (the validator no longer reads it from a miner's server: inf)."""
     copy_of: int | None = None
     delta: Delta | None = field(default=None, repr=False)
+    """The decoded delta (None: none, or dropped as a copy). A property (below): held, or decoded
+    anew from `source` at each read, so a streaming validator holds the window's blobs, not 256
+    decoded deltas. Setting it (to None to drop a copy) forgets `source`."""
+    source: Callable[[], Delta] | None = field(default=None, repr=False)
+    """Streaming (`mechanism.stream_deltas`): decodes the verified blob again (`wire.redecode`)."""
+    norm: float | None = None
+    """`delta_norm` of the delta, from `decode_delta` (None: computed when needed)."""
+
+    def accept(self, decoded: DecodedDelta, blob: bytes, exp: Expectation, stream: bool) -> None:
+        """`ok` with the delta `decode_delta` accepted: held, or with `stream` dropped now and
+        decoded again from `blob` at each read."""
+        self.verdict, self.norm = V.ok, decoded.norm
+        if stream:
+            self.delta, self.source = None, partial(redecode, blob, exp)
+        else:
+            self.delta = decoded.delta
+
+    def measured_norm(self) -> float:
+        """The delta's L2 norm, without decoding it again when `decode_delta` gave it."""
+        return self.norm if self.norm is not None else delta_norm(self.delta)
+
+
+def _read_delta(v: Verdict) -> Delta | None:
+    held = v.__dict__.get("_delta")
+    if held is not None or v.source is None:
+        return held
+    try:
+        return v.source()
+    except DeltaRejected as e:  # its blob passed decode_delta: should not happen
+        raise DeltaLost(v.uid, e) from e
+
+
+def _write_delta(v: Verdict, delta: Delta | None) -> None:
+    v.__dict__["_delta"], v.__dict__["source"] = delta, None
+
+
+# Installed after @dataclass (which leaves the field's default there), so that `Verdict(uid, delta=d)`
+# and `v.delta = None` go through the setter and every reader through the getter.
+Verdict.delta = property(_read_delta, _write_delta, doc="The decoded delta: held, or decoded anew from `source`.")  # type: ignore[assignment]  # fmt: skip
+
+
+class DeltaLost(Exception):
+    """A streamed delta failed to decode again. Its blob passed `decode_delta` at fetch, so this is
+    not supposed to happen; if it does, the uid's verdict becomes `bad_tensors` (the peer's
+    rejection, as if fetch had refused it) and the step that needed the delta runs again without it:
+    it must not stop the window."""
+
+    def __init__(self, uid: int, cause: DeltaRejected) -> None:
+        super().__init__(f"uid {uid}: {cause}")
+        self.uid, self.cause = uid, cause
+
+
+class Deltas(Sequence[Delta]):
+    """The deltas of `verdicts`, read one at a time: a streamed verdict decodes its delta anew at
+    each read, so a pass over these holds one decoded delta (two while the next one decodes), and
+    the merges (`merge_mean`, `MeanMerge`) read them in this order, every node's."""
+
+    def __init__(self, verdicts: Sequence[Verdict]) -> None:
+        self.verdicts = list(verdicts)
+
+    def __len__(self) -> int:
+        return len(self.verdicts)
+
+    def __getitem__(self, i: int) -> Delta:  # type: ignore[override]
+        delta = self.verdicts[i].delta
+        if delta is None:
+            raise ValueError(f"uid {self.verdicts[i].uid} has no delta")
+        return delta
+
+    def __iter__(self) -> Iterator[Delta]:
+        return (self[i] for i in range(len(self)))
 
 
 class Evaluator:
@@ -111,19 +194,51 @@ class Evaluator:
         pages; a copier's pages are not the ones the delta was trained on. A pair is near-identical by
         its sparse values (`copy_threshold`) or, for lowrank deltas, by its low-rank parts
         (`low_rank_copy_threshold`: a copier can keep someone's factors and send top-k values of
-        its own)."""
+        its own).
+
+        Streamed deltas are read one at a time: one pass for both sketches, two for each exact pair,
+        one for each uid's own-page evidence."""
+        self._without_lost(verdicts, lambda: self._drop_copies(verdicts, window, block_hash, master))
+
+    def _without_lost(self, verdicts: dict[int, Verdict], step: Callable[[], T]) -> T:
+        """`step()`, run again without any uid whose streamed delta fails to decode again
+        (`DeltaLost`: its verdict becomes `bad_tensors`, the peer's rejection), so that no
+        re-decode stops the window. Every step starts from the verdicts and the master, so a
+        second run is the run that a validator which had refused the uid at fetch makes."""
+        while True:
+            try:
+                return step()
+            except DeltaLost as e:
+                v = verdicts[e.uid]
+                log.warning(
+                    "uid %d: its verified delta failed to decode again (%s): rejected", e.uid, e.cause
+                )
+                v.verdict, v.delta, v.score, v.merge_weight = V.bad_tensors, None, 0.0, 0.0
+
+    def _drop_copies(
+        self, verdicts: dict[int, Verdict], window: int, block_hash: str, master: Params
+    ) -> None:
         ok = sorted(uid for uid, v in verdicts.items() if v.verdict == "ok")
         if len(ok) < 2:
             return
         row = {uid: k for k, uid in enumerate(ok)}
         m = self.settings.mechanism
 
-        def screen(measure: Callable[[Delta, Delta], float], threshold: float, low_rank: bool) -> Callable[[int, int], float]:  # fmt: skip
+        # One pass: each delta's sketch of its sparse values and, if it has one, of its low-rank part.
+        sketches, low_sketches = [], []
+        for uid in ok:
+            delta = verdicts[uid].delta
+            sketches.append(sketch(delta, self.shapes))
+            low_sketches.append(sketch(delta, self.shapes, low_rank=True) if low_rank_part(delta) else None)
+        del delta  # else it is a third decoded delta beside an exact pair's two
+        has_low = any(s is not None for s in low_sketches)
+        zeros = torch.zeros(SKETCH_WIDTH, dtype=torch.float64)  # what `sketch` gives an absent part
+        low_sketches = [zeros if s is None else s for s in low_sketches] if has_low else []
+
+        def screen(measure: Callable[[Delta, Delta], float], threshold: float, rows: list[torch.Tensor]) -> Callable[[int, int], float]:  # fmt: skip
             """A pair's cosine by `measure`, exact only where the sketches put it near `threshold`."""
-            sketches = torch.stack(
-                [sketch(verdicts[uid].delta, self.shapes, low_rank=low_rank) for uid in ok]
-            )
-            gram, exact = sketches @ sketches.T, {}
+            stacked = torch.stack(rows)
+            gram, exact = stacked @ stacked.T, {}
 
             def cosine(a: int, b: int) -> float:
                 estimate = float(gram[row[a], row[b]])
@@ -136,12 +251,8 @@ class Evaluator:
 
             return cosine
 
-        whole = screen(similarity, m.copy_threshold, low_rank=False)
-        low = (
-            screen(low_rank_similarity, m.low_rank_copy_threshold, low_rank=True)
-            if any(low_rank_part(verdicts[uid].delta) for uid in ok)
-            else None
-        )
+        whole = screen(similarity, m.copy_threshold, sketches)
+        low = screen(low_rank_similarity, m.low_rank_copy_threshold, low_sketches) if has_low else None
 
         def similar(a: int, b: int) -> float:
             """≥ 1: a near-copy pair, by its sparse values or by its low-rank parts."""
@@ -213,7 +324,23 @@ class Evaluator:
         incentive: dict[int, float],
     ) -> tuple[float, torch.Tensor]:
         """Steps 3-5 for the `ok` verdicts, in place; returns the master's global loss and the global
-        sequences. The model is left at θ_eval."""
+        sequences. The model is left at θ_eval.
+
+        Delta by delta: the norms come from `decode_delta`, θ_eval takes one pass over the deltas
+        (the mean merge's sums), and each uid's leave-one-out reads its delta once more, so a
+        streaming validator holds at most two decoded deltas at a time."""
+        return self._without_lost(
+            verdicts, lambda: self._score(window, block_hash, master, verdicts, incentive)
+        )
+
+    def _score(
+        self,
+        window: int,
+        block_hash: str,
+        master: Params,
+        verdicts: dict[int, Verdict],
+        incentive: dict[int, float],
+    ) -> tuple[float, torch.Tensor]:
         valid = [uid for uid, v in sorted(verdicts.items()) if v.verdict == "ok"]
         weights = scoring.merge_weights(incentive, valid)
         mean = self.settings.mechanism.merge == "mean"
@@ -221,7 +348,7 @@ class Evaluator:
             # A delta far larger than its peers' (a poisoner's, amplified) would swamp θ_eval and with
             # it the pooled help every uid's own-page test divides by: it counts at most the median
             # norm. (The mean merge clips each delta's values to the median norm itself.)
-            norms = {uid: delta_norm(verdicts[uid].delta) for uid in valid}
+            norms = {uid: verdicts[uid].measured_norm() for uid in valid}
             weights = scoring.clip_to_median_norm(weights, norms)
         global_seqs = self.global_sequences(window, block_hash)
         self.set_params(master)
@@ -235,20 +362,19 @@ class Evaluator:
         base = self.losses(torch.cat([pages[uid] for uid in valid]))
         for uid in valid:
             verdicts[uid].merge_weight = weights[uid]
+        deltas = Deltas([verdicts[uid] for uid in valid])
         if mean:  # θ_eval = θ + the per-index mean merge (what the master applies)
             mm = MeanMerge(
-                [verdicts[uid].delta for uid in valid], [weights[uid] for uid in valid], self.shapes
-            )
+                deltas, [weights[uid] for uid in valid], self.shapes,
+                norms=[verdicts[uid].measured_norm() for uid in valid],
+            )  # fmt: skip
             with torch.no_grad():
                 add_(self.params, mm.update, 1.0)
-            # Per unit of what uid i puts into θ_eval (its share of the means it is part of), as the
-            # weighted sum divides by m_i: a delta nobody overlaps counts whole.
-            shares = {uid: mm.share(j) for j, uid in enumerate(valid)}
         else:  # θ_eval = θ + Σ m_i Δ_i
             with torch.no_grad():
-                for uid in valid:
-                    add_(self.params, verdicts[uid].delta, weights[uid])
-            shares = {uid: weights[uid] for uid in valid}
+                for uid, delta in zip(valid, deltas, strict=True):
+                    add_(self.params, delta, weights[uid])
+                del delta
         # Every "with" loss shares θ_eval: one batched pass over all uids' pages and the global ones.
         losses = self.losses(torch.cat([pages[uid] for uid in valid] + [global_seqs]))
         with_global = float(losses[-len(global_seqs) :].mean())
@@ -261,19 +387,23 @@ class Evaluator:
             v.base_local = float(base[offset : offset + n].mean())
             v.base_other = float(base[offset + n : offset + k].mean())
             offset += k
+            delta = deltas[j]  # streamed: decoded again, the only one held now
             with torch.no_grad():  # θ_eval without uid i: without its term (MeanMerge.term says why)
-                saved = (
-                    apply_(self.params, mm.term(j), -1.0)
-                    if mean
-                    else apply_(self.params, v.delta, -v.merge_weight)
-                )
+                if mean:
+                    # Per unit of what uid i puts into θ_eval (its share of the means it is part
+                    # of), as the weighted sum divides by m_i: a delta nobody overlaps counts whole.
+                    share = mm.share(j, delta)
+                    saved = apply_(self.params, mm.term(j, delta), -1.0)
+                else:
+                    share, saved = v.merge_weight, apply_(self.params, delta, -v.merge_weight)
+            del delta
             # The global pages are not part of the score (they paid copies in full): not measured.
             without = self.losses(pages[uid])
             with torch.no_grad():
                 restore_(self.params, saved)  # back to θ_eval, bit for bit
             v.without_local, v.without_other = float(without[:n].mean()), float(without[n:].mean())
             v.score = scoring.score(
-                v.with_local, v.without_local, v.with_other, v.without_other, shares[uid],
+                v.with_local, v.without_local, v.with_other, v.without_other, share,
                 v.base_local, v.base_other,
             )  # fmt: skip
         return base_global, global_seqs
@@ -287,7 +417,20 @@ class Evaluator:
         paid: Collection[int] | None = None,
     ) -> tuple[Delta | None, dict]:
         """Step 8: U = the merge of the deltas with s_i > 0 (of uids in `paid`, when given: the
-        validator passes the uids its weights pay), kept only if θ + U has a lower global loss."""
+        validator passes the uids its weights pay), kept only if θ + U has a lower global loss.
+        The merge reads the deltas one at a time (`Deltas`)."""
+        return self._without_lost(
+            verdicts, lambda: self._propose_update(master, verdicts, base_global, global_seqs, paid)
+        )
+
+    def _propose_update(
+        self,
+        master: Params,
+        verdicts: dict[int, Verdict],
+        base_global: float,
+        global_seqs: torch.Tensor,
+        paid: Collection[int] | None,
+    ) -> tuple[Delta | None, dict]:
         helpful = [
             v for u, v in sorted(verdicts.items())
             if v.verdict == "ok" and v.score > 0 and (paid is None or u in paid)
@@ -299,8 +442,11 @@ class Evaluator:
         self.refused: Delta | None = None  # the update refused last (the benchmarks measure refusals)
         if not helpful:
             return None, info
-        rule = MERGES[self.settings.mechanism.merge]
-        full = rule([v.delta for v in helpful], [v.merge_weight for v in helpful], self.shapes)
+        deltas, weights = Deltas(helpful), [v.merge_weight for v in helpful]
+        if self.settings.mechanism.merge == "mean":  # the norms `decode_delta` measured: no pass for them
+            full = merge_mean(deltas, weights, self.shapes, norms=[v.measured_norm() for v in helpful])
+        else:
+            full = MERGES[self.settings.mechanism.merge](deltas, weights, self.shapes)
         for step in STEPS:
             update = full if step == 1.0 else scaled(full, step)
             self.set_params(master)

@@ -11,8 +11,9 @@ training), AdamW's two moments (8), θ_w kept apart in `Node.master` (4), the er
 FSDP2 (`train.fsdp`) every one of those is sharded over the N ranks except rank 0's full master,
 which it needs to follow the publisher; the layers being computed are gathered whole.
 
-Validator: θ_eval in the model (4), θ_w (4), and per uid its decoded delta (int64 index + fp32
-value per kept entry) and its downloaded blob, plus the merged update.
+Validator: θ_eval in the model (4), θ_w (4), and per uid its downloaded blob and its decoded delta
+(int64 index + fp32 value per kept entry; with `mechanism.stream_deltas` two decoded at a time, not
+every uid's), plus the merge's sums (dense fp32 per parameter while a pass runs) and the update.
 
 Activations were fitted on CPU fp32 to `measure_peak` of a training step over model shapes
 (`tests/test_plan.py` checks whole-plan peaks of `tiny` and `small` against measurement).
@@ -174,18 +175,38 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
     sparse = sum(kept_entries(settings, {k: s}) for k, s in shapes.items() if not _dense(settings, s))
     dense = n - sum(math.prod(s) for s in shapes.values() if not _dense(settings, s))
     union = min(n - dense, uids * sparse)
+    m = settings.mechanism
+    held = 2 if m.stream_deltas else uids  # streaming: the one in use and the next one decoding
     state = [
         Item("θ_eval (the model)", 4 * n, "Evaluator.params"),
         Item("master θ_w", 4 * n, "Node.master"),
-        Item("decoded deltas", uids * per_uid, "Verdict.delta of every uid, held for the window"),
-        Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results"),
+        Item("decoded deltas", held * per_uid,
+             "Verdict.delta: decoded again at each read (stream_deltas)" if m.stream_deltas
+             else "Verdict.delta of every uid, held for the window"),
+        Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results (stream_deltas: Verdict.source)"),
         Item("sketches", uids * 8 * (1 << 16), "drop_copies"),
-        Item("mean-merge sums", 16 * dense, "MeanMerge of dense parts: three sums and the update"),
+    ]  # fmt: skip
+    update = Item("merged update", union * 12 + dense * 4, "union of positions and values; dense parts")
+    if m.merge != "mean":  # `merge`: one fp32 sum and a held-position flag per parameter
+        sums = Item("merge inputs", 5 * n, "merge: Σ w Δ and positions held, dense per parameter")
+        return {"score": [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")],
+                "merge": [*state, sums, update]}  # fmt: skip
+    # `mean_sums`, one pass delta by delta: a Mixed part's parameter (lowrank's matrices) keeps
+    # three fp32 sums (dense parts, sparse values, their weights), a sparse one two and a bool.
+    accumulators = 12 * dense + 9 * (n - dense)
+    mean_merge = Item("mean-merge sums", 16 * dense + 20 * union,
+                      "MeanMerge: TwoMeans' three sums and the update; Σ w c v, Σ w, the update at the union")  # fmt: skip
+    score = [*state, mean_merge, Item("activations", act, "one eval_batch_size forward (inference mode)")]
+    build = [
+        *state,
+        Item("mean-merge accumulators", accumulators, "mean_sums while MeanMerge reads the deltas"),
     ]
-    score = [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")]
-    merge = [*state, Item("merge inputs", uids * (sparse * 20), "cat of indices, values, inverse (merge)"),
-             Item("merged update", union * 12 + dense * 4, "union of positions and values; dense parts")]  # fmt: skip
-    return {"score": score, "merge": merge}
+    merge = [
+        *state,
+        Item("merge inputs", accumulators, "mean_sums of merge_mean: dense fp32 per parameter"),
+        update,
+    ]
+    return {"score": score, "theta_eval": build, "merge": merge}
 
 
 def _peak(phases: dict[str, list[Item]]) -> tuple[int, str]:
@@ -231,7 +252,7 @@ def make_plan(settings: Settings, nproc: int = 1, uids: int = UIDS) -> dict[str,
         },
         "validator": {
             "parameters": n,
-            "bytes_per_param": 8.0 + uids * decoded_bytes(settings, shapes) / n,
+            "bytes_per_param": 8.0 + (2 if m.stream_deltas else uids) * decoded_bytes(settings, shapes) / n,
             "peak_bytes_per_rank": val_peak,
             "peak_phase": val_phase,
             "delta_wire_bytes": wire,

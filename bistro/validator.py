@@ -366,8 +366,7 @@ class Validator(Node):
             return self._skip_all(verdicts, f"our canary read back as {canary!r:.80}")
         expected_master = self.state.hashes.get(window, "")
         for (uid, hotkey), result in zip(owners, results, strict=True):
-            v = verdicts[uid]
-            v.verdict, v.delta = self._judge(uid, window, hotkey, expected_master, result)
+            self._judge(verdicts[uid], window, hotkey, expected_master, result)
         return verdicts
 
     def _write_canary(self) -> bool:
@@ -394,22 +393,27 @@ class Validator(Node):
             v.verdict, v.delta = V.skip, None
         return verdicts
 
-    def _judge(self, uid: int, window: int, hotkey: str, master: str, result: bytes | BaseException):
-        """(verdict, delta) for what a uid's store gave us: never raises."""
+    def _judge(
+        self, v: Verdict, window: int, hotkey: str, master: str, result: bytes | BaseException
+    ) -> None:
+        """`v`'s verdict and delta from what its store gave us: never raises. With
+        `mechanism.stream_deltas` the verified blob is kept and decoded again at each use."""
+        uid = v.uid
         if isinstance(result, BaseException):
-            verdict = fetch_verdict(result)
-            log.log(logging.INFO if verdict == V.missing else logging.WARNING,
-                    "uid %d: %s: %s", uid, verdict.value, str(result)[:300])  # fmt: skip
-            return verdict, None
+            v.verdict = fetch_verdict(result)
+            log.log(logging.INFO if v.verdict == V.missing else logging.WARNING,
+                    "uid %d: %s: %s", uid, v.verdict.value, str(result)[:300])  # fmt: skip
+            return
         try:
-            decoded = decode_delta(result, expectation(self.settings, window, hotkey, master, self.shapes))
-            return V.ok, decoded.delta
+            blob = bytes(result)  # `bytes` is immutable: what redecode reads later is what was verified
+            exp = expectation(self.settings, window, hotkey, master, self.shapes)
+            v.accept(decode_delta(blob, exp), blob, exp, stream=self.settings.mechanism.stream_deltas)
         except DeltaRejected as e:
             log.info("uid %d: rejected (%s): %s", uid, e.reason.value, e)
-            return fetch_verdict(e), None
+            v.verdict = fetch_verdict(e)
         except Exception:  # noqa: BLE001 -- a bug of ours on a peer's bytes: loud, but only this uid's
             log.exception("uid %d: decoding its delta failed", uid)
-            return V.peer_error, None
+            v.verdict = V.peer_error
 
     # --- one window -------------------------------------------------------------------------------
 

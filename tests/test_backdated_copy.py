@@ -10,15 +10,20 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load as load_safetensors
 
 from .reliability_kit import FIRST, make_miner, make_world
 
 
-def test_a_backdated_copy_is_the_copy_and_its_author_is_paid(tmp_path: Path, honest_blobs) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["held", "streamed"])
+def test_a_backdated_copy_is_the_copy_and_its_author_is_paid(
+    tmp_path: Path, honest_blobs, stream: bool
+) -> None:
+    """Also with `mechanism.stream_deltas` (issue 18): the real Validator's fetch keeps the blobs."""
     from bistro.validator import Validator
 
-    world = make_world(tmp_path, ["a", "b", "c"])
+    world = make_world(tmp_path, ["a", "b", "c"], **{"mechanism.stream_deltas": stream})
     blob = honest_blobs.get(world, "a", FIRST)
     world.put("a", FIRST, blob)
     world.put("c", FIRST, honest_blobs.get(world, "c", FIRST))  # a second author: the test's ratios apply

@@ -105,62 +105,135 @@ def to_dense(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
 
 
 def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
-    """Σ w_i Δ_i; a parameter stays sparse (union of positions) when every input is sparse there."""
+    """Σ w_i Δ_i; a parameter stays sparse (union of positions) when every input is sparse there.
+
+    Delta-outer: each delta is read once, in order, into one dense fp32 sum per parameter, so a
+    streamed `deltas` (the validator's `stream_deltas`) never holds more than one decoded."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
+    totals: dict[str, Tensor] = {}
+    held: dict[str, Tensor] = {}  # positions a sparse part holds
+    sparse: dict[str, bool] = {}  # every part so far is Sparse
+    for d, w in zip(deltas, weights, strict=True):
+        for name, p in d.items():
+            if name not in totals:
+                size = numel(shapes[name])
+                totals[name], held[name] = torch.zeros(size), torch.zeros(size, dtype=torch.bool)
+                sparse[name] = True
+            add_({name: totals[name]}, {name: p}, float(w))
+            if isinstance(p, Sparse):
+                held[name][p.indices] = True
+            else:
+                sparse[name] = False
     out: Delta = {}
     for name, shape in shapes.items():
-        parts = [(d[name], float(w)) for d, w in zip(deltas, weights, strict=True) if name in d]
-        if not parts:
-            continue
-        if all(isinstance(p, Sparse) for p, _ in parts):
-            idx = torch.cat([p.indices for p, _ in parts])
-            vals = torch.cat([p.values.float() * w for p, w in parts])
-            union, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-            out[name] = Sparse(union, torch.zeros(union.numel()).index_add_(0, inverse, vals))
-        else:
-            dense = torch.zeros(shape)
-            for p, w in parts:
-                add_({name: dense}, {name: p}, w)
-            out[name] = dense
+        if name in totals:
+            union = held[name].nonzero().reshape(-1)
+            out[name] = Sparse(union, totals[name][union]) if sparse[name] else totals[name].view(shape)
     return out
 
 
-def merge_mean(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
+def merge_mean(
+    deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes, norms: Sequence[float] | None = None
+) -> Delta:
     """Per index, the `weights`-weighted mean of the values of the deltas that hold it (a dense part
     holds every index), each delta first scaled down to the median norm (templar's merge).
 
     `merge` divides a coordinate only one of N barely overlapping top-k deltas holds by about N; this
-    keeps it. The median is the lower one (torch.median's) so every node takes the same."""
+    keeps it. The median is the lower one (torch.median's) so every node takes the same. `norms`,
+    when given, are the deltas' `delta_norm`s (the validator has them from `decode_delta`): without
+    them a first pass over `deltas` computes them; the sums take one more (`mean_sums`)."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
-    clip = clip_factors([delta_norm(d) for d in deltas])
-    out: Delta = {}
-    for name, shape in shapes.items():
-        parts = [(d[name], float(w), c) for d, w, c in zip(deltas, weights, clip, strict=True) if name in d]
-        if not parts:
-            continue
-        if all(isinstance(p, Sparse) for p, _, _ in parts):
-            idx = torch.cat([p.indices for p, _, _ in parts])
-            vals = torch.cat([p.values.float() * (w * c) for p, w, c in parts])
-            held = torch.cat([torch.full((p.indices.numel(),), w) for p, w, _ in parts])
-            union, inverse = torch.unique(idx, sorted=True, return_inverse=True)
-            total = torch.zeros(union.numel()).index_add_(0, inverse, vals)
-            out[name] = Sparse(union, total / torch.zeros(union.numel()).index_add_(0, inverse, held))
-            continue
-        if any(isinstance(p, Mixed) for p, _, _ in parts):
-            out[name] = TwoMeans.of(parts, numel(shape)).mean().view(shape)
-            continue
-        total, held = torch.zeros(numel(shape)), torch.zeros(numel(shape))
-        for p, w, c in parts:
-            if isinstance(p, Sparse):
-                total.index_add_(0, p.indices, p.values.float(), alpha=w * c)
-                held.index_add_(0, p.indices, torch.full((p.indices.numel(),), w))
-            else:
-                total.add_(p.float().reshape(-1), alpha=w * c)
-                held.add_(w)
-        out[name] = torch.where(held > 0, total / held.clamp_min(1e-30), 0.0).view(shape)
-    return out
+    clip = clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+    sums = mean_sums(deltas, weights, clip, shapes)
+    return {name: sums[name].mean().view(shape) if sums[name].kind != "sparse" else sums[name].sparse_mean()
+            for name, shape in shapes.items() if name in sums}  # fmt: skip
+
+
+class _Rekind(Exception):
+    """A `Mixed` part reached a parameter already summed as plain dense: sum it again as `TwoMeans`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class MeanSums:
+    """One parameter's running sums for `merge_mean`, fed one delta's part at a time, in the deltas'
+    order (every node's order): Σ w c v and Σ w at each position, dense fp32 of the parameter's size.
+
+    Its kind follows the parts seen: `sparse` while every part is Sparse (the mean is over the union
+    of positions), `dense` once a plain dense part came (it holds every index), `two` once a `Mixed`
+    one came (`TwoMeans`: the dense parts' mean plus the sparse values' per-index mean). Sparse sums
+    turn into either without a change of value: every kind adds a sparse part the same way, so the
+    result is bit for bit that of summing parameter by parameter over a list (what `merge_mean` did
+    before it streamed). A `Mixed` part after a plain dense one cannot be split out again: `_Rekind`
+    asks `mean_sums` for a pass with the parameter `two` from the start (no codec mixes them)."""
+
+    def __init__(self, size: int, two: bool = False) -> None:
+        self.kind = "two" if two else "sparse"
+        self.total, self.held = torch.zeros(size), torch.zeros(size)  # two: the sparse values' sums
+        self.touched = torch.zeros(size, dtype=torch.bool)  # positions a sparse part holds
+        self.dense_total: Tensor | None = torch.zeros(size) if two else None
+        self.dense_held = 0.0
+
+    def add(self, name: str, p: Part, w: float, c: float) -> None:
+        if isinstance(p, Mixed) and self.kind != "two":
+            if self.kind == "dense":
+                raise _Rekind(name)
+            self.kind, self.dense_total = "two", torch.zeros(self.total.numel())
+        elif self.kind == "sparse" and not isinstance(p, Sparse):
+            self.kind = "dense"
+        dense, sparse = _split(p)
+        if sparse is not None:
+            self.total.index_add_(0, sparse.indices, sparse.values.float(), alpha=w * c)
+            self.held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), w))
+            self.touched[sparse.indices] = True
+        if dense is not None and self.dense_total is not None:  # two
+            self.dense_total.add_(dense.float().reshape(-1), alpha=w * c)
+            self.dense_held += w
+        elif dense is not None:
+            self.total.add_(dense.float().reshape(-1), alpha=w * c)
+            self.held.add_(w)
+
+    def union(self) -> Tensor:
+        """The sorted positions some sparse part held (kind `sparse`: the update's positions)."""
+        return self.touched.nonzero().reshape(-1)
+
+    def sparse_mean(self) -> Sparse:
+        at = self.union()
+        return Sparse(at, self.total[at] / self.held[at])
+
+    def two_means(self) -> TwoMeans:
+        if self.dense_total is None:
+            raise ValueError("not a two-means parameter")
+        return TwoMeans(self.dense_total, self.dense_held, self.total, self.held)
+
+    def mean(self) -> Tensor:
+        """Flat mean (kinds `dense` and `two`)."""
+        if self.kind == "two":
+            return self.two_means().mean()
+        return torch.where(self.held > 0, self.total / self.held.clamp_min(1e-30), 0.0)
+
+
+def mean_sums(
+    deltas: Sequence[Delta], weights: Sequence[float], clip: Sequence[float], shapes: Shapes
+) -> dict[str, MeanSums]:
+    """`MeanSums` of every parameter some delta holds: one pass over `deltas`, delta by delta (two
+    if a parameter must be summed again as `two`, see `MeanSums`)."""
+    two: set[str] = set()
+    while True:
+        sums: dict[str, MeanSums] = {}
+        try:
+            for d, w, c in zip(deltas, weights, clip, strict=True):
+                for name, p in d.items():
+                    if name not in sums:
+                        sums[name] = MeanSums(numel(shapes[name]), two=name in two)
+                    sums[name].add(name, p, float(w), c)
+            return sums
+        except _Rekind as e:
+            two.add(e.name)
 
 
 def _split(p: Part) -> tuple[Tensor | None, Sparse | None]:
@@ -179,21 +252,6 @@ class TwoMeans(NamedTuple):
     dense_held: float
     sparse_total: Tensor
     sparse_held: Tensor
-
-    @classmethod
-    def of(cls, parts: Sequence[tuple[Part, float, float]], size: int) -> TwoMeans:
-        """Sums over (part, weight, clipping factor), in the given order (every node's order)."""
-        dense_total, dense_held = torch.zeros(size), 0.0
-        sparse_total, sparse_held = torch.zeros(size), torch.zeros(size)
-        for p, w, c in parts:
-            dense, sparse = _split(p)
-            if dense is not None:
-                dense_total.add_(dense.float().reshape(-1), alpha=w * c)
-                dense_held += w
-            if sparse is not None:
-                sparse_total.index_add_(0, sparse.indices, sparse.values.float(), alpha=w * c)
-                sparse_held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), w))
-        return cls(dense_total, dense_held, sparse_total, sparse_held)
 
     def mean(self) -> Tensor:
         dense = (
@@ -228,39 +286,40 @@ class MeanMerge:
         add_(params, mm.update, 1.0)                    # θ_eval
         saved = apply_(params, mm.term(i), -1.0)        # θ_eval without i
         restore_(params, saved)
+
+    `deltas` may be a streamed sequence (each read decodes anew): it is read once for the sums
+    (and once for the norms unless `norms` are given), and `share` / `term` take delta i as the
+    caller has it in hand, so scoring every uid reads each delta once more, one at a time.
     """
 
-    def __init__(self, deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> None:
-        self.deltas, self.weights, self.shapes = list(deltas), [float(w) for w in weights], shapes
-        self.clip = clip_factors([delta_norm(d) for d in deltas])
-        self.update = merge_mean(deltas, weights, shapes)
+    def __init__(
+        self,
+        deltas: Sequence[Delta],
+        weights: Sequence[float],
+        shapes: Shapes,
+        norms: Sequence[float] | None = None,
+    ) -> None:
+        self.deltas, self.weights, self.shapes = deltas, [float(w) for w in weights], shapes
+        self.clip = clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+        sums = mean_sums(deltas, self.weights, self.clip, shapes)
+        self.update: Delta = {}
         # Per parameter: the update's flat positions (None: dense), and Σ w c v and Σ w over the
-        # senders at each of them: O(union) for a sparse part, never a dense copy of the model.
+        # senders at each of them: O(union) for a sparse part once the pass is done.
         self.sums: dict[str, tuple[Tensor | None, Tensor, Tensor]] = {}
         self.two: dict[str, TwoMeans] = {}  # parameters some delta holds as `Mixed`
-        for name in self.update:
-            parts = [
-                (d[name], w, c)
-                for d, w, c in zip(self.deltas, self.weights, self.clip, strict=True)
-                if name in d
-            ]
-            if any(isinstance(p, Mixed) for p, _, _ in parts):
-                self.two[name] = TwoMeans.of(parts, numel(shapes[name]))
+        for name, shape in shapes.items():
+            s = sums.pop(name, None)
+            if s is None:
                 continue
-            part = self.update[name]
-            at = part.indices if isinstance(part, Sparse) else None
-            size = at.numel() if at is not None else numel(shapes[name])
-            total, held = torch.zeros(size), torch.zeros(size)
-            for d, w, c in zip(self.deltas, self.weights, self.clip, strict=True):
-                p = d.get(name)
-                if isinstance(p, Sparse):
-                    where = p.indices if at is None else torch.searchsorted(at, p.indices)
-                    total.index_add_(0, where, p.values.float(), alpha=w * c)
-                    held.index_add_(0, where, torch.full((p.indices.numel(),), w))
-                elif p is not None:
-                    total.add_(p.float().reshape(-1), alpha=w * c)
-                    held.add_(w)
-            self.sums[name] = (at, total, held)
+            if s.kind == "two":
+                self.two[name] = s.two_means()
+                self.update[name] = self.two[name].mean().view(shape)
+            elif s.kind == "sparse":
+                self.update[name] = part = s.sparse_mean()
+                self.sums[name] = (part.indices, s.total[part.indices], s.held[part.indices])
+            else:
+                self.update[name] = s.mean().view(shape)
+                self.sums[name] = (None, s.total, s.held)
 
     def _at(self, name: str, p: Part) -> tuple[Tensor, Tensor]:
         """Delta part `p`'s flat positions and where they sit in `self.sums[name]`."""
@@ -268,14 +327,15 @@ class MeanMerge:
         pos = p.indices if isinstance(p, Sparse) else torch.arange(numel(self.shapes[name]))
         return pos, (pos if at is None else torch.searchsorted(at, pos))
 
-    def share(self, i: int) -> float:
+    def share(self, i: int, delta: Delta | None = None) -> float:
         """How much of delta i the update holds: the mean, over i's positions weighted by |value|, of
         its share w_i / Σ w of the means there, times its clipping factor. 1 for an unclipped delta
         that no other overlaps; w_i (normalised) where every delta holds every position, which is
-        what the weighted sum gives it. The validator scores per unit of this, as per unit of m_i."""
+        what the weighted sum gives it. The validator scores per unit of this, as per unit of m_i.
+        `delta`: delta i, if the caller holds it (else it is read from `deltas`)."""
         w, c = self.weights[i], self.clip[i]
         mass = taken = 0.0
-        for name, p in self.deltas[i].items():
+        for name, p in (self.deltas[i] if delta is None else delta).items():
             if name in self.two:
                 m, t = self.two[name].taken(p, w)
                 mass, taken = mass + m, taken + t
@@ -286,7 +346,7 @@ class MeanMerge:
             taken += float((size * (w / self.sums[name][2][where].double().clamp_min(1e-30))).sum())
         return c * taken / mass if mass > 0 else c
 
-    def term(self, i: int) -> Delta:
+    def term(self, i: int, delta: Delta | None = None) -> Delta:
         """Delta i's own term in the update: at each position it sends, its value times its share
         w_i c_i / Σ w of the mean there, every denominator kept. `θ_eval − term(i)` is "θ_eval
         without uid i" as the validator scores it (issue 16 asks to define it for a merge that is
@@ -297,10 +357,10 @@ class MeanMerge:
         in every dense mean (a low-rank part is everyone's), so the mean of the others scaled the
         whole update up by 1 / (1 − its weight); where the update overshot, that "help" paid it:
         its summed incentive beat an honest miner's in a 6-window localnet (a fresh-clone CI of
-        session 7). Its term is exactly 0, so its help is exactly 0."""
+        session 7). Its term is exactly 0, so its help is exactly 0. `delta` as for `share`."""
         out: Delta = {}
         w, c = self.weights[i], self.clip[i]
-        for name, p in self.deltas[i].items():
+        for name, p in (self.deltas[i] if delta is None else delta).items():
             shape = self.shapes[name]
             if name in self.two:
                 two = self.two[name]

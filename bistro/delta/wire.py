@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DecodedDelta", "DeltaRejected", "Expectation", "Reason", "decode_delta", "encode_delta", "expectation",
+    "redecode",
 ]  # fmt: skip
 
 DOC_FIELDS: dict[str, type] = {
@@ -149,24 +150,42 @@ def _check_document(doc: dict[str, Any], exp: Expectation) -> None:
 
 def decode_delta(blob: bytes, exp: Expectation) -> DecodedDelta:
     """Validate and decode a delta blob; raises `DeltaRejected` (and nothing else) if it is bad."""
+    header, delta = _decode(blob, exp, verify=True)
+    norm = delta_norm(delta)
+    if not norm <= exp.max_norm:  # also refuses a NaN norm
+        raise DeltaRejected(Reason.norm_too_large, f"norm {norm:.4g} > {exp.max_norm}")
+    return DecodedDelta(header=header, delta=delta, norm=norm)
+
+
+def redecode(blob: bytes, exp: Expectation) -> Delta:
+    """The delta of a blob that `decode_delta` accepted, decoded again: a streaming validator
+    (`mechanism.stream_deltas`) keeps the blob, not the decoded delta, and decodes it at each use.
+
+    Only the codec runs again: the document, the signature and the hash were checked then, and the
+    bytes have been ours since (immutable `bytes`). The tensor entries are checked again because the
+    tensors are loaded from them. Decoding is deterministic, so this is the delta `decode_delta`
+    returned, bit for bit; should it fail anyway it raises `DeltaRejected` as `decode_delta` would."""
+    return _decode(blob, exp, verify=False)[1]
+
+
+def _decode(blob: bytes, exp: Expectation, verify: bool) -> tuple[dict[str, Any], Delta]:
+    """(document, delta); with `verify`, the document, signature and hash checks too."""
     try:
         header = read_header(blob, exp.max_bytes)
-        _check_document(header.doc, exp)
+        if verify:
+            _check_document(header.doc, exp)
         codec = CODECS[exp.codec]
         entries = check_entries(blob, header, codec.wire_spec(exp.shapes, exp.ctx))
-        verify_hash(blob, header, entries)
+        if verify:
+            verify_hash(blob, header, entries)
         tensors = load_tensors(blob, entries)
-        delta = codec.decode(tensors, exp.ctx, exp.shapes)
+        return header.doc, codec.decode(tensors, exp.ctx, exp.shapes)
     except SignedObjectError as e:
         raise DeltaRejected(e.reason, e.detail) from e
     except NonFiniteValues as e:
         raise DeltaRejected(Reason.non_finite, str(e)) from e
     except BadTensors as e:
         raise DeltaRejected(Reason.bad_tensors, str(e)) from e
-    norm = delta_norm(delta)
-    if not norm <= exp.max_norm:  # also refuses a NaN norm
-        raise DeltaRejected(Reason.norm_too_large, f"norm {norm:.4g} > {exp.max_norm}")
-    return DecodedDelta(header=header.doc, delta=delta, norm=norm)
 
 
 def expectation(
