@@ -38,7 +38,8 @@ def _separation(windows: int) -> tuple[dict[str, list[float]], list[dict[int, in
     compression and signing); beside them an exact copy of uid 0 (uid 3), a copy jittered to
     cosine ~0.6, under `copy_threshold` (uid 4: the screen misses it, the own-page test must not pay
     it), a blend of uids 0 and 1 (uid 5) and uid 0's low-rank part alone, re-encoded, so that its
-    sparse values are its own and the copy screen (which compares sparse values) cannot see it (uid 6).
+    sparse values are its own and the copy screen (which compares sparse values) cannot see it (uid 6),
+    the freeloader's zero delta (uid 7) and noise at uid 0's norm (uid 8).
     Returns each kind's scores over the windows and each window's copy verdicts {copier: original}."""
     import hashlib
 
@@ -69,7 +70,8 @@ def _separation(windows: int) -> tuple[dict[str, list[float]], list[dict[int, in
                             master_hash=digest)  # fmt: skip
         return keypair(uid).ss58_address, blob
 
-    scores: dict[str, list[float]] = {"honest": [], "noisy_copier": [], "blender": [], "lowrank_copier": []}
+    scores: dict[str, list[float]] = {"honest": [], "noisy_copier": [], "blender": [], "lowrank_copier": [],
+                                      "freeloader": [], "noise": []}  # fmt: skip
     copies = []
     for w in range(windows):
         digest = model_hash(master)
@@ -91,6 +93,11 @@ def _separation(windows: int) -> tuple[dict[str, list[float]], list[dict[int, in
             for k, p in pair[0].delta.items()
         }
         blobs[6] = forge(6, w, compress(low, codec, codec_context(s, w), None), digest)
+        # the freeloader's all-zero upload, and noise at uid 0's norm (the `noise` persona)
+        blobs[7] = forge(7, w, compress({k: torch.zeros_like(v) for k, v in d0.items()}, codec, codec_context(s, w), None), digest)  # fmt: skip
+        noise = {k: torch.randn(v.shape, generator=g) for k, v in d0.items()}
+        size = (sum(float(v.square().sum()) for v in d0.values()) / sum(float(v.square().sum()) for v in noise.values())) ** 0.5  # fmt: skip
+        blobs[8] = forge(8, w, compress({k: v * size for k, v in noise.items()}, codec, codec_context(s, w), None), digest)  # fmt: skip
         verdicts = decode_all(s, evaluator.shapes, w, digest, blobs)
         evaluator.drop_copies(verdicts, w, block_hash, master)
         copies.append({u: v.copy_of for u, v in verdicts.items() if v.verdict == "copy"})
@@ -99,6 +106,8 @@ def _separation(windows: int) -> tuple[dict[str, list[float]], list[dict[int, in
         scores["noisy_copier"].append(verdicts[4].score)
         scores["blender"].append(verdicts[5].score)
         scores["lowrank_copier"].append(verdicts[6].score)
+        scores["freeloader"].append(verdicts[7].score)
+        scores["noise"].append(verdicts[8].score)
         update, _ = evaluator.propose_update(master, verdicts, base, global_seqs)
         if update is not None:
             apply_update(master, update)
@@ -174,9 +183,11 @@ def test_own_page_test_separates_honest_miners_from_copiers_and_blenders() -> No
     )  # the figures in docs/mechanism.md
     mean_honest = sum(honest) / len(honest)
     assert sum(x > 0 for x in honest) >= len(honest) - 1, honest  # per window, noise; the average pays
-    for cheat in ("noisy_copier", "blender", "lowrank_copier"):
+    for cheat in ("noisy_copier", "blender", "lowrank_copier", "noise"):
         mean = sum(scores[cheat]) / len(scores[cheat])
         assert mean < 0.25 * mean_honest, (cheat, scores[cheat], honest)
+    # its term in every mean is zero: it earns exactly nothing (the mean of the others paid it)
+    assert scores["freeloader"] == [0.0] * len(scores["freeloader"]), scores["freeloader"]
 
 
 def test_noisy_copier_lands_above_the_copy_threshold() -> None:
