@@ -35,7 +35,7 @@ browser:
 # unpacked under ~/.cache (BISTRO_SDK_SRC), never copied into this repository.
 SDK_SRC ?= $(or $(BISTRO_SDK_SRC),$(HOME)/.cache/bistro/sdk-src)
 sdk-src: $(STAMP)
-	BISTRO_SDK_SRC=$(SDK_SRC) $(PY) -c "from tests.bittensor_sdk import fetch_source; print(fetch_source())"
+	BISTRO_SDK_SRC=$(SDK_SRC) $(PY) -c "from tests.support.bittensor_sdk import fetch_source; print(fetch_source())"
 
 # Lint, format check and the whole test suite.
 test: $(STAMP) browser sdk-src

@@ -23,7 +23,7 @@ log = logging.getLogger("bistro")
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "miner": ("bistro.cli", "run_miner", "train on your pages and upload deltas every window"),
     "validator": ("bistro.validator", "main", "score every miner's delta and set weights"),
-    "localnet": ("bistro.localnet", "main", "run a whole network on this machine"),
+    "localnet": ("bistro.localnet.network", "main", "run a whole network on this machine"),
     "register": ("bistro.chain.commands", "register", "create (if needed) and register a wallet"),
     "status": ("bistro.chain.commands", "status", "print the subnet's metagraph"),
     "bench": ("bistro.bench", "main", "measure speed and learning efficiency"),

@@ -448,7 +448,7 @@ class Settings:
     persona: str = "honest"
     """Miner behaviour (localnet research): honest, idle, freeloader, noise, copycat, poison, stale,
     backdater, noisy_copier, blender, copy_finetune, one_in_three, bad_commitment, or
-    hostile:<server behaviour> (bistro/personas.py)."""
+    hostile:<server behaviour> (bistro/localnet/personas.py)."""
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
@@ -490,7 +490,7 @@ PERSONAS = (
 )
 HOSTILE_PREFIX = "hostile:"
 """`hostile:<behaviour>`: an honest miner behind its own misbehaving server (the behaviour's name is
-checked against `bistro.storage.hostile.BEHAVIOURS` when the persona starts)."""
+checked against `bistro.localnet.hostile.BEHAVIOURS` when the persona starts)."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

@@ -22,7 +22,7 @@ TEST_AWS_ENV = {
 def honest_blobs():
     """Honest deltas trained once per session and shared by the reliability, security and metrics
     modules (tests/reliability_kit.py HonestBlobs)."""
-    from .reliability_kit import HonestBlobs
+    from .support.reliability_kit import HonestBlobs
 
     return HonestBlobs()
 
@@ -30,8 +30,8 @@ def honest_blobs():
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[object]:
     """A moto S3 server on 127.0.0.1 for the whole session, with test credentials in the env."""
+    from bistro.localnet.s3server import start_s3_server
     from bistro.storage import s3
-    from bistro.storage.s3server import start_s3_server
 
     saved = {k: os.environ.get(k) for k in [*TEST_AWS_ENV, "AWS_PROFILE", "AWS_SESSION_TOKEN"]}
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):

@@ -15,7 +15,7 @@ from bistro.data import Dataset
 from bistro.export import ExportError, from_bucket
 from bistro.master import Publisher, apply_update
 from bistro.model import build_model, model_hash, state_tensors
-from tests.reliability_kit import initial_params, make_world
+from tests.support.reliability_kit import initial_params, make_world
 
 TEXT = "ROMEO:\nBut, soft! what light through yonder window breaks?"
 

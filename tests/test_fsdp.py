@@ -126,7 +126,7 @@ def test_fsdp_delta_and_wire_match_one_process(tmp_path: Path, preset: str) -> N
 def test_localnet_runs_miners_under_torchrun(tmp_path: Path) -> None:
     import argparse
 
-    from bistro.localnet import LocalNet, Member
+    from bistro.localnet.network import LocalNet, Member
 
     args = argparse.Namespace(miners=1, validators=1, windows=1, personas="", block_time=1.0, json=False,
                               config=None, nproc_per_miner=2)  # fmt: skip

@@ -1,7 +1,7 @@
 """Issue 13 end to end: a `bistro localnet` in which miners commit their own misbehaving endpoints.
 
 Each `hostile:<behaviour>` miner trains, signs and uploads honestly, but commits a loopback server of
-its own (`bistro.storage.hostile`, the same code as the tests' corpus) that serves its deltas with
+its own (`bistro.localnet.hostile`, the same code as the tests' corpus) that serves its deltas with
 that behaviour; `one_in_three` uploads one real window in three and answers 500 for the rest;
 `bad_commitment` commits the cloud metadata service. Every window must be scored on time, no node
 may crash, the honest miners keep >= 90% of the incentive, and each misbehaving uid ends with none,
@@ -24,7 +24,7 @@ import torch
 from bistro import protocol
 from bistro.config import ConfigError, Settings, StorageConfig
 from bistro.delta.signed import pack_signed
-from bistro.personas import Hostile, OneInThree, make_persona, persona_problem
+from bistro.localnet.personas import Hostile, OneInThree, make_persona, persona_problem
 from bistro.storage import LocalStore, gather, open_peer_store
 from bistro.verdicts import V, fetch_verdict
 

@@ -134,8 +134,8 @@ def test_near_copy_screen_catches_a_jittered_copy_and_never_groups_honest_deltas
     from bistro.delta.codec import CODECS, codec_context, densify
     from bistro.delta.wire import encode_delta
     from bistro.evaluator import SCREEN, Evaluator
+    from bistro.localnet.personas import NoisyCopier
     from bistro.model import build_model, model_hash
-    from bistro.personas import NoisyCopier
 
     s = build_settings("tiny", overrides={"train.threads": 1})
     threshold = s.mechanism.copy_threshold
@@ -201,7 +201,7 @@ def test_noisy_copier_lands_above_the_copy_threshold() -> None:
     from bistro.config import build_settings
     from bistro.delta import similarity
     from bistro.delta.codec import CODECS, Mixed, codec_context, compress
-    from bistro.personas import NoisyCopier
+    from bistro.localnet.personas import NoisyCopier
 
     s = build_settings("tiny")
     g = torch.Generator().manual_seed(0)

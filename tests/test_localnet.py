@@ -69,7 +69,7 @@ def test_localnet_flags_reach_every_member(tmp_path: Path) -> None:
     """`bistro localnet --train.steps_per_window 2` must change what the miners do: the flag used to
     reach only the localnet process (a `small` miner trained its preset's 30 steps, 100 s a window)."""
     from bistro.cli import build_parser, settings_from_args
-    from bistro.localnet import LocalNet, Member
+    from bistro.localnet.network import LocalNet, Member
 
     args = build_parser().parse_args(
         ["localnet", "--preset", "small", "--train.steps_per_window", "2", "--train.fsdp",

@@ -19,7 +19,7 @@ from bistro.config import replace
 from bistro.metrics import Metrics, flatten
 from bistro.verdicts import V
 
-from .reliability_kit import FIRST, World, make_world
+from .support.reliability_kit import FIRST, World, make_world
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -29,7 +29,7 @@ import sys, time
 from pathlib import Path
 from bistro.config import replace
 from bistro.validator import Validator
-from tests.reliability_kit import FIRST, base_settings
+from tests.support.reliability_kit import FIRST, base_settings
 s = base_settings(Path(sys.argv[1]), **{"metrics.port": int(sys.argv[3])})
 v = Validator(replace(s, **{"wallet.name": "val", "dir": sys.argv[2]}))
 for w in (FIRST, FIRST + 1):

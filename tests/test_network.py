@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bistro.localnet import Observer
+from bistro.localnet.network import Observer
 from bistro.model import sequence_losses
 
-from .netutil import make_net, records, start, stop_all, wait_for
+from .support.netutil import make_net, records, start, stop_all, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,10 @@ import pytest
 
 from bistro import protocol
 from bistro.delta.signed import unpack_signed
-from bistro.localnet import Observer, publisher_of, records
+from bistro.localnet.network import Observer, publisher_of, records
 from bistro.storage import open_store
 
-from .netutil import make_net, start, stop_all, wait_for
+from .support.netutil import make_net, start, stop_all, wait_for
 
 pytestmark = pytest.mark.slow
 

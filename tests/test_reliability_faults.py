@@ -17,9 +17,9 @@ import torch
 from bistro.chain.base import Chain, ChainError
 from bistro.chain.retry import RetryingChain
 from bistro.storage.base import Store
-from bistro.storage.faulty import FaultyStore
+from tests.support.faulty import FaultyStore
 
-from .reliability_kit import FIRST, LAST, World, make_miner, make_world
+from .support.reliability_kit import FIRST, LAST, World, make_miner, make_world
 
 WINDOWS = range(FIRST, LAST + 1)
 

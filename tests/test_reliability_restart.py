@@ -22,7 +22,7 @@ import torch
 from bistro.config import replace
 from bistro.statefile import read_tensors
 
-from .reliability_kit import FIRST, LAST, World, base_settings, make_world
+from .support.reliability_kit import FIRST, LAST, World, base_settings, make_world
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 from bistro.config import replace
 from bistro.validator import Validator
-from tests.reliability_kit import FIRST, LAST, base_settings
+from tests.support.reliability_kit import FIRST, LAST, base_settings
 v = Validator(replace(base_settings(Path(sys.argv[1])), **{"wallet.name": "val", "dir": sys.argv[2]}))
 print("ready", flush=True)
 for w in range(max(FIRST, v.state.last_window + 1), LAST + 1):
@@ -47,7 +47,7 @@ import sys, time
 from pathlib import Path
 from bistro.config import replace
 from bistro.miner import Miner
-from tests.reliability_kit import FIRST, base_settings
+from tests.support.reliability_kit import FIRST, base_settings
 m = Miner(replace(base_settings(Path(sys.argv[1])), **{"wallet.name": "a", "dir": sys.argv[2]}))
 for w in (FIRST, FIRST + 1):
     m.step(w)  # trains, keeps the residual, saves its state (the upload is late: skipped)

@@ -29,8 +29,8 @@ from bistro.storage import (
     open_store,
     parse_commitment,
 )
-from bistro.storage.faulty import FaultyStore
 from bistro.storage.local import TEMP_PREFIX
+from tests.support.faulty import FaultyStore
 
 MB = 1024 * 1024
 BIG = os.urandom(50 * MB)

@@ -222,7 +222,7 @@ def test_hanging_server_times_out(s3_cfg) -> None:
 @pytest.mark.slow
 def test_server_as_a_process(s3_server, s3_cfg) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bistro.storage.s3server", "--port", "0"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "bistro.localnet.s3server", "--port", "0"], stdout=subprocess.PIPE, text=True
     )
     try:
         url = proc.stdout.readline().strip()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Settings
-from ..storage.s3server import S3SimUnavailable
+from ..localnet.s3server import S3SimUnavailable
 
 log = logging.getLogger("bistro.bench")
 

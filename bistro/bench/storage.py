@@ -16,9 +16,9 @@ from typing import Any
 import boto3
 
 from ..config import Settings, StorageConfig
+from ..localnet.s3server import start_s3_server
 from ..storage.local import LocalStore
 from ..storage.s3 import S3Store
-from ..storage.s3server import start_s3_server
 
 MB = 1024 * 1024
 TARGET = 0.9

@@ -1,4 +1,4 @@
-"""The tests' hostile peer server: `bistro.storage.hostile` (one copy, also used by the
+"""The tests' hostile peer server: `bistro.localnet.hostile` (one copy, also used by the
 `hostile:<behaviour>` miner personas), plus TLS contexts for it and the figures of
 docs/reliability.md ("Hostile peer storage": `python -m tests.hostile_server`)."""
 
@@ -9,7 +9,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from bistro.storage.hostile import BEHAVIOURS, Handler, HostileServer
+from bistro.localnet.hostile import BEHAVIOURS, Handler, HostileServer
 
 __all__ = ["BEHAVIOURS", "Handler", "HostileServer", "tls_contexts"]
 

@@ -20,20 +20,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import protocol
-from .chain.local import LocalChain
-from .config import PERSONAS, Settings, replace
-from .data import Dataset
-from .data.pages import global_pages
-from .export import localnet_model
-from .master import Follower, MasterError, Position
-from .model import build_model, sequence_losses, state_tensors
-from .node import default_bucket
+from .. import protocol
+from ..chain.local import LocalChain
+from ..config import PERSONAS, Settings, replace
+from ..data import Dataset
+from ..data.pages import global_pages
+from ..export import localnet_model
+from ..master import Follower, MasterError, Position
+from ..model import build_model, sequence_losses, state_tensors
+from ..node import default_bucket
+from ..storage import open_store
+from ..storage.base import StorageError, Store
+from ..wallet import open_wallet
 from .personas import persona_problem
-from .storage import open_store
-from .storage.base import StorageError, Store
-from .storage.s3server import S3SimUnavailable, require_moto
-from .wallet import open_wallet
+from .s3server import S3SimUnavailable, require_moto
 
 log = logging.getLogger("bistro.localnet")
 
@@ -139,7 +139,7 @@ class LocalNet:
         except S3SimUnavailable as e:
             raise SystemExit(f"--storage s3: {e}") from None
         proc = subprocess.Popen(
-            [sys.executable, "-m", "bistro.storage.s3server", "--port", "0"],
+            [sys.executable, "-m", "bistro.localnet.s3server", "--port", "0"],
             stdout=subprocess.PIPE, stderr=open(self.dir / "logs" / "s3.log", "w"), text=True,
         )  # fmt: skip
         url = proc.stdout.readline().strip()

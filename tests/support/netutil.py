@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from bistro.config import build_settings
-from bistro.localnet import LocalNet, Member, records  # noqa: F401 - tests import records from here
+from bistro.localnet.network import LocalNet, Member, records  # noqa: F401 - tests import records from here
 
 FAST = """
 [train]

@@ -9,7 +9,7 @@ import random
 import threading
 import time
 
-from .base import ObjectInfo, StorageError, Store, check_deadline
+from bistro.storage.base import ObjectInfo, StorageError, Store, check_deadline
 
 
 class FaultyStore(Store):

@@ -1,7 +1,7 @@
 """A real S3 HTTP endpoint on loopback: moto's server mode, for tests, benchmarks and localnet.
 
 In-process: `start_s3_server()` runs it in a thread. As its own process:
-`python -m bistro.storage.s3server --port N` prints its URL on one line of stdout once it accepts
+`python -m bistro.localnet.s3server --port N` prints its URL on one line of stdout once it accepts
 connections, then serves until killed (SIGTERM or SIGINT).
 
 moto is an optional extra (`pip install 'bistro[s3sim]'`): a real deployment talks to a real S3
@@ -53,7 +53,7 @@ def start_s3_server(host: str = "127.0.0.1", port: int = 0) -> S3Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bistro.storage.s3server")
+    parser = argparse.ArgumentParser(prog="python -m bistro.localnet.s3server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@
     blender     the mean of two other miners' deltas, re-encoded (cosine about 0.5-0.7 to each)
     copy_finetune  a copy plus a few training steps (a fifth of a window's) on its own pages
     hostile:B   trains, signs and uploads honestly, but commits its own loopback HTTP server
-                (`bistro.storage.hostile`), which serves its bucket with misbehaviour B
+                (`bistro.localnet.hostile`), which serves its bucket with misbehaviour B
                 (`no_last_modified`, `content_range_star`, `status_500`, `trickle`,
                 `hang_after_headers`, `slow_first_byte`, `redirect_metadata`, `huge_header`,
                 `reset_mid_body`, `endless_chunked`, … : any of `BEHAVIOURS`)
@@ -36,17 +36,17 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load as load_safetensors
 
-from . import protocol
-from .config import HOSTILE_PREFIX, ConfigError
-from .data.pages import local_pages
-from .delta import Delta, delta_norm, similarity
-from .delta.codec import Mixed, Sparse, compress, densify
-from .delta.wire import DeltaRejected, decode_delta, expectation
-from .storage.base import NotFound, StorageError
-from .storage.hostile import BEHAVIOURS, Behaviour, HostileServer, status_500
+from .. import protocol
+from ..config import HOSTILE_PREFIX, ConfigError
+from ..data.pages import local_pages
+from ..delta import Delta, delta_norm, similarity
+from ..delta.codec import Mixed, Sparse, compress, densify
+from ..delta.wire import DeltaRejected, decode_delta, expectation
+from ..storage.base import NotFound, StorageError
+from .hostile import BEHAVIOURS, Behaviour, HostileServer, status_500
 
 if TYPE_CHECKING:
-    from .miner import Miner
+    from ..miner import Miner
 
 log = logging.getLogger("bistro.persona")
 
