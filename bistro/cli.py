@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "miner": ("bistro.cli", "run_miner", "train on your pages and upload deltas every window"),
     "validator": ("bistro.validator", "main", "score every miner's delta and set weights"),
     "localnet": ("bistro.localnet.network", "main", "run a whole network on this machine"),
+    "persona-miner": ("bistro.localnet.personas", "main", "a miner with a test persona (local networks)"),
     "register": ("bistro.chain.commands", "register", "create (if needed) and register a wallet"),
     "status": ("bistro.chain.commands", "status", "print the subnet's metagraph"),
     "bench": ("bistro.bench", "main", "measure speed and learning efficiency"),
@@ -113,8 +114,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--role", choices=["miner", "validator"], default="miner", help="the node you will start"
         )
-    elif name in ("miner", "validator"):
+    elif name in ("miner", "validator", "persona-miner"):
         parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")
+        if name == "persona-miner":
+            parser.add_argument("--persona", default="honest", help="honest, a cheat, or hostile:<behaviour>")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -445,10 +444,6 @@ class Settings:
     """Working directory of this node: state, logs, the embedded chain and local buckets."""
     debug: bool = False
     """Log at debug level."""
-    persona: str = "honest"
-    """Miner behaviour (localnet research): honest, idle, freeloader, noise, copycat, poison, stale,
-    backdater, noisy_copier, blender, copy_finetune, one_in_three, bad_commitment, or
-    hostile:<server behaviour> (bistro/localnet/personas.py)."""
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
@@ -456,12 +451,6 @@ class Settings:
             self.device == "cpu" or self.device.startswith(("cuda", "mps")),
             "device",
             "must be cpu, cuda, cuda:N or mps",
-        )
-        _check(
-            self.persona in PERSONAS
-            or re.fullmatch(rf"{HOSTILE_PREFIX}[a-z0-9_]+", self.persona) is not None,
-            "persona",
-            f"must be one of {PERSONAS} or {HOSTILE_PREFIX}<server behaviour>",
         )
 
     @property
@@ -472,25 +461,6 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-PERSONAS = (
-    "honest",
-    "idle",
-    "freeloader",
-    "noise",
-    "copycat",
-    "poison",
-    "stale",
-    "backdater",
-    "noisy_copier",
-    "blender",
-    "copy_finetune",
-    "one_in_three",
-    "bad_commitment",
-)
-HOSTILE_PREFIX = "hostile:"
-"""`hostile:<behaviour>`: an honest miner behind its own misbehaving server (the behaviour's name is
-checked against `bistro.localnet.hostile.BEHAVIOURS` when the persona starts)."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,

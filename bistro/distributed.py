@@ -89,9 +89,6 @@ def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
         settings = replace(settings, device=f"cuda:{local}")
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if settings.persona != "honest":
-        log.error("torchrun runs honest miners only")
-        return 2
     try:
         sharded = settings.train.fsdp
         if rank != 0:

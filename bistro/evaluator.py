@@ -18,15 +18,22 @@ from . import scoring
 from .config import Settings
 from .data import Dataset
 from .data.pages import eval_pages, global_pages, local_pages, other_pages
-from .delta import Delta, add_, apply_, delta_norm, restore_, similarity, sketch
-from .delta.apply import (
+from .delta import (
     MERGES,
     SKETCH_WIDTH,
+    Delta,
     MeanMerge,
+    add_,
+    apply_,
+    clip_to_median_norm,
+    delta_norm,
     low_rank_part,
     low_rank_similarity,
     merge_mean,
+    restore_,
     scaled,
+    similarity,
+    sketch,
 )
 from .delta.wire import DecodedDelta, DeltaRejected, Expectation, redecode
 from .master import apply_update
@@ -349,7 +356,7 @@ class Evaluator:
             # it the pooled help every uid's own-page test divides by: it counts at most the median
             # norm. (The mean merge clips each delta's values to the median norm itself.)
             norms = {uid: verdicts[uid].measured_norm() for uid in valid}
-            weights = scoring.clip_to_median_norm(weights, norms)
+            weights = clip_to_median_norm(weights, norms)
         global_seqs = self.global_sequences(window, block_hash)
         self.set_params(master)
         base_global = self.loss(global_seqs)

@@ -30,7 +30,6 @@ from .delta.codec import CODECS, CodecContext, ErrorFeedback, codec_context, com
 from .delta.wire import encode_delta
 from .master import Position
 from .node import Node, NotRegistered, install_signals
-from .personas import Persona, make_persona
 from .statefile import read_json, read_tensors, write_json, write_tensors
 from .storage.base import StorageError
 from .training import Trainer
@@ -56,8 +55,6 @@ class Miner(Node):
         self.trainer = Trainer(self.model, settings.train, settings.device)
         self.position: Position | None = None
         self.ef = ErrorFeedback()
-        self.persona: Persona = make_persona(settings.persona, self)
-        self.commitment = self.persona.commitment(self.commitment)  # a hostile persona's own server
         self.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
         self.pending: Future | None = None
         self.unsent: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -257,7 +254,7 @@ class Miner(Node):
             log.warning("window %d: master θ_%d not available in time: skipped", window, window)
             return
         start = time.perf_counter()
-        blob, stats = self.persona.produce(window)
+        blob, stats = self.produce(window)
         if blob is not None:
             self.upload(window, blob)
             if stats is not None:  # compress + sign now, plus the last upload's duration
@@ -274,7 +271,7 @@ class Miner(Node):
                 time.perf_counter() - start, incentive,
             )  # fmt: skip
         else:
-            log.info("window %d: %s  incentive %.4f", window, self.persona.name, incentive)
+            log.info("window %d: no training  incentive %.4f", window, incentive)
         self.metrics.window({
             "window": window, "loss": getattr(stats, "loss", None), "tokens_per_s": getattr(stats, "tokens_per_s", None),
             "bytes_uploaded": len(blob) if blob else 0, "upload_seconds": self.upload_seconds, "incentive": incentive,
@@ -284,6 +281,10 @@ class Miner(Node):
         self.last_window = window
         self._save_state()
         self.cleanup(window)
+
+    def produce(self, window: int) -> tuple[bytes | None, object]:
+        """The blob to upload for `window` (None: nothing) and its training stats (None: no training)."""
+        return self.honest(window)
 
     def honest(self, window: int) -> tuple[bytes, object]:
         """The honest path: train, compress with error feedback, sign."""
@@ -315,10 +316,13 @@ class Miner(Node):
                 continue  # the same window if there is still time, else the loop joins the next
             done += 1
             window += 1
+        self.close()
+        log.info("miner stopped after %d windows", done)
+
+    def close(self) -> None:
+        """Finish the upload in flight and stop the uploader."""
         self.wait_upload()
         self.uploader.shutdown(wait=True)
-        self.persona.close()
-        log.info("miner stopped after %d windows", done)
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -329,12 +333,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 1
     install_signals(miner.stopping)
-    log.info(
-        "miner uid %d hotkey %s bucket %s persona %s",
-        miner.uid,
-        miner.hotkey,
-        miner.commitment,
-        settings.persona,
-    )
+    log.info("miner uid %d hotkey %s bucket %s", miner.uid, miner.hotkey, miner.commitment)
     miner.run(args.windows)
     return 0

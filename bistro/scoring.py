@@ -63,26 +63,6 @@ def merge_weights(incentive: Mapping[int, float], valid: Iterable[int]) -> dict[
     return {uid: v / total for uid, v in raw.items()}
 
 
-def clip_to_median_norm(weights: Mapping[int, float], norms: Mapping[int, float]) -> dict[int, float]:
-    """Merge weights with each delta's norm clipped to the median norm of the valid set (templar
-    clips peers to the median norm before merging): m_i · min(1, median / ‖Δ_i‖). One amplified
-    delta then moves θ_eval no more than a typical one, so it cannot turn the pooled help that the
-    own-page test divides by negative for everyone. Zero deltas keep their weight (they move nothing)."""
-    uids = list(weights)
-    factors = clip_factors([float(norms[uid]) for uid in uids])
-    return {uid: weights[uid] * c for uid, c in zip(uids, factors, strict=True)}
-
-
-def clip_factors(norms: Sequence[float]) -> list[float]:
-    """min(1, median / ‖Δ_i‖) per delta, the median (the lower one, so every node takes the same)
-    over the deltas that move anything. Zero deltas keep 1 (they move nothing) and do not count
-    towards the median: with them in it, one zero upload beside one real delta made the median 0,
-    the real delta's factor 0 and its share of the merge 0, and the validator divided by it."""
-    moving = sorted(n for n in norms if n > 0)
-    median = moving[(len(moving) - 1) // 2] if moving else 0.0
-    return [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
-
-
 def own_page_test(
     help_own: float, help_other: float, pooled_own: float, pooled_other: float, merge_weight: float = 1.0
 ) -> float:

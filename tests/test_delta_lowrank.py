@@ -8,8 +8,23 @@ import pytest
 import torch
 
 from bistro.config import build_settings
-from bistro.delta import CODECS, BadTensors, CodecContext, ErrorFeedback, Mixed, Sparse, compress, to_dense
-from bistro.delta.apply import MeanMerge, add_, apply_, delta_norm, merge_mean, restore_, scaled
+from bistro.delta import (
+    CODECS,
+    BadTensors,
+    CodecContext,
+    ErrorFeedback,
+    MeanMerge,
+    Mixed,
+    Sparse,
+    add_,
+    apply_,
+    compress,
+    delta_norm,
+    merge_mean,
+    restore_,
+    scaled,
+    to_dense,
+)
 from bistro.delta.codec import NonFiniteValues, low_rank
 from bistro.model import build_model, state_tensors
 

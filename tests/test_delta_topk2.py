@@ -8,8 +8,21 @@ import torch
 import transformers
 
 from bistro.config import build_settings
-from bistro.delta import CODECS, BadTensors, CodecContext, ErrorFeedback, Sparse, compress, to_dense
-from bistro.delta.apply import MeanMerge, add_, apply_, merge_mean, restore_, scaled
+from bistro.delta import (
+    CODECS,
+    BadTensors,
+    CodecContext,
+    ErrorFeedback,
+    MeanMerge,
+    Sparse,
+    add_,
+    apply_,
+    compress,
+    merge_mean,
+    restore_,
+    scaled,
+    to_dense,
+)
 from bistro.model import llama_config
 
 CTX = CodecContext(netuid=212, window=7, compression=64.0)

@@ -83,9 +83,7 @@ def test_persona_names_are_checked() -> None:
     assert persona_problem("hostile:trickle") is None and persona_problem("one_in_three") is None
     assert "no server behaviour" in (persona_problem("hostile:nope") or "")
     assert persona_problem("sneaky") is not None
-    Settings(persona="hostile:trickle")
-    with pytest.raises(ConfigError, match="persona"):
-        Settings(persona="hostile:Trickle!")
+    assert persona_problem("hostile:Trickle!") is not None
     with pytest.raises(ConfigError, match="no server behaviour"):
         make_persona("hostile:nope", None)  # type: ignore[arg-type]
 

@@ -105,3 +105,69 @@ def test_the_graph_sees_relative_and_function_level_imports():
 def test_no_import_cycle_among_bistro_modules():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# -- layers (STYLE.md 6): each module imports only its own layer or those under it ------------------
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    # 0: the contract and the settings every part reads
+    ("bistro", "bistro.protocol", "bistro.config", "bistro.atomicfile", "bistro.statefile"),
+    # 1: the parts
+    ("bistro.delta", "bistro.data", "bistro.chain", "bistro.storage", "bistro.model", "bistro.training",
+     "bistro.wallet"),
+    # 2: the roles and the mechanism they run
+    ("bistro.node", "bistro.miner", "bistro.validator", "bistro.master", "bistro.evaluator",
+     "bistro.scoring", "bistro.verdicts", "bistro.metrics", "bistro.distributed", "bistro.export",
+     "bistro.doctor", "bistro.plan", "bistro.report", "bistro.chain.commands", "bistro.data.commands"),
+    # 3: research and test tooling, and the entry point
+    ("bistro.localnet", "bistro.bench", "bistro.cli"),
+)  # fmt: skip
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest prefix of `module` that LAYERS names."""
+    best, layer = -1, -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best:
+                best, layer = len(name), i
+    if layer < 0:
+        raise KeyError(f"{module} is in no layer: add it to LAYERS")
+    return layer
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} (layer {layer_of(m)}) imports {t} (layer {layer_of(t)})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    )
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_violations({"bistro.delta.apply": {"bistro.scoring"}, "bistro.scoring": set()}) == [
+        "bistro.delta.apply (layer 1) imports bistro.scoring (layer 2)"
+    ]
+    assert layer_violations({"bistro.miner": {"bistro.delta.codec"}, "bistro.delta.codec": set()}) == []
+
+
+def test_every_module_imports_only_its_layer_or_those_under_it():
+    assert layer_violations(import_graph()) == []
+
+
+def test_a_miner_and_a_validator_load_no_test_tooling():
+    import subprocess
+    import sys
+
+    code = "import bistro.miner, bistro.validator, sys; print(' '.join(m for m in sys.modules if m.startswith('bistro')))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "bistro.miner" in out and "bistro.validator" in out
+    tooling = [
+        m
+        for m in out
+        if any(w in m for w in ("localnet", "persona", "hostile", "faulty", "s3server", "bench"))
+    ]
+    assert tooling == []

@@ -129,8 +129,7 @@ def test_near_copy_screen_catches_a_jittered_copy_and_never_groups_honest_deltas
     from bistro.bench.mechanism import decode_all
     from bistro.config import build_settings
     from bistro.data import Dataset
-    from bistro.delta import similarity, sketch
-    from bistro.delta.apply import low_rank_similarity
+    from bistro.delta import low_rank_similarity, similarity, sketch
     from bistro.delta.codec import CODECS, codec_context, densify
     from bistro.delta.wire import encode_delta
     from bistro.evaluator import SCREEN, Evaluator

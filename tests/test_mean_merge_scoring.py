@@ -11,8 +11,7 @@ import torch
 
 from bistro.config import build_settings
 from bistro.data import Dataset
-from bistro.delta import CODECS
-from bistro.delta.apply import MeanMerge, add_, delta_norm, merge_mean, scaled
+from bistro.delta import CODECS, MeanMerge, add_, delta_norm, merge_mean, scaled
 from bistro.delta.codec import codec_context
 from bistro.evaluator import Evaluator, Verdict
 from bistro.model import build_model, state_tensors
@@ -139,7 +138,7 @@ def test_a_zero_delta_beside_a_real_one_neither_crashes_nor_silences_it(world) -
 def test_an_update_that_overshoots_is_taken_at_half_its_size(world) -> None:
     """The master step tries U, then U/2 (evaluator.STEPS): a merge that overshoots on the global
     pages no longer stands the master still (the demo refused three honest updates in a row)."""
-    from bistro.delta.apply import scaled
+    from bistro.delta import scaled
     from bistro.evaluator import STEPS
     from bistro.model import token_losses
 

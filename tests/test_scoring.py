@@ -7,6 +7,7 @@ import math
 import pytest
 
 from bistro import scoring
+from bistro.delta.merge import clip_factors, clip_to_median_norm
 
 
 def test_merge_weights_floor_lets_a_newcomer_in() -> None:
@@ -117,21 +118,21 @@ def test_a_miner_who_stopped_gets_no_weight() -> None:
 def test_an_amplified_delta_counts_at_most_the_median_norm() -> None:
     weights = {1: 0.2, 2: 0.2, 3: 0.2, 4: 0.2, 5: 0.2}
     norms = {1: 1.0, 2: 1.1, 3: 0.9, 4: 0.0, 5: 4.0}  # 4: a zero delta; 5: a poisoner, amplified 4x
-    clipped = scoring.clip_to_median_norm(weights, norms)
+    clipped = clip_to_median_norm(weights, norms)
     assert clipped[5] == pytest.approx(0.2 * 1.0 / 4.0)  # median of (0, .9, 1, 1.1, 4) = 1
     assert clipped[5] * norms[5] == pytest.approx(1.0 * 0.2)  # it moves θ_eval like a median delta
     assert clipped[1] == clipped[3] == clipped[4] == 0.2  # at or under the median, or zero: unchanged
     assert clipped[2] == pytest.approx(0.2 / 1.1)
-    assert scoring.clip_to_median_norm({}, {}) == {}
+    assert clip_to_median_norm({}, {}) == {}
 
 
 def test_zero_deltas_do_not_set_the_median() -> None:
     """One zero upload beside one real delta made the (lower) median 0 and the real delta's weight
     0; sybils uploading zeros could do it to everyone. Zeros move nothing and do not count."""
-    assert scoring.clip_factors([0.0, 2.0]) == [1.0, 1.0]
-    assert scoring.clip_factors([0.0, 0.0, 0.0, 1.0, 3.0]) == [1.0, 1.0, 1.0, 1.0, pytest.approx(1 / 3)]
-    assert scoring.clip_factors([0.0, 0.0]) == [1.0, 1.0] and scoring.clip_factors([]) == []
-    assert scoring.clip_to_median_norm({1: 0.5, 2: 0.5}, {1: 0.0, 2: 2.0}) == {1: 0.5, 2: 0.5}
+    assert clip_factors([0.0, 2.0]) == [1.0, 1.0]
+    assert clip_factors([0.0, 0.0, 0.0, 1.0, 3.0]) == [1.0, 1.0, 1.0, 1.0, pytest.approx(1 / 3)]
+    assert clip_factors([0.0, 0.0]) == [1.0, 1.0] and clip_factors([]) == []
+    assert clip_to_median_norm({1: 0.5, 2: 0.5}, {1: 0.0, 2: 2.0}) == {1: 0.5, 2: 0.5}
     assert scoring.own_page_test(0.3, 0.1, 0.3, 0.1, merge_weight=0.0) == 0.0  # nothing in θ_eval
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .. import protocol
 from ..chain.local import LocalChain
-from ..config import PERSONAS, Settings, replace
+from ..config import Settings, replace
 from ..data import Dataset
 from ..data.pages import global_pages
 from ..export import localnet_model
@@ -32,7 +32,7 @@ from ..node import default_bucket
 from ..storage import open_store
 from ..storage.base import StorageError, Store
 from ..wallet import open_wallet
-from .personas import persona_problem
+from .personas import PERSONAS, persona_problem
 from .s3server import S3SimUnavailable, require_moto
 
 log = logging.getLogger("bistro.localnet")
@@ -190,8 +190,10 @@ class LocalNet:
 
     def command(self, m: Member) -> list[str]:
         s = self.settings
+        # an honest miner is the production `bistro miner`; any other persona runs as a PersonaMiner
+        command = "persona-miner" if m.role == "miner" and m.persona != "honest" else m.role
         cmd = [
-            sys.executable, "-m", "bistro.cli", m.role, "--preset", s.preset,
+            sys.executable, "-m", "bistro.cli", command, "--preset", s.preset,
             "--dir", str(self.dir / "nodes" / m.name), "--wallet.path", s.wallet.path,
             "--wallet.name", m.name, "--wallet.hotkey", "default", "--subtensor.network", "embedded",
             "--subtensor.chain_endpoint", s.chain.chain_endpoint, "--netuid", str(s.chain.netuid),
@@ -205,7 +207,8 @@ class LocalNet:
         if d.hub_root:
             cmd += ["--data.hub_root", d.hub_root]
         if m.role == "miner":
-            cmd += ["--persona", m.persona]
+            if command == "persona-miner":
+                cmd += ["--persona", m.persona]
             if s.train.fsdp:
                 cmd += ["--train.fsdp", "true"]
             if s.train.activation_checkpointing:
@@ -214,7 +217,7 @@ class LocalNet:
             cmd += ["--config", self.args.config]
         cmd += forwarded_flags(self.args)
         nproc = self.nproc_per_miner
-        if m.role == "miner" and nproc > 1:
+        if command == "miner" and nproc > 1:
             # One miner on N processes (gloo on CPU, NCCL on GPU); --standalone picks a free port.
             torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
             cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]

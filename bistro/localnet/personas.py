@@ -23,32 +23,36 @@
     bad_commitment  commits `http://169.254.169.254/latest` (the cloud metadata service) as its
                 bucket and uploads nothing
 
-Each persona runs inside the real miner process; only what it uploads (and commits) differs.
+Each persona runs inside a real miner process, a `PersonaMiner` (`bistro persona-miner --persona
+NAME`, started by the local network): only what it uploads (and commits) differs from `bistro miner`.
+A production miner never imports this module.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load as load_safetensors
 
 from .. import protocol
-from ..config import HOSTILE_PREFIX, ConfigError
+from ..config import ConfigError, Settings
 from ..data.pages import local_pages
 from ..delta import Delta, delta_norm, similarity
 from ..delta.codec import Mixed, Sparse, compress, densify
 from ..delta.wire import DeltaRejected, decode_delta, expectation
+from ..miner import Miner
+from ..node import NotRegistered, install_signals
 from ..storage.base import NotFound, StorageError
 from .hostile import BEHAVIOURS, Behaviour, HostileServer, status_500
 
-if TYPE_CHECKING:
-    from ..miner import Miner
-
 log = logging.getLogger("bistro.persona")
+
+HOSTILE_PREFIX = "hostile:"
+"""`hostile:<behaviour>`: an honest miner behind its own misbehaving server (`hostile.BEHAVIOURS`)."""
 
 
 class Persona:
@@ -390,3 +394,33 @@ def make_persona(name: str, miner: Miner) -> Persona:
     if name.startswith(HOSTILE_PREFIX):
         return Hostile(miner, name[len(HOSTILE_PREFIX) :])
     return PERSONAS[name](miner)
+
+
+class PersonaMiner(Miner):
+    """A real miner whose uploads (and commitment) come from a persona."""
+
+    def __init__(self, settings: Settings, persona: str) -> None:
+        super().__init__(settings)
+        self.persona = make_persona(persona, self)
+        self.commitment = self.persona.commitment(self.commitment)  # a hostile persona's own server
+
+    def produce(self, window: int) -> tuple[bytes | None, object]:
+        return self.persona.produce(window)
+
+    def close(self) -> None:
+        super().close()
+        self.persona.close()
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    """`bistro persona-miner --persona NAME`: one miner process with a persona (local networks)."""
+    try:
+        miner = PersonaMiner(settings, args.persona)
+    except (NotRegistered, ConfigError) as e:
+        log.error("%s", e)
+        return 1
+    install_signals(miner.stopping)
+    log.info("miner uid %d hotkey %s bucket %s persona %s", miner.uid, miner.hotkey, miner.commitment,
+             args.persona)  # fmt: skip
+    miner.run(args.windows)
+    return 0
