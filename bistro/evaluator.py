@@ -37,13 +37,12 @@ from .delta import (
 )
 from .delta.wire import DecodedDelta, DeltaRejected, Expectation, redecode
 from .master import apply_update
-from .model import sequence_losses, state_tensors
+from .model import Params, sequence_losses, state_tensors
 from .protocol import seed
 from .verdicts import V
 
 log = logging.getLogger("bistro.evaluator")
 
-Params = dict[str, torch.Tensor]
 T = TypeVar("T")
 
 STEPS = (1.0, 0.5)

@@ -34,12 +34,10 @@ import torch
 from . import protocol
 from .delta import Delta, Sparse, add_
 from .delta.signed import SignedObjectError, check_signed, pack_signed, tensor_views
-from .model import model_hash
+from .model import Params, model_hash
 from .storage.base import NotFound, Store
 
 log = logging.getLogger("bistro.master")
-
-Params = dict[str, torch.Tensor]
 
 
 class MasterError(Exception):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,7 +68,6 @@ class Miner(Node):
         """Seconds to compress, sign and upload (moving average), kept free before a deadline."""
         self.upload_seconds = 0.0
         """Duration of the last finished upload."""
-        self.stopping = threading.Event()
         self._load_state()
 
     # --- state ------------------------------------------------------------------------------------
@@ -112,7 +110,7 @@ class Miner(Node):
                 return False
             if self.chain.block() >= end - 1:
                 return False
-            time.sleep(max(getattr(self.chain, "block_time", 1.0) / 2, 0.1))
+            time.sleep(max(self.block_time() / 2, 0.1))
         return False
 
     def steps_that_fit(self, window: int) -> int:
@@ -124,7 +122,7 @@ class Miner(Node):
         target = self.settings.train.steps_per_window
         if self.step_seconds is None:
             return target
-        block_time = float(getattr(self.chain, "block_time", 12.0))
+        block_time = self.block_time()
         deadline = protocol.upload_deadline(window, self.bpw, self.settings.mechanism.upload_grace_blocks)
         seconds_left = (deadline - self.chain.block() - 1) * block_time - self.send_seconds
         return max(1, min(target, int(seconds_left / self.step_seconds)))
@@ -174,7 +172,7 @@ class Miner(Node):
         self.wait_upload()
         deadline = protocol.upload_deadline(window, self.bpw, self.settings.mechanism.upload_grace_blocks)
         key = protocol.delta_key(self.netuid, window, self.hotkey)
-        block_time = float(getattr(self.chain, "block_time", 12.0))
+        block_time = self.block_time()
         # the deadline in our own clock, for when the chain does not answer
         try:
             ends = time.monotonic() + (deadline - self.chain.block()) * block_time
@@ -295,27 +293,14 @@ class Miner(Node):
         return self.encode(window, wire), stats
 
     def run(self, max_windows: int = 0) -> None:
-        stop = self.stopping.is_set
-        self.keep_trying("commit", self.ensure_commitment, stop)
-        done = failures = 0
-        window = max(self.window(), self.last_window + 1)
-        while not stop() and (max_windows == 0 or done < max_windows):
-            if not self.wait_for_block(protocol.window_start(window, self.bpw), stop):
-                break
-            try:
-                current = self.window()
-                if current > window:
-                    log.info("window %d already over: joining window %d", window, current)
-                    window = current
-                self.step(window)
-                failures = 0
-            except ChainError as e:  # the endpoint is down or the runtime changed: carry on later
-                failures += 1
-                log.warning("window %d: skipped: chain failed (%s)", window, e)
-                self.retry_chain(f"window {window}", e, failures, stop)
-                continue  # the same window if there is still time, else the loop joins the next
-            done += 1
-            window += 1
+        """Mine every window from now (or the one after the last we saved) until stopped."""
+        done = self.run_windows(
+            lambda: max(self.window(), self.last_window + 1),
+            max_windows,
+            due=lambda w: protocol.window_start(w, self.bpw),
+            newest=lambda current: current,
+            step=self.step,
+        )
         self.close()
         log.info("miner stopped after %d windows", done)
 

@@ -13,6 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from .config import ModelConfig
 
+Params = dict[str, torch.Tensor]
+"""A model's tensors by name (its parameters, or the master's copy of them)."""
+
 
 def llama_config(cfg: ModelConfig) -> LlamaConfig:
     """The transformers config for a preset's model shape."""

@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -67,6 +68,20 @@ def pause(seconds: float, stop=None) -> bool:
     return stop is None or not stop()
 
 
+def staked_publisher(chain: Chain, window: int, bpw: int) -> str | None:
+    """The top-stake validator at the first block of `window`: it publishes update-{window}
+    (θ_{window+1}), and every node that asks gets the same answer. None before any validator had
+    stake there."""
+    return chain.top_validator_at(max(protocol.window_start(window, bpw), 0))
+
+
+def publisher_at(chain: Chain, window: int, bpw: int, mg: Metagraph | None = None) -> str | None:
+    """The publisher of update-{window}: `staked_publisher`, else the top validator now (`mg`, or the
+    chain's metagraph): the network's first publisher."""
+    hotkey = staked_publisher(chain, window, bpw)
+    return hotkey if hotkey is not None else (mg or chain.metagraph()).top_validator()
+
+
 class NotRegistered(Exception):
     """The wallet's hotkey has no uid on the subnet."""
 
@@ -80,6 +95,8 @@ class Node:
     """One miner or validator process."""
 
     def __init__(self, settings: Settings, role: str) -> None:
+        self.stopping = threading.Event()
+        """Set by a signal (`install_signals`): the node finishes its window, then stops."""
         self.settings = settings
         self.role = role
         self.netuid = settings.chain.netuid
@@ -191,6 +208,51 @@ class Node:
             if not pause(max((block - now - 1) * block_time, block_time / 3), stop):
                 return False
 
+    def run_windows(
+        self,
+        first: Callable[[], int],
+        max_windows: int,
+        *,
+        due: Callable[[int], int],
+        newest: Callable[[int], int],
+        step: Callable[[int], None],
+        on_bug: str | None = None,
+        unfinished: str = "skipped",
+    ) -> int:
+        """The node's loop, the same for every role: commit our bucket, then for each window from
+        `first()`: wait for block `due(w)`; if the chain's window says a later one is the newest we
+        can still do (`newest(current window)`), join it; `step(w)`. A ChainError tries the same
+        window again after a backoff (the join skips it once it is over), logged as `unfinished`. `on_bug`: a message to log
+        an exception of ours with, skipping the window and going on; None lets it end the node.
+        Stops at `self.stopping` or after `max_windows` (0: never); returns the windows done."""
+        stop = self.stopping.is_set
+        self.keep_trying("commit", self.ensure_commitment, stop)
+        window, done, failures = first(), 0, 0
+        while not stop() and (max_windows == 0 or done < max_windows):
+            if not self.wait_for_block(due(window), stop):
+                break
+            try:
+                latest = newest(self.window())
+                if latest > window:
+                    log.warning(
+                        "behind: windows %d..%d already over: joining window %d", window, latest - 1, latest
+                    )
+                    window = latest
+                step(window)
+                failures = 0
+            except ChainError as e:  # the endpoint is down or the runtime changed: carry on later
+                failures += 1
+                log.warning("window %d: %s: chain failed (%s)", window, unfinished, e)
+                self.retry_chain(f"window {window}", e, failures, stop)
+                continue
+            except Exception:
+                if on_bug is None:
+                    raise
+                log.exception("window %d: %s", window, on_bug)  # loud; the next window goes on
+            done += 1
+            window += 1
+        return done
+
     def keep_trying(self, what: str, fn, stop=None) -> bool:
         """`fn()` until it gets through the chain (backoff between tries); False if stopped first."""
         failures = 0
@@ -227,15 +289,14 @@ class Node:
         return store
 
     def publisher_of(self, window: int, mg: Metagraph) -> str | None:
-        """The hotkey that publishes update-{window} (θ_{window+1}): the top-stake validator at the
-        first block of `window`, so every node agrees whenever it asks. Before any validator had
-        stake there, the top validator now (the network's first publisher)."""
+        """`publisher_at` for `window`, remembered once the chain has a validator with stake there
+        (`mg`: the metagraph this window already read, for the first publisher)."""
         known = self._publishers.get(window)
         if known is not None:
             return known
-        hotkey = self.chain.top_validator_at(max(protocol.window_start(window, self.bpw), 0))
+        hotkey = staked_publisher(self.chain, window, self.bpw)
         if hotkey is None:
-            return mg.top_validator()
+            return publisher_at(self.chain, window, self.bpw, mg)
         self._publishers[window] = hotkey
         while len(self._publishers) > MAX_PUBLISHERS:
             self._publishers.popitem(last=False)

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .windowlog import read_lines
+
 log = logging.getLogger("bistro.report")
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -45,13 +47,7 @@ class Run:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """windows.jsonl, one record a line; a line cut short (a run still writing) ends the list."""
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return [r for r in records if isinstance(r, dict) and isinstance(r.get("uids"), dict)]
+    return [r for r in read_lines(path) if isinstance(r, dict) and isinstance(r.get("uids"), dict)]
 
 
 def _windows_file(path: Path, network: dict | None) -> Path | None:

@@ -47,8 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -59,11 +57,12 @@ from .delta.wire import DeltaRejected, decode_delta, expectation
 from .evaluator import Evaluator, Verdict
 from .master import MasterError, Position, Publisher, apply_update, load_params
 from .model import build_model, model_hash
-from .node import Node, NotRegistered
-from .statefile import read_json, write_atomic, write_json
+from .node import Node, NotRegistered, install_signals
+from .statefile import read_json, write_json
 from .storage import gather
 from .storage.base import StorageError, Store, TooLarge
 from .verdicts import PEER_FAULTS, V, fetch_verdict
+from .windowlog import WindowLog
 
 log = logging.getLogger("bistro.validator")
 
@@ -127,14 +126,13 @@ class Validator(Node):
         self.state_dir = settings.home / "validator"
         self.state = State()
         self.publisher = Publisher(self.store, self.keypair, self.netuid)
-        self.stopping = threading.Event()
         self.model.eval()
         self.evaluator = Evaluator(settings, self.model, self.dataset)
         # signed like everything we publish (a public bucket holds nothing unsigned of ours)
         doc = {"kind": "canary", "netuid": self.netuid, "started": time.time()}
         self.canary = json.dumps(protocol.sign_document(self.keypair, doc)).encode()
         self._canary_written = False
-        self._record_lines = 0
+        self.log = WindowLog(self.state_dir, self.records_per_file, self.archives_kept)
         self.fetched_bytes = 0
         self.io_seconds = 0.0
         """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
@@ -149,7 +147,7 @@ class Validator(Node):
         if raw is None:
             return
         self.state = State.from_json(raw)
-        self._drop_unsaved_records()
+        self.log.keep_through(self.state.last_window)
         log.info(
             "resumed: last window %d, %d moving averages", self.state.last_window, len(self.state.averages)
         )
@@ -157,42 +155,9 @@ class Validator(Node):
     def _save_state(self) -> None:
         write_json(self.state_dir / "state.json", self.state.to_json())
 
-    def _drop_unsaved_records(self) -> None:
-        """Forget records of windows the saved state does not hold (killed between writing the record
-        and the state): the window is scored again, and must not be listed twice. Reads only the
-        current windows.jsonl (at most `records_per_file` lines): archives hold saved windows."""
-        path = self.state_dir / "windows.jsonl"
-        if not path.exists():
-            return
-        lines = path.read_text().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line)["window"] <= self.state.last_window:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break  # a line cut short by the kill
-        if len(kept) != len(lines):
-            write_atomic(path, "".join(line + "\n" for line in kept).encode())
-        self._record_lines = len(kept)
-
     def _record(self, record: dict) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self._record_lines >= self.records_per_file:
-            self._rotate_records()
-        with open(self.state_dir / "windows.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._record_lines += 1
+        self.log.append(record)
         self.metrics.window(record)
-
-    def _rotate_records(self) -> None:
-        archives = sorted(self.state_dir.glob("windows-*.jsonl"))
-        number = int(archives[-1].stem.split("-")[1]) + 1 if archives else 1
-        (self.state_dir / "windows.jsonl").rename(self.state_dir / f"windows-{number:06d}.jsonl")
-        for old in [*archives, None][: max(len(archives) + 1 - self.archives_kept, 0)]:
-            if old is not None:
-                old.unlink(missing_ok=True)
-        self._record_lines = 0
 
     def _hold(self, position: Position) -> None:
         """We hold `position` in self.master; remember its hash (bounded)."""
@@ -554,31 +519,19 @@ class Validator(Node):
         )  # fmt: skip
 
     def run(self, max_windows: int = 0) -> None:
-        stop = self.stopping.is_set
-        self.keep_trying("commit", self.ensure_commitment, stop)
+        """Score window w once its uploads are due (w's deadline, in w + 1), from the one after the
+        last we saved, or the one that just closed, until stopped."""
         grace = self.settings.mechanism.upload_grace_blocks
-        window = max(self.state.last_window + 1, self.window() - 1)
-        done = failures = 0
-        while not stop() and (max_windows == 0 or done < max_windows):
-            if not self.wait_for_block(protocol.upload_deadline(window, self.bpw, grace), stop):
-                break
-            try:
-                current = self.window()
-                if current > window + 1:
-                    log.warning("behind: windows %d..%d not scored", window, current - 2)
-                    window = current - 1
-                self.evaluate(window)
-                failures = 0
-            except ChainError as e:  # the endpoint is down or the runtime changed: carry on later
-                failures += 1
-                log.warning("window %d: not scored yet: chain failed (%s)", window, e)
-                self.retry_chain(f"window {window}", e, failures, stop)
-                continue  # the same window while it can still be scored, else "behind" skips it
-            except Exception:  # noqa: BLE001 -- a bug of ours (peers' bytes are judged per uid inside):
-                # loud, this window unscored, and the validator goes on to the next one
-                log.exception("window %d: scoring failed: not scored", window)
-            done += 1
-            window += 1
+        done = self.run_windows(
+            lambda: max(self.state.last_window + 1, self.window() - 1),
+            max_windows,
+            due=lambda w: protocol.upload_deadline(w, self.bpw, grace),
+            newest=lambda current: current - 1,
+            step=self.evaluate,
+            # a bug of ours (peers' bytes are judged per uid inside): loud, this window unscored
+            on_bug="scoring failed: not scored",
+            unfinished="not scored yet",
+        )
         log.info("validator stopped after %d windows", done)
 
 
@@ -588,15 +541,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     except NotRegistered as e:
         log.error("%s", e)
         return 1
-
-    def handler(signum, frame) -> None:  # noqa: ARG001
-        log.info("signal %d: finishing the current window, then stopping", signum)
-        if validator.stopping.is_set():
-            raise KeyboardInterrupt
-        validator.stopping.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    install_signals(validator.stopping)
     log.info("validator uid %d hotkey %s bucket %s", validator.uid, validator.hotkey, validator.commitment)
     validator.run(args.windows)
     return 0

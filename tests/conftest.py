@@ -21,7 +21,7 @@ TEST_AWS_ENV = {
 @pytest.fixture(scope="session")
 def honest_blobs():
     """Honest deltas trained once per session and shared by the reliability, security and metrics
-    modules (tests/reliability_kit.py HonestBlobs)."""
+    modules (tests/support/reliability_kit.py HonestBlobs)."""
     from .support.reliability_kit import HonestBlobs
 
     return HonestBlobs()

@@ -53,7 +53,7 @@ def test_windows_jsonl_rotates_and_start_up_reads_only_the_current_file(world: W
         with open(d / "windows.jsonl", "a") as f:
             f.write(json.dumps({"window": LAST + 1, "uids": {}}) + "\n")
         again = validator_at(world, "rotate")
-        assert again._record_lines == 3 and len(lines(d / "windows.jsonl")) == 3
+        assert again.log.lines == 3 and len(lines(d / "windows.jsonl")) == 3
     finally:
         Validator.records_per_file, Validator.archives_kept = 1000, 4
 

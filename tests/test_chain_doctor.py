@@ -16,7 +16,7 @@ from bistro.config import Settings, build_settings
 from bistro.doctor import Doctor, report
 from bistro.node import default_bucket
 from bistro.wallet import open_wallet
-from tests import bittensor_sdk
+from tests.support import bittensor_sdk
 
 from .test_chain_subtensor import NETUID, metagraph_record, neurons_lite, raw_commitment
 

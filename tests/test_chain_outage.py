@@ -1,7 +1,7 @@
 """Nodes that keep running: an endpoint down for a while (every chain call failing) does not end a
 validator's or a miner's run; they back off, say what they skipped, and carry on.
 
-The real `Validator.run` and `Miner.run` over the embedded chain of tests/reliability_kit.py (10 ms
+The real `Validator.run` and `Miner.run` over the embedded chain of tests/support/reliability_kit.py (10 ms
 blocks), behind a `Chain` subclass that fails every call while it is down.
 """
 

@@ -1,7 +1,7 @@
 """The Bittensor adapter over the real SDK, with only the SDK's chain-access seam faked.
 
 `SubtensorChain` runs over a real `bittensor.SyncClient`; its `Substrate` is the SDK's own
-`FakeSubstrate` (from the SDK's source release, see tests/bittensor_sdk.py). The runtime-API
+`FakeSubstrate` (from the SDK's source release, see tests/support/bittensor_sdk.py). The runtime-API
 records it serves were encoded and decoded by the recorded runtime's codec, so their shapes are the
 chain's: stake in rao of the subnet's alpha, scores as u16 fractions, names as byte lists. Writes are
 recorded by the fake, never applied: the tests assert on the composed calls.
@@ -20,7 +20,7 @@ from bistro.chain.base import ChainError
 from bistro.chain.retry import RetryingChain
 from bistro.chain.subtensor import SubtensorChain, network_of
 from bistro.config import ChainConfig
-from tests import bittensor_sdk
+from tests.support import bittensor_sdk
 
 NETUID = 212
 RAO = 10**9

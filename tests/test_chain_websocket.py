@@ -31,7 +31,7 @@ from bittensor._transport.interface import SubstrateConnection
 from bistro.chain.base import ChainError
 from bistro.chain.subtensor import SubtensorChain
 from bistro.config import ChainConfig
-from tests import bittensor_sdk
+from tests.support import bittensor_sdk
 
 from .test_chain_subtensor import HOTKEYS, NETUID, metagraph_record, neurons_lite
 

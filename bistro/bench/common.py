@@ -16,10 +16,8 @@ from ..data import Dataset
 from ..data.pages import local_pages
 from ..delta import CODECS, ErrorFeedback, compress, encode_delta
 from ..delta.codec import codec_context
-from ..model import build_model, state_tensors
+from ..model import Params, build_model, state_tensors
 from ..training import Trainer
-
-Params = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from ..data.pages import local_pages
 from ..delta import Delta, to_dense
 from ..evaluator import Evaluator
 from ..master import apply_update
-from ..model import build_model, model_hash, state_tensors
+from ..model import Params, build_model, model_hash, state_tensors
 from ..training import Trainer
 from .common import Plan, SimMiner, block_hash, clone
 from .common import row as _row
@@ -60,7 +60,6 @@ from .mechanism import batches, decode_all, held_out_pages
 
 log = logging.getLogger("bistro.bench.learning")
 
-Params = dict[str, torch.Tensor]
 
 STILL_LEARNS = 0.1
 """A baseline still learns at window w if its drop over the last quarter of 0..w is at least this

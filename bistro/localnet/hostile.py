@@ -5,7 +5,7 @@ request the way its path's first segment names (`GET /<behaviour>/<key>`), and r
 Commit `http+get://127.0.0.1:PORT/<behaviour>` (or `http://127.0.0.1:PORT/<behaviour>` as an S3
 path-style bucket) to point a uid at one behaviour. The object served for a key is `server.body`,
 or what `source(key)` returns; a key `source` does not have is answered by `missing` (404 by
-default). Used by the tests' corpus (`tests/hostile_server.py`) and, inside a real miner process, by
+default). Used by the tests' corpus (`tests/support/hostile_server.py`) and, inside a real miner process, by
 the `hostile:<behaviour>` personas (`bistro/localnet/personas.py`), which serve their own signed deltas so.
 Research and test tooling: nothing in a validator or an honest miner starts it.
 """

@@ -28,10 +28,11 @@ from ..data.pages import global_pages
 from ..export import localnet_model
 from ..master import Follower, MasterError, Position
 from ..model import build_model, sequence_losses, state_tensors
-from ..node import default_bucket
+from ..node import default_bucket, publisher_at
 from ..storage import open_store
 from ..storage.base import StorageError, Store
 from ..wallet import open_wallet
+from ..windowlog import WindowLog
 from .personas import PERSONAS, persona_problem
 from .s3server import S3SimUnavailable, require_moto
 
@@ -321,27 +322,13 @@ class Observer:
 
 
 def publisher_of(net: LocalNet, window: int) -> str | None:
-    """The hotkey that publishes update-{window}: the top-stake validator at the window's first
-    block (`Node.publisher_of`, the same rule every node follows)."""
-    block = max(protocol.window_start(window, net.settings.mechanism.blocks_per_window), 0)
-    return net.chain.top_validator_at(block) or net.chain.metagraph().top_validator()
+    """The hotkey that publishes update-{window}, by the rule every node follows (`publisher_at`)."""
+    return publisher_at(net.chain, window, net.settings.mechanism.blocks_per_window)
 
 
 def validator_records(net: LocalNet, v: Member) -> list[dict]:
     """Every record `v` has written so far (its archives, then windows.jsonl)."""
-    d = net.dir / "nodes" / v.name / "validator"
-    out = []
-    for path in [*sorted(d.glob("windows-*.jsonl")), d / "windows.jsonl"]:
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            continue
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line being written
-    return out
+    return WindowLog(net.dir / "nodes" / v.name / "validator").read()
 
 
 def records(net: LocalNet, validator: Member | None = None) -> list[dict]:

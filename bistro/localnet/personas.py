@@ -203,9 +203,7 @@ class Backdater(Copycat):
         m.store.put(key, self.forge(window, stolen))
         path = getattr(m.store, "dir", None)
         if path is not None:  # a local bucket: the file's mtime is what it reports as Last-Modified
-            started = time.time() - (m.chain.block() - protocol.window_start(window, m.bpw)) * float(
-                getattr(m.chain, "block_time", 12.0)
-            )
+            started = time.time() - (m.chain.block() - protocol.window_start(window, m.bpw)) * m.block_time()
             os.utime(path / key, (started, started))
             log.info("backdater: window %d object dated %.0fs earlier", window, time.time() - started)
         return None, None
