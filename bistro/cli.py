@@ -83,6 +83,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--nproc-per-miner", type=int, default=1, help="run each miner under torchrun on N processes"
         )
+        parser.add_argument(
+            "--metrics-ports", type=int, default=0, metavar="BASE",
+            help="node k serves Prometheus metrics on port BASE+k (listed in network.json)",
+        )  # fmt: skip
     elif name == "bench":
         parser.add_argument("suite", nargs="?", default="all", help="all, or one suite's name")
         parser.add_argument("--json", dest="json_path", default=None, help="write results here")

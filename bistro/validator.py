@@ -389,6 +389,7 @@ class Validator(Node):
 
     def _skip_all(self, verdicts: dict[int, Verdict], why: str) -> dict[int, Verdict]:
         log.warning("our own bucket failed (%s): the window is skipped for every uid", why)
+        self.metrics.canary_failed()
         for v in verdicts.values():
             v.verdict, v.delta = V.skip, None
         return verdicts
@@ -501,6 +502,7 @@ class Validator(Node):
         try:
             self.chain.set_weights(self.wallet, uids, [weights[u] for u in uids])
             log.info("set weights on %d uids", len(uids))
+            self.metrics.weights_set()
             return True
         except ChainError as e:
             log.warning("set_weights refused: %s (will retry next window)", e)
