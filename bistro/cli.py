@@ -7,6 +7,7 @@ lives in its own module and is imported only when that command runs.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import importlib.util
 import json
@@ -146,14 +147,50 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return build_settings(args.preset or "tiny", args.config, overrides)
 
 
-def setup_logging(debug: bool) -> None:
-    from rich.logging import RichHandler
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, node, logger, window, uid, verdict (when
+    the record carries them, `log.info(..., extra={"window": w})`), message, and exc on errors."""
 
+    FIELDS = ("window", "uid", "verdict")
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "node": self.node,
+            "logger": record.name,
+        }
+        for key in self.FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                doc[key] = value if isinstance(value, int | float | str | bool) else str(value)
+        doc["message"] = record.getMessage()
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(debug: bool, json_lines: bool = False, node: str = "bistro") -> None:
+    """Rich's console lines, or with `json_lines` (`--logging.json`) one JSON object a line on
+    stdout, labelled with `node`."""
+    if json_lines:
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonLines(node))
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, log_time_format="%H:%M:%S", rich_tracebacks=False)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        handlers=[RichHandler(show_path=False, log_time_format="%H:%M:%S", rich_tracebacks=False)],
+        handlers=[handler],
         force=True,
     )
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx"):
@@ -180,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(settings.to_dict(), indent=2))
         return 0
-    setup_logging(settings.debug)
+    setup_logging(
+        settings.debug, settings.log_json, f"{args.command}:{settings.wallet.name}/{settings.wallet.hotkey}"
+    )
     handler = _resolve(args.command)
     if handler is None:
         print(f"bistro {args.command}: not built yet", file=sys.stderr)

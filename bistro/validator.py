@@ -552,7 +552,7 @@ class Validator(Node):
         log.info(
             "window %d scored in %.1fs: %s  top weights %s%s", window, seconds,
             " ".join(f"{k}={n}" for k, n in sorted(counts.items())),
-            " ".join(f"{u}:{w:.2f}" for w, u in best), master,
+            " ".join(f"{u}:{w:.2f}" for w, u in best), master, extra={"window": window},
         )  # fmt: skip
 
     def run(self, max_windows: int = 0) -> None:
