@@ -1,4 +1,4 @@
-"""One entry point: `bistro miner|validator|localnet|register|status|bench|export|report|data`.
+"""One entry point: `bistro miner|validator|localnet|register|status|bench|export|report|data|eval`.
 
 Parse, build one `Settings`, hand it to the command, return its exit code. Each command's code
 lives in its own module and is imported only when that command runs.
@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("bistro.report", "main", "render a run directory as one self-contained HTML page"),
     "doctor": ("bistro.doctor", "main", "check wallet, chain, registration, bucket and disk before starting"),
     "plan": ("bistro.plan", "main", "memory, bandwidth and disk a miner and a validator need"),
+    "eval": ("bistro.lmeval", "main", "score the master on lm-evaluation-harness tasks"),
 }
 
 
@@ -118,6 +119,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--role", choices=["miner", "validator"], default="miner", help="the node you will start"
         )
+    elif name == "eval":
+        from .lmeval import add_flags
+
+        add_flags(parser)
     elif name in ("miner", "validator"):
         parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")
 
