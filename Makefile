@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test test-fast browser lint format setup clean sdk-src
+.PHONY: demo test test-fast browser prometheus pm2 lint format setup clean sdk-src
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,21 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
 		echo "tests/test_report.py needs chromium: sudo apt-get install chromium"
 
+# tests/test_prometheus.py scrapes a localnet with a real Prometheus (Debian's package: prometheus, promtool).
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } || \
+		echo "tests/test_prometheus.py needs prometheus: sudo apt-get install prometheus"
+
+# tests/test_supervision.py keeps a node alive with the real pm2 (npm), installed under ~/.cache
+# (BISTRO_PM2), never into this repository.
+PM2_DIR ?= $(or $(BISTRO_PM2),$(HOME)/.cache/bistro/pm2)
+pm2:
+	@test -x $(PM2_DIR)/node_modules/.bin/pm2 || { command -v npm >/dev/null && \
+		npm install --silent --no-fund --no-audit --prefix $(PM2_DIR) pm2; } || \
+		echo "tests/test_supervision.py needs pm2: install nodejs and npm, then make pm2"
+
 # The installed bittensor SDK's source release: its test harness (FakeSubstrate, FakeNode, the
 # recorded runtime's metadata and value shapes) drives tests/test_chain_subtensor.py. A dependency,
 # unpacked under ~/.cache (BISTRO_SDK_SRC), never copied into this repository.
@@ -38,7 +53,7 @@ sdk-src: $(STAMP)
 	BISTRO_SDK_SRC=$(SDK_SRC) $(PY) -c "from tests.support.bittensor_sdk import fetch_source; print(fetch_source())"
 
 # Lint, format check and the whole test suite.
-test: $(STAMP) browser sdk-src
+test: $(STAMP) browser prometheus pm2 sdk-src
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q

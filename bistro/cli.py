@@ -1,4 +1,4 @@
-"""One entry point: `bistro miner|validator|localnet|register|status|bench|export|report|data`.
+"""One entry point: `bistro miner|validator|localnet|register|status|bench|export|report|data|eval`.
 
 Parse, build one `Settings`, hand it to the command, return its exit code. Each command's code
 lives in its own module and is imported only when that command runs.
@@ -7,6 +7,7 @@ lives in its own module and is imported only when that command runs.
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
 import importlib.util
 import json
@@ -33,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("bistro.report", "main", "render a run directory as one self-contained HTML page"),
     "doctor": ("bistro.doctor", "main", "check wallet, chain, registration, bucket and disk before starting"),
     "plan": ("bistro.plan", "main", "memory, bandwidth and disk a miner and a validator need"),
+    "eval": ("bistro.lmeval", "main", "score the master on lm-evaluation-harness tasks"),
 }
 
 
@@ -84,6 +86,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--nproc-per-miner", type=int, default=1, help="run each miner under torchrun on N processes"
         )
+        parser.add_argument(
+            "--metrics-ports", type=int, default=0, metavar="BASE",
+            help="node k serves Prometheus metrics on port BASE+k (listed in network.json)",
+        )  # fmt: skip
     elif name == "bench":
         parser.add_argument("suite", nargs="?", default="all", help="all, or one suite's name")
         parser.add_argument("--json", dest="json_path", default=None, help="write results here")
@@ -114,6 +120,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--role", choices=["miner", "validator"], default="miner", help="the node you will start"
         )
+    elif name == "eval":
+        from .lmeval import add_flags
+
+        add_flags(parser)
     elif name in ("miner", "validator", "persona-miner"):
         parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")
         if name == "persona-miner":
@@ -145,14 +155,50 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return build_settings(args.preset or "tiny", args.config, overrides)
 
 
-def setup_logging(debug: bool) -> None:
-    from rich.logging import RichHandler
+class JsonLines(logging.Formatter):
+    """One JSON object a line: time (UTC, ISO 8601), level, node, logger, window, uid, verdict (when
+    the record carries them, `log.info(..., extra={"window": w})`), message, and exc on errors."""
 
+    FIELDS = ("window", "uid", "verdict")
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "node": self.node,
+            "logger": record.name,
+        }
+        for key in self.FIELDS:
+            value = getattr(record, key, None)
+            if value is not None:
+                doc[key] = value if isinstance(value, int | float | str | bool) else str(value)
+        doc["message"] = record.getMessage()
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(debug: bool, json_lines: bool = False, node: str = "bistro") -> None:
+    """Rich's console lines, or with `json_lines` (`--logging.json`) one JSON object a line on
+    stdout, labelled with `node`."""
+    if json_lines:
+        handler: logging.Handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(JsonLines(node))
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, log_time_format="%H:%M:%S", rich_tracebacks=False)
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        handlers=[RichHandler(show_path=False, log_time_format="%H:%M:%S", rich_tracebacks=False)],
+        handlers=[handler],
         force=True,
     )
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx"):
@@ -179,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(settings.to_dict(), indent=2))
         return 0
-    setup_logging(settings.debug)
+    setup_logging(
+        settings.debug, settings.log_json, f"{args.command}:{settings.wallet.name}/{settings.wallet.hotkey}"
+    )
     handler = _resolve(args.command)
     if handler is None:
         print(f"bistro {args.command}: not built yet", file=sys.stderr)

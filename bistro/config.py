@@ -444,6 +444,9 @@ class Settings:
     """Working directory of this node: state, logs, the embedded chain and local buckets."""
     debug: bool = False
     """Log at debug level."""
+    log_json: bool = False
+    """Log one JSON object a line (time, level, node, window, uid, verdict, message) for log
+    shippers such as Loki or Vector (`--logging.json`)."""
 
     def __post_init__(self) -> None:
         _check(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
@@ -537,6 +540,7 @@ ALIASES: dict[str, str] = {
     "s3.region": "storage.region",
     "s3.path_style": "storage.path_style",
     "logging.debug": "debug",
+    "logging.json": "log_json",
     "corpus": "data.corpus",
     "wandb.project": "metrics.wandb_project",
     "wandb.entity": "metrics.wandb_entity",

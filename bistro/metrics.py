@@ -17,6 +17,10 @@ miner's window summary. Verdict labels are the `bistro.verdicts.V` values the va
     bistro_master_hash_age_seconds           since the held master's hash last changed
     bistro_master_global_loss{stage}         publisher: global loss before/after the master step
     bistro_train_loss bistro_tokens_per_second bistro_upload_seconds bistro_incentive   (miner)
+    bistro_window_length_seconds             blocks per window x block time (what fetch must fit in)
+    bistro_window_timestamp_seconds          unix time of the last window done (or of the start)
+    bistro_weights_set_timestamp_seconds     validator: unix time weights last reached the chain (or start)
+    bistro_canary_failures_total             validator: windows skipped because our own bucket failed
 """
 
 from __future__ import annotations
@@ -96,6 +100,27 @@ class Metrics:
         self.g_tps = Gauge("tokens_per_second", "Miner: training throughput", namespace=ns, registry=r)
         self.g_upload = Gauge("upload_seconds", "Miner: seconds of the last upload", namespace=ns, registry=r)
         self.g_incentive = Gauge("incentive", "Miner: its incentive on the chain", namespace=ns, registry=r)
+        self.g_length = Gauge(
+            "window_length_seconds", "Blocks per window times the block time", namespace=ns, registry=r
+        )
+        self.g_window_time = Gauge(
+            "window_timestamp_seconds",
+            "Unix time of the last window done (or start)",
+            namespace=ns,
+            registry=r,
+        )
+        self.g_weights_time = Gauge(
+            "weights_set_timestamp_seconds",
+            "Validator: unix time weights last reached the chain (or start)",
+            namespace=ns,
+            registry=r,
+        )
+        self.c_canary = Counter(
+            "canary_failures", "Validator: windows skipped, own bucket failed", namespace=ns, registry=r
+        )
+        # "since the start" until the first window: an alert on their age waits for the node
+        self.g_window_time.set_to_current_time()
+        self.g_weights_time.set_to_current_time()
         for v in V:  # every verdict is a series from the start: a dashboard sums zeros, not gaps
             self.g_verdicts.labels(v.value).set(0)
             self.c_verdicts.labels(v.value)
@@ -106,6 +131,7 @@ class Metrics:
         """Update every metric from one window's record (the validator's windows.jsonl line, or the
         miner's summary); never raises for a missing field."""
         self.g_window.labels(self.role).set(record["window"])
+        self.g_window_time.set_to_current_time()
         self._master(record.get("master_window"), record.get("master_hash"))
         for key, gauge in (("fetch_seconds", self.g_fetch), ("score_seconds", self.g_scoring),
                            ("seconds", self.g_seconds), ("loss", self.g_train_loss),
@@ -123,6 +149,18 @@ class Metrics:
             self._uids(record["uids"])
         if self.wandb is not None:
             self.wandb.log(flatten(record), step=int(record["window"]))
+
+    def window_length(self, seconds: float) -> None:
+        """The window's length in seconds (a dashboard plots fetch and scoring seconds against it)."""
+        self.g_length.set(seconds)
+
+    def weights_set(self) -> None:
+        """The validator's weights reached the chain."""
+        self.g_weights_time.set_to_current_time()
+
+    def canary_failed(self) -> None:
+        """Our own bucket failed the canary: the window is skipped for every uid."""
+        self.c_canary.inc()
 
     def _master(self, window: int | None, digest: str | None) -> None:
         if window is not None:

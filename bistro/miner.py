@@ -266,10 +266,10 @@ class Miner(Node):
             log.info(
                 "window %d: loss %.4f  %.0f tok/s  %d steps  %.1fs  incentive %.4f",
                 window, stats.loss, stats.tokens_per_s, self.settings.train.steps_per_window,
-                time.perf_counter() - start, incentive,
+                time.perf_counter() - start, incentive, extra={"window": window},
             )  # fmt: skip
         else:
-            log.info("window %d: no training  incentive %.4f", window, incentive)
+            log.info("window %d: no training  incentive %.4f", window, incentive, extra={"window": window})
         self.metrics.window({
             "window": window, "loss": getattr(stats, "loss", None), "tokens_per_s": getattr(stats, "tokens_per_s", None),
             "bytes_uploaded": len(blob) if blob else 0, "upload_seconds": self.upload_seconds, "incentive": incentive,

@@ -125,6 +125,7 @@ class Node:
         """θ as published, kept apart from the model's own parameters (which train or hold θ_eval)."""
         self.uid = self._check_registered()
         self.metrics = Metrics(settings, role, self.uid, self.hotkey)
+        self.metrics.window_length(self.bpw * self.block_time())
         """Prometheus endpoint / W&B run (both off by default), fed once per window."""
 
     def _hub_index_source(self):  # noqa: ANN202 - a data.hub.IndexSource or None

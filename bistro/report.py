@@ -40,6 +40,8 @@ class Run:
     records: list[dict[str, Any]]
     summary: dict[str, Any] | None = None
     personas: dict[int, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+    """`bistro eval`'s results (DIR/eval.json), when the run directory holds them."""
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -75,7 +77,10 @@ def load_run(path: Path) -> Run:
         int(u["uid"]): u["persona"] for u in (network or {}).get("uids", []) if u.get("role") == "miner"
     }
     records = read_records(source) if source else []
-    return Run(directory.resolve().name, records, summary, personas)
+    evaluation = _read_json(directory / "eval.json")
+    if not (isinstance(evaluation, dict) and isinstance(evaluation.get("tasks"), dict)):
+        evaluation = None
+    return Run(directory.resolve().name, records, summary, personas, evaluation)
 
 
 def _read_json(path: Path) -> Any | None:
@@ -250,6 +255,19 @@ th{background:#f0f0f0}.legend{font-size:12px}.key{margin-right:12px}
 .key i{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:middle}.empty{color:#888}"""
 
 
+def _evaluation(run: Run) -> str:
+    """The benchmark scores `bistro eval` wrote (eval.json): one row per task and metric."""
+    e = run.evaluation
+    if not e:
+        return ""
+    rows = [[task, metric, value] for task, row in sorted(e["tasks"].items()) if isinstance(row, dict)
+            for metric, value in sorted(row.items())]  # fmt: skip
+    where = f"θ_{e['window']}" if e.get("window") is not None else str(e.get("source", "the model"))
+    return f"<h2>Benchmark scores of {html.escape(where)} (lm-eval)</h2>" + _table(
+        ["task", "metric", "value"], rows, "evaluation"
+    )
+
+
 def render(run: Run) -> str:
     """The whole page."""
     loss, ylabel = _master_loss(run)
@@ -274,7 +292,7 @@ def render(run: Run) -> str:
              'a validator does not</p>',
         line_chart("Weight per uid (this validator)", weights, "weight", dashed),
         "<h2>Verdicts per uid</h2>", verdict_grid(run.records, {u: _label(run, u) for u in run.personas}),
-        "<h2>Summary</h2>", _summary_table(run), "</body></html>",
+        "<h2>Summary</h2>", _summary_table(run), _evaluation(run), "</body></html>",
     ]  # fmt: skip
     return "\n".join(parts)
 

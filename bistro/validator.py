@@ -354,6 +354,7 @@ class Validator(Node):
 
     def _skip_all(self, verdicts: dict[int, Verdict], why: str) -> dict[int, Verdict]:
         log.warning("our own bucket failed (%s): the window is skipped for every uid", why)
+        self.metrics.canary_failed()
         for v in verdicts.values():
             v.verdict, v.delta = V.skip, None
         return verdicts
@@ -466,6 +467,7 @@ class Validator(Node):
         try:
             self.chain.set_weights(self.wallet, uids, [weights[u] for u in uids])
             log.info("set weights on %d uids", len(uids))
+            self.metrics.weights_set()
             return True
         except ChainError as e:
             log.warning("set_weights refused: %s (will retry next window)", e)
@@ -515,7 +517,7 @@ class Validator(Node):
         log.info(
             "window %d scored in %.1fs: %s  top weights %s%s", window, seconds,
             " ".join(f"{k}={n}" for k, n in sorted(counts.items())),
-            " ".join(f"{u}:{w:.2f}" for w, u in best), master,
+            " ".join(f"{u}:{w:.2f}" for w, u in best), master, extra={"window": window},
         )  # fmt: skip
 
     def run(self, max_windows: int = 0) -> None:

@@ -118,7 +118,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # 2: the roles and the mechanism they run
     ("bistro.node", "bistro.miner", "bistro.validator", "bistro.master", "bistro.evaluator",
      "bistro.scoring", "bistro.verdicts", "bistro.metrics", "bistro.distributed", "bistro.export",
-     "bistro.doctor", "bistro.plan", "bistro.report", "bistro.chain.commands", "bistro.data.commands"),
+     "bistro.doctor", "bistro.plan", "bistro.report", "bistro.lmeval", "bistro.chain.commands", "bistro.data.commands"),
     # 3: research and test tooling, and the entry point
     ("bistro.localnet", "bistro.bench", "bistro.cli"),
 )  # fmt: skip
@@ -129,7 +129,7 @@ def layer_of(module: str) -> int:
     best, layer = -1, -1
     for i, names in enumerate(LAYERS):
         for name in names:
-            if (module == name or module.startswith(name + ".")) and len(name) > best:
+            if (module == name or (name != "bistro" and module.startswith(name + "."))) and len(name) > best:
                 best, layer = len(name), i
     if layer < 0:
         raise KeyError(f"{module} is in no layer: add it to LAYERS")

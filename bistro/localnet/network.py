@@ -170,6 +170,7 @@ class LocalNet:
                     "persona": m.persona,
                     "role": m.role,
                     "bucket": m.bucket,
+                    "metrics_port": self.metrics_port(m),
                     "bucket_dir": str(self.dir / "buckets" / m.bucket)
                     if s.storage.backend == "local"
                     else None,
@@ -178,6 +179,12 @@ class LocalNet:
             ],
         }
         (self.dir / "network.json").write_text(json.dumps(doc, indent=2))
+
+    def metrics_port(self, m: Member) -> int | None:
+        """`--metrics-ports BASE`: member k (validators first, then miners) serves
+        `http://127.0.0.1:BASE+k/metrics`; None without the flag."""
+        base = int(getattr(self.args, "metrics_ports", 0) or 0)
+        return base + self.members.index(m) if base else None
 
     def threads(self, m: Member) -> int:
         """One thread a miner: on 2 cores shared by a dozen busy processes, two OpenMP threads per
@@ -216,6 +223,8 @@ class LocalNet:
                 cmd += ["--train.activation_checkpointing", "true"]
         if self.args.config:
             cmd += ["--config", self.args.config]
+        if self.metrics_port(m) is not None:
+            cmd += ["--metrics.port", str(self.metrics_port(m))]
         cmd += forwarded_flags(self.args)
         nproc = self.nproc_per_miner
         if command == "miner" and nproc > 1:
