@@ -397,3 +397,10 @@ def scale_window(settings: Settings, dataset: Dataset, *, quick: bool, steps: in
     ]  # fmt: skip
     log.info("scale: %s", {k: v for k, v in out.items() if k != "rows"})
     return out
+
+
+def run(settings: Settings, *, quick: bool) -> dict[str, Any]:
+    """`bistro bench scale`: the plan's rates fitted on `tiny`, checked on a `small` window (scalefit.py)."""
+    from .scalefit import run as fit_and_check
+
+    return fit_and_check(settings, quick=quick)
