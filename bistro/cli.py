@@ -120,7 +120,9 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--design", choices=["current", "new"], default="current",
                             help="the code as it is, or every knob of plan.NEW_DESIGN")  # fmt: skip
         parser.add_argument("--rates", default=None, help="a `bistro bench scale --json` file's fitted rates")
-        parser.add_argument("--schedule", choices=["serial", "pipelined"], default=None, help="as --plan.schedule")
+        parser.add_argument(
+            "--schedule", choices=["serial", "pipelined"], default=None, help="as --plan.schedule"
+        )
         parser.add_argument("--plan.set", dest="plan_set", action=_KeyValue, default={}, metavar="FIELD=V",
                             help="a plan.Design field (repeatable), e.g. --plan.set scored_uids=32")  # fmt: skip
     elif name == "register":

@@ -229,7 +229,9 @@ def make_plan(settings: Settings, nproc: int = 1, uids: int = UIDS, hardware: st
     plan["window_seconds"] = t.pop("window_seconds")
     plan["validator"].update(vt)
     plan["miner"].update(mt)
-    plan["miner"].pop("disk_per_1000_windows_bytes", None)  # a miner's own uploads: see `upload_per_window_bytes`
+    plan["miner"].pop(
+        "disk_per_1000_windows_bytes", None
+    )  # a miner's own uploads: see `upload_per_window_bytes`
     plan["miner"]["disk_per_1000_windows_bytes"] = WINDOWS * mt["upload_per_window_bytes"]
     plan["breakdown"] = {"validator": vt["breakdown_s"], "miner": mt["breakdown_s"]}
     plan.update(t)
@@ -630,7 +632,9 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
         decodes = 1
     else:  # today: on the host, 1 decode at fetch (+3 re-decodes streaming), the publisher's merge
         decodes = 1 + (3 if stream else 0)
-        per_uid = (decodes * rates.decode_ns + rates.sketch_ns + rates.merge_sums_ns + rates.share_term_ns) * n
+        per_uid = (
+            decodes * rates.decode_ns + rates.sketch_ns + rates.merge_sums_ns + rates.share_term_ns
+        ) * n
         v["decode_merge"] = scored * per_uid * host_ns
         v["merge_update"] = merged * n * ((rates.decode_ns if stream else 0) + rates.merge_mean_ns) * host_ns
         v["copy_pairs"] = design.copy_group_uids * n * rates.decode_ns * host_ns if stream else 0.0
@@ -709,8 +713,14 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
             "peak_host_bytes": val_host,
             "memory": val_items,
             "download_per_window_bytes": download,
-            "forward": {"pages": pages, "sequences_per_page": seq_page, "tokens_per_page": page_tokens,
-                        "tokens": fwd_tokens, "flops_per_token": fpt, "flops": fwd_tokens * fpt},  # fmt: skip
+            "forward": {
+                "pages": pages,
+                "sequences_per_page": seq_page,
+                "tokens_per_page": page_tokens,
+                "tokens": fwd_tokens,
+                "flops_per_token": fpt,
+                "flops": fwd_tokens * fpt,
+            },  # fmt: skip
         },
         "miner_time": {
             "seconds_per_window": miner_s,
@@ -770,13 +780,17 @@ def _validator_memory(settings: Settings, shapes: Shapes, design: Design, hw: Ha
         gpu_items.append(Item("weight sum", 2 * n, "16-bit Σ w per position, for the leave-one-out"))
     else:
         union_sparse, union_dense = _union_entries(settings, shapes, scored)
-        host_items.append(Item("mean-merge sums", 16 * union_dense + 20 * union_sparse, "MeanMerge's union tensors"))
+        host_items.append(
+            Item("mean-merge sums", 16 * union_dense + 20 * union_sparse, "MeanMerge's union tensors")
+        )
     decoded = Item("decoded deltas", held, "this GPU's uids, decoded once" if factored
                    else "two at a time, decoded again at each use")  # fmt: skip
     (gpu_items if design.decode_on_device else host_items).append(decoded)
     if factored and m.codec == "lowrank":
         largest = max((s[0] + s[1] for s in shapes.values() if len(s) == 2), default=0)
-        gpu_items.append(Item("factor workspace", 4 * largest * m.rank * scored, "P̃, Q̃ of the largest matrix"))
+        gpu_items.append(
+            Item("factor workspace", 4 * largest * m.rank * scored, "P̃, Q̃ of the largest matrix")
+        )
     (host_items if design.master_on_host else gpu_items).append(Item("master θ_w", 4 * n, "Node.master"))
     host_items.append(Item("merged update", 4 * n, "the merge before re-compression, dense fp32"))
     if not hw.gpus:

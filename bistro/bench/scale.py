@@ -104,10 +104,11 @@ class RssPeak:
 
 
 def synthetic_blobs(settings: Settings, dataset: Dataset, count: int, window: int, steps: int,
-                    uids: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+                    uids: list[int] | None = None, noise: float = 0.5) -> dict[str, Any]:  # fmt: skip
     """Signed deltas for `count` uids, trained from the initial master: two real miners train one
-    window each; uid i sends real delta (i mod 2) plus its own noise of half its norm, so no two
-    uids are copies (cosine well below copy_threshold) and every blob goes through the real
+    window each; uid i sends real delta (i mod 2) plus its own noise of `noise` times its norm
+    (0.5: two uids of one real delta at cosine 0.8, a near-copy pair by `copy_threshold`, which the
+    mechanism suite's window pays for; 2: at 0.2, no copies) and every blob goes through the real
     compress / encode path. Returns {"blobs": {uid: (hotkey, blob)}, "master", "digest"}."""
     uids = list(range(count)) if uids is None else uids
     master = state_tensors(build_model(settings.model, seed=settings.model.seed))
@@ -120,9 +121,9 @@ def synthetic_blobs(settings: Settings, dataset: Dataset, count: int, window: in
     for n, uid in enumerate(uids):
         base, norm = real[n % len(real)], float(norms[n % len(real)])
         g = torch.Generator().manual_seed(protocol.seed("bench-noise", uid, window))
-        noise = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
-        scale = 0.5 * norm / float(torch.sqrt(sum((x.double() ** 2).sum() for x in noise.values())))
-        delta = {k: base[k] + scale * noise[k] for k in base}
+        own = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+        scale = noise * norm / float(torch.sqrt(sum((x.double() ** 2).sum() for x in own.values())))
+        delta = {k: base[k] + scale * own[k] for k in base}
         blobs[uid] = (keypair(uid).ss58_address, sign_delta(settings, uid, window, delta, digest, None))
         if (n + 1) % 64 == 0:
             log.info("signed %d/%d deltas", n + 1, len(uids))
@@ -301,7 +302,7 @@ class TimedValidator(Validator):
 
 
 def _build_network(
-    settings: Settings, dataset: Dataset, tmp: Path, n_uids: int, window: int, steps: int
+    settings: Settings, dataset: Dataset, tmp: Path, n_uids: int, window: int, steps: int, noise: float = 0.5
 ) -> Settings:
     # Blocks of 50 ms, so the window's seed block (whose hash picks the eval pages) exists at once;
     # no Yuma epoch but the first (consensus is not what this measures).
@@ -313,7 +314,7 @@ def _build_network(
     chain.register(wallet)
     chain.add_stake(wallet.hotkey.ss58_address, 1000.0)
     miners = list(range(1, n_uids))
-    made = synthetic_blobs(s, dataset, len(miners), window, steps, uids=miners)
+    made = synthetic_blobs(s, dataset, len(miners), window, steps, uids=miners, noise=noise)
     for uid in miners:
         hotkey, blob = made["blobs"][uid]
         if _join(chain, keypair(uid), f"bench-miner-{uid}") != uid:

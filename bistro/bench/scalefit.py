@@ -46,6 +46,9 @@ log = logging.getLogger("bistro.bench.scalefit")
 TARGET = 1.6
 CHECK_PAGES = {"mechanism.rows_per_page": 1, "mechanism.eval_pages": 1, "mechanism.global_pages": 1}
 """The check window's pages: one document a page, one eval page (and one control page) a uid."""
+NOISE = 2.0
+"""Each synthetic delta's own noise, times its norm: pairs of one real delta at cosine ~0.2, no
+near-copy group (a window with copies pays own-page evidence passes: `plan.Design.copy_group_uids`)."""
 WIDTHS = (32, 64, 128, 256, 512, 1024)
 
 
@@ -119,7 +122,9 @@ def fit_rates(settings: Settings, *, uids: int, repeats: int) -> tuple[planning.
     # The forward: a tiny eval batch, less its matrix products, gives the element-wise rate.
     cfg = settings.model
     model = build_model(cfg, seed=cfg.seed).eval()
-    seqs = torch.randint(0, cfg.vocab_size, (2 * settings.train.eval_batch_size, cfg.sequence_length), generator=g)
+    seqs = torch.randint(
+        0, cfg.vocab_size, (2 * settings.train.eval_batch_size, cfg.sequence_length), generator=g
+    )
     sequence_losses(model, seqs[:4], settings.train.eval_batch_size)
     fwd = _best(lambda: sequence_losses(model, seqs, settings.train.eval_batch_size), repeats) / seqs.numel()
     bare = planning.Rates(gemm_ns_per_flop=gemm, elementwise_ns=0.0)
@@ -129,7 +134,9 @@ def fit_rates(settings: Settings, *, uids: int, repeats: int) -> tuple[planning.
     # A training step over a forward of the same tokens.
     trainer_model = build_model(cfg, seed=cfg.seed)
     trainer = Trainer(trainer_model, settings.train)
-    batch = torch.randint(0, cfg.vocab_size, (settings.train.batch_size * 2, cfg.sequence_length), generator=g)
+    batch = torch.randint(
+        0, cfg.vocab_size, (settings.train.batch_size * 2, cfg.sequence_length), generator=g
+    )
     trainer.train(batch, 1)
     step = _best(lambda: trainer.train(batch, 2), repeats) / 2
     rates = planning.Rates(
@@ -166,8 +173,10 @@ def check_window(settings: Settings, rates: planning.Rates, *, uids: int, steps:
     window = 1
     with tempfile.TemporaryDirectory(prefix="bistro-bench-scalefit-") as name:
         tmp = Path(name)
-        log.info("check: %s, %d uids: training 2 miners and signing %d deltas", settings.preset, uids, uids - 1)
-        s = _build_network(settings, dataset, tmp, uids, window, steps)
+        log.info(
+            "check: %s, %d uids: training 2 miners and signing %d deltas", settings.preset, uids, uids - 1
+        )
+        s = _build_network(settings, dataset, tmp, uids, window, steps, noise=NOISE)
         first = TimedValidator(s)
         first.evaluate(window - 1)  # publishes θ_window; nothing to score yet
         validator = RecordingValidator(s)
@@ -187,7 +196,9 @@ def check_window(settings: Settings, rates: planning.Rates, *, uids: int, steps:
     miner.produce(1, master, digest)
     miner_measured = time.perf_counter() - t0
     design = planning.Design(sequences_per_page=seq_page, merged_fraction=merged / (uids - 1))
-    p = planning.make_plan(settings, uids=uids - 1, hardware="cpu", link_gbit=10.0, design=design, rates=rates)
+    p = planning.make_plan(
+        settings, uids=uids - 1, hardware="cpu", link_gbit=10.0, design=design, rates=rates
+    )
     va, mi = p["validator"], p["miner"]
     miner_pred = mi["breakdown_s"]["train"] + mi["breakdown_s"]["compress"]
     out = {
