@@ -47,8 +47,8 @@ TARGET = 1.6
 CHECK_PAGES = {"mechanism.rows_per_page": 1, "mechanism.eval_pages": 1, "mechanism.global_pages": 1}
 """The check window's pages: one document a page, one eval page (and one control page) a uid."""
 NOISE = 2.0
-"""Each synthetic delta's own noise, times its norm: pairs of one real delta at cosine ~0.2, no
-near-copy group (a window with copies pays own-page evidence passes: `plan.Design.copy_group_uids`)."""
+"""Each synthetic delta's own noise (with a rank-1 part of its own), times its norm: pairs of one
+real delta at cosine ~0.1, no near-copy group (a window with copies pays own-page evidence passes: `plan.Design.copy_group_uids`)."""
 WIDTHS = (32, 64, 128, 256, 512, 1024)
 
 
@@ -176,7 +176,7 @@ def check_window(settings: Settings, rates: planning.Rates, *, uids: int, steps:
         log.info(
             "check: %s, %d uids: training 2 miners and signing %d deltas", settings.preset, uids, uids - 1
         )
-        s = _build_network(settings, dataset, tmp, uids, window, steps, noise=NOISE)
+        s = _build_network(settings, dataset, tmp, uids, window, steps, noise=NOISE, distinct_low_rank=True)
         first = TimedValidator(s)
         first.evaluate(window - 1)  # publishes θ_window; nothing to score yet
         validator = RecordingValidator(s)
