@@ -359,9 +359,13 @@ HARDWARE: dict[str, Hardware] = {
 
 @dataclass(frozen=True)
 class Rates:
-    """Host rates, one thread, and the CPU forward model. Fitted on `tiny` by `bistro bench scale`
-    (`rates` in its JSON; `bistro plan --rates FILE` reads them); the defaults are one such fit on the
-    2-core development machine. ns per parameter per uid unless named otherwise."""
+    """Host rates, one thread, and the CPU forward model; ns per parameter per uid unless named
+    otherwise. Fitted on `tiny` by `bistro bench scale` (`rates` in its JSON; `bistro plan --rates
+    FILE` reads them). The defaults: decode, sketch, mean sums and share + term are `topk2` timed on
+    one 4096 × 4096 tensor on the development machine (the codec of the 150M/1B/7B presets; `tiny`'s
+    lowrank decodes matrices dense and fits slower: 8.9 / 45 / 2.0 / 6.2); hash, apply, the matrix
+    product and element-wise rates and the train factor are rounded from `bench scale` fits there;
+    `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
 
     decode_ns: float = 2.1
     """`redecode` of one delta (safetensors load + the codec's decode)."""
@@ -375,17 +379,22 @@ class Rates:
     """`merge_mean`'s pass over one merged delta (the publisher's update)."""
     encode_ns: float = 10.0
     """A miner's `compress` + `encode_delta`, per parameter."""
-    apply_update_ns: float = 2.0
+    apply_update_ns: float = 0.5
     """`apply_update` of a merged update onto θ, per parameter."""
-    hash_ns_per_byte: float = 1.0
+    hash_ns_per_byte: float = 0.7
     """`model_hash` (sha256), per byte of fp32 master."""
-    gemm_ns_per_flop: tuple[tuple[int, float], ...] = ((32, 0.05), (128, 0.015), (256, 0.007), (1024, 0.008))
+    gemm_ns_per_flop: tuple[tuple[int, float], ...] = (
+        (32, 0.015),
+        (128, 0.0085),
+        (256, 0.0085),
+        (1024, 0.0075),
+    )
     """CPU matrix products: (inner width, ns per FLOP), interpolated in log width."""
-    elementwise_ns: float = 2.5
+    elementwise_ns: float = 1.6
     """CPU forward: ns per activation element (norms, rotary, softmax, the loss), fitted on `tiny`."""
-    train_factor: float = 3.5
+    train_factor: float = 3.1
     """CPU: seconds of one training step over the seconds of a forward over the same tokens."""
-    source: str = "defaults (a `bench scale` fit on the 2-core development machine)"
+    source: str = "defaults (topk2 on a 4096 × 4096 tensor; see the class's note)"
 
 
 @dataclass(frozen=True)
