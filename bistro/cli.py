@@ -52,6 +52,16 @@ def run_miner(settings: Settings, args: argparse.Namespace) -> int:
     return miner_main(settings, args)
 
 
+class _KeyValue(argparse.Action):
+    """`--plan.set FIELD=VALUE`, repeatable, into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        key, sep, value = str(values).partition("=")
+        if not sep:
+            parser.error(f"{option_string}: expected FIELD=VALUE, got {values!r}")
+        setattr(namespace, self.dest, {**getattr(namespace, self.dest, {}), key: value})
+
+
 def _flag_dest(path: str) -> str:
     return "cfg:" + path
 
@@ -112,6 +122,16 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--nproc", type=int, default=1, help="miner ranks (FSDP2 with --train.fsdp)")
         parser.add_argument("--uids", type=int, default=256, help="uids a validator downloads from")
         parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+        parser.add_argument("--hardware", default=None, help="cpu, 1xH100, 8xH100 or 4xH200: add time")
+        parser.add_argument("--link-gbit", type=float, default=1.0, help="the node's link, Gbit/s")
+        parser.add_argument("--design", choices=["current", "new"], default="current",
+                            help="the code as it is, or every knob of plan.NEW_DESIGN")  # fmt: skip
+        parser.add_argument("--rates", default=None, help="a `bistro bench scale --json` file's fitted rates")
+        parser.add_argument(
+            "--schedule", choices=["serial", "pipelined"], default=None, help="as --plan.schedule"
+        )
+        parser.add_argument("--plan.set", dest="plan_set", action=_KeyValue, default={}, metavar="FIELD=V",
+                            help="a plan.Design field (repeatable), e.g. --plan.set scored_uids=32")  # fmt: skip
     elif name == "register":
         parser.add_argument(
             "--stake", type=float, default=0.0, help="embedded chain: stake to add (validators)"

@@ -22,15 +22,17 @@ Activations were fitted on CPU fp32 to `measure_peak` of a training step over mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .config import ModelConfig, Settings
+from .config import ModelConfig, Settings, replace
 from .delta.codec import CODECS, TopK, codec_context
 
 Shapes = dict[str, tuple[int, ...]]
@@ -214,8 +216,29 @@ def _peak(phases: dict[str, list[Item]]) -> tuple[int, str]:
     return sum(i.bytes for i in phases[phase]), phase
 
 
-def make_plan(settings: Settings, nproc: int = 1, uids: int = UIDS) -> dict[str, Any]:
-    """The whole plan as JSON-able data (`bistro plan --json` prints exactly this)."""
+def make_plan(settings: Settings, nproc: int = 1, uids: int = UIDS, hardware: str | Hardware | None = None,
+              link_gbit: float = 1.0, design: Design | None = None, rates: Rates | None = None) -> dict[str, Any]:  # fmt: skip
+    """The whole plan as JSON-able data (`bistro plan --json` prints exactly this). With `hardware`,
+    the window's time, bandwidth and memory per GPU too (`time_plan`)."""
+    plan = _memory_plan(settings, nproc, uids)
+    if hardware is None:
+        return plan
+    hw = HARDWARE[hardware] if isinstance(hardware, str) else hardware
+    t = time_plan(settings, hw, link_gbit, uids, design, rates)
+    vt, mt = t.pop("validator_time"), t.pop("miner_time")
+    plan["window_seconds"] = t.pop("window_seconds")
+    plan["validator"].update(vt)
+    plan["miner"].update(mt)
+    plan["miner"].pop(
+        "disk_per_1000_windows_bytes", None
+    )  # a miner's own uploads: see `upload_per_window_bytes`
+    plan["miner"]["disk_per_1000_windows_bytes"] = WINDOWS * mt["upload_per_window_bytes"]
+    plan["breakdown"] = {"validator": vt["breakdown_s"], "miner": mt["breakdown_s"]}
+    plan.update(t)
+    return plan
+
+
+def _memory_plan(settings: Settings, nproc: int, uids: int) -> dict[str, Any]:
     shapes = model_shapes(settings.model)
     n = _n(shapes)
     m = settings.mechanism
@@ -263,6 +286,527 @@ def make_plan(settings: Settings, nproc: int = 1, uids: int = UIDS) -> dict[str,
             "items": {p: [i.__dict__ for i in items] for p, items in val_phases.items()},
         },
     }
+
+
+# --- time, bandwidth and the design knobs ---------------------------------------------------------
+#
+# `bistro plan --hardware H --link-gbit L` adds a model of time to the memory above: what a
+# validator (fetch, score, publish) and a miner (sync, train, upload) spend in one window on the
+# stated hardware, and whether each critical path fits `window_seconds` under the schedule. Every
+# rate is an input: host rates (`Rates`) are fitted by `bistro bench scale` on `tiny` (its JSON can
+# be passed back with `--rates FILE`), device rates come from the vendor's sheet (`HARDWARE`) times
+# a stated utilisation. Protocol and design choices that the code does not have yet are `Design`
+# fields, so the numbers change when the protocol does.
+
+BLOCK_SECONDS = 12.0
+"""Bittensor's block time: a window is `mechanism.blocks_per_window` of them."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One machine a node runs on. Per-GPU figures are the vendor's data sheet; utilisation is ours."""
+
+    name: str
+    gpus: int
+    """GPUs in the node (0: the host CPU does everything, at `Rates`' fitted CPU rates)."""
+    peak_flops: float
+    """Dense bf16 FLOP/s of one GPU, without structured sparsity (vendor sheet)."""
+    gpu_bytes: float
+    """Memory of one GPU in bytes (vendor sheet, decimal GB)."""
+    hbm_bytes_per_s: float
+    """Memory bandwidth of one GPU (vendor sheet): what element-wise device work is bound by."""
+    host_bytes: float
+    """Host memory of the node."""
+    mfu_forward: float
+    """Share of `peak_flops` an inference forward reaches (bf16, batches of 2k-token sequences)."""
+    mfu_train: float
+    """Share of `peak_flops` a training step reaches (FSDP2 over the node's GPUs)."""
+    bandwidth_efficiency: float = 0.5
+    """Share of `hbm_bytes_per_s` that gathers, scatters and element-wise kernels reach."""
+    source: str = ""
+
+
+_H100 = dict(peak_flops=989e12, gpu_bytes=80e9, hbm_bytes_per_s=3.35e12)
+"""NVIDIA H100 SXM5 data sheet: 989 TFLOP/s dense BF16 (1,979 with 2:4 sparsity), 80 GB HBM3 at 3.35 TB/s."""
+_H200 = dict(peak_flops=989e12, gpu_bytes=141e9, hbm_bytes_per_s=4.8e12)
+"""NVIDIA H200 SXM data sheet: the H100's 989 TFLOP/s dense BF16, 141 GB HBM3e at 4.8 TB/s."""
+MFU_FORWARD = 0.40
+"""Inference forwards of 2k-token sequences in bf16 on Hopper reach 40-50% of peak in practice
+(large GEMMs, attention via SDPA/flash); 40% is the conservative end."""
+MFU_TRAIN = 0.35
+"""Llama-7B FSDP training on 8 H100s is reported at 35-45% MFU (torchtitan, Megatron figures);
+35% leaves room for an un-tuned FSDP2 step and activation checkpointing's recompute."""
+
+
+def _this_host_bytes() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+HARDWARE: dict[str, Hardware] = {
+    "cpu": Hardware("cpu", 0, 0.0, 0.0, 0.0, _this_host_bytes(), 1.0, 1.0,
+                    source="this machine, one thread: the fitted CPU rates of `Rates`"),
+    "1xH100": Hardware("1xH100", 1, **_H100, host_bytes=225e9, mfu_forward=MFU_FORWARD, mfu_train=MFU_TRAIN,
+                       source="one H100 SXM5; host as a typical 1-GPU cloud VM (~225 GB)"),
+    "8xH100": Hardware("8xH100", 8, **_H100, host_bytes=2000e9, mfu_forward=MFU_FORWARD, mfu_train=MFU_TRAIN,
+                       source="DGX H100: 8 H100 SXM5, 2 TB host memory"),
+    "4xH200": Hardware("4xH200", 4, **_H200, host_bytes=1000e9, mfu_forward=MFU_FORWARD, mfu_train=MFU_TRAIN,
+                       source="4 H200 SXM (half an HGX H200), ~1 TB host memory assumed"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Host rates, one thread, and the CPU forward model; ns per parameter per uid unless named
+    otherwise. Fitted on `tiny` by `bistro bench scale` (`rates` in its JSON; `bistro plan --rates
+    FILE` reads them). The defaults: decode, sketch, mean sums and share + term are `topk2` timed on
+    one 4096 × 4096 tensor on the development machine (the codec of the 150M/1B/7B presets; `tiny`'s
+    lowrank decodes matrices dense and fits slower: 8.9 / 45 / 2.0 / 6.2); hash, apply, the matrix
+    product and element-wise rates and the train factor are rounded from `bench scale` fits there;
+    `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
+
+    decode_ns: float = 2.1
+    """`redecode` of one delta (safetensors load + the codec's decode)."""
+    sketch_ns: float = 0.5
+    """`sketch` of one delta (both sketches for lowrank)."""
+    merge_sums_ns: float = 1.6
+    """`MeanMerge`'s pass over one delta (its sums)."""
+    share_term_ns: float = 3.2
+    """One uid's leave-one-out: `share` + `term` + `apply_` + `restore_`."""
+    merge_mean_ns: float = 1.6
+    """`merge_mean`'s pass over one merged delta (the publisher's update)."""
+    encode_ns: float = 10.0
+    """A miner's `compress` + `encode_delta`, per parameter."""
+    apply_update_ns: float = 0.5
+    """`apply_update` of a merged update onto θ, per parameter."""
+    hash_ns_per_byte: float = 0.7
+    """`model_hash` (sha256), per byte of fp32 master."""
+    gemm_ns_per_flop: tuple[tuple[int, float], ...] = (
+        (32, 0.015),
+        (128, 0.0085),
+        (256, 0.0085),
+        (1024, 0.0075),
+    )
+    """CPU matrix products: (inner width, ns per FLOP), interpolated in log width."""
+    elementwise_ns: float = 1.6
+    """CPU forward: ns per activation element (norms, rotary, softmax, the loss), fitted on `tiny`."""
+    train_factor: float = 3.1
+    """CPU: seconds of one training step over the seconds of a forward over the same tokens."""
+    source: str = "defaults (topk2 on a 4096 × 4096 tensor; see the class's note)"
+
+
+@dataclass(frozen=True)
+class Design:
+    """What the plan assumes of the protocol and of the node's code, beyond `Settings`.
+
+    The defaults are the code as it is. `NEW_DESIGN` names the settings the "Real sizes" issues ask
+    for; other engineers wire them into presets and `MechanismConfig` (`scored_uids` is
+    `mechanism.max_uids_per_window`, `merge_peers` `mechanism.merge_peers`). Set any field with
+    `bistro plan --plan.set FIELD=VALUE` (repeatable), or all of `NEW_DESIGN` with `--design new`."""
+
+    schedule: str = "serial"
+    """`serial`: miners wait for θ_w, published after scoring (today); `pipelined`: miners train
+    window w+1 while window w is scored, so the two critical paths overlap."""
+    scored_uids: int = 0
+    """Uids a validator scores a window (0: `mechanism.max_uids_per_window`, at most `--uids`)."""
+    merged_fraction: float = 1.0
+    """Of the scored uids, the share whose deltas are merged (paid and helpful; 1: an upper bound)."""
+    decode_on_device: bool = False
+    """Decode each delta once, on the GPU, and keep it there (today: on the host, 1 decode a window,
+    4 with `stream_deltas`, 5 on the publisher)."""
+    weight_sum: bool = False
+    """θ_eval plus a 16-bit per-position weight sum for the leave-one-out, instead of the mean
+    merge's union tensors on the host (16 B + 20 B per union position)."""
+    master_on_host: bool = False
+    """Keep θ_w (fp32) in host memory, not beside θ_eval on the GPU (validator and miner rank 0)."""
+    factored_lowrank: bool = False
+    """Merge lowrank factors without densifying: θ_eval's low-rank part is one GEMM per matrix of
+    inner dimension rank × uids; a uid's leave-one-out is its own rank-r term."""
+    follower_update: str = "union"
+    """What a follower downloads to reach θ_{w+1}: `union` (today: int64 index + fp32 value per
+    position of the merged deltas' union), `recompressed` (the publisher re-compresses the merge with
+    the codec: one delta-sized object) or `merge_set` (`merge_peers` deltas, merged by each node)."""
+    merge_peers: int = 20
+    """`merge_set`: deltas merged a window (templar gathers ~20)."""
+    fetch_concurrency: int = 0
+    """Downloads in flight (0: all at once under one deadline, today; else seeded order, bounded)."""
+    checkpoint_every: int = 0
+    """Windows between full checkpoints (0: `mechanism.checkpoint_every`)."""
+    checkpoint_retention: int = 2
+    """Full checkpoints the publisher keeps (and the updates between them)."""
+    checkpoint_async: bool = False
+    """Upload checkpoints off the critical path (today: inside the window that writes one)."""
+    hash_threads: int = 1
+    """Threads that hash the master (today one sha256 stream; more: per-tensor digests in parallel)."""
+    validator_gpus: int = 1
+    """GPUs the validator scores on (0: all of the node's; today one process, one GPU)."""
+    host_threads: int = 1
+    """Host threads for decode and merge bookkeeping (the fitted rates are one thread's)."""
+    steps_per_window: int = 0
+    """A miner's optimizer steps a window (0: `train.steps_per_window`; -1: as many as fit)."""
+    fill_fraction: float = 0.9
+    """`steps_per_window -1`: training fills this share of the room the critical path leaves."""
+    miner_checkpointing: bool = False
+    """Miner recomputes activations (as `train.activation_checkpointing`, or-ed with it)."""
+    sequences_per_page: float = 0.0
+    """Sequences of `model.sequence_length` a page holds (0: rows_per_page × doc_tokens / length)."""
+    doc_tokens: int = 1024
+    """Tokens a document holds, on average (the basis of a page's size when not measured)."""
+    copy_group_uids: int = 0
+    """Uids a window finds in near-copy groups (each costs an own-page evidence pass on 2 × its
+    local pages and, today, two decodes per exact pair)."""
+    device_bytes_per_param_uid: float = 24.0
+    """GPU bytes moved per parameter per uid by on-device decode + θ_eval + leave-one-out (decode
+    writes 4, θ_eval's add reads and writes 8, the term's apply and restore 12)."""
+
+
+NEW_DESIGN: dict[str, Any] = {
+    "schedule": "pipelined", "scored_uids": 32, "decode_on_device": True, "weight_sum": True,
+    "master_on_host": True, "factored_lowrank": True, "follower_update": "recompressed",
+    "fetch_concurrency": 8, "checkpoint_every": 50, "checkpoint_async": True, "hash_threads": 8,
+    "validator_gpus": 0, "host_threads": 8, "steps_per_window": -1, "miner_checkpointing": True,
+}  # fmt: skip
+"""The design the "Real sizes" issues describe, as `Design` overrides (`bistro plan --design new`)."""
+
+FOLLOWER_UPDATES = ("union", "recompressed", "merge_set")
+SCHEDULES = ("serial", "pipelined")
+
+
+def design_from(overrides: dict[str, Any], base: Design | None = None) -> Design:
+    """A `Design` with fields set from strings or values (`--plan.set FIELD=VALUE`); bad values raise."""
+    kinds = {f.name: f.type for f in dataclasses.fields(Design)}
+    values: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in kinds:
+            raise ValueError(f"plan.{key}: unknown design setting (have: {', '.join(kinds)})")
+        kind = kinds[key]
+        if isinstance(value, str) and kind != "str":
+            if kind == "bool":
+                value = value.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                value = {"int": int, "float": float}[kind](value)
+        values[key] = value
+    design = dataclasses.replace(base or Design(), **values)
+    if design.schedule not in SCHEDULES:
+        raise ValueError(f"plan.schedule: must be one of {SCHEDULES}")
+    if design.follower_update not in FOLLOWER_UPDATES:
+        raise ValueError(f"plan.follower_update: must be one of {FOLLOWER_UPDATES}")
+    return design
+
+
+def _gemm_ns(rates: Rates, width: int) -> float:
+    """ns per FLOP of a CPU matrix product of this inner width, interpolated in log width."""
+    pts = sorted(rates.gemm_ns_per_flop)
+    if width <= pts[0][0]:
+        return pts[0][1]
+    for (w0, r0), (w1, r1) in zip(pts, pts[1:], strict=False):
+        if width <= w1:
+            t = math.log(width / w0) / math.log(w1 / w0)
+            return r0 + t * (r1 - r0)
+    return pts[-1][1]
+
+
+def forward_flops_per_token(cfg: ModelConfig) -> float:
+    """2 FLOPs per matrix parameter (the input embedding is a lookup) plus causal attention's
+    scores and values (2 × 2 × layers × length × hidden, the masked half counted too)."""
+    h, i, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    kv = h // cfg.num_heads * cfg.num_kv_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    return 2.0 * (n * layer + h * v) + 4.0 * n * cfg.sequence_length * h
+
+
+def cpu_forward_seconds_per_token(cfg: ModelConfig, rates: Rates) -> float:
+    """One thread: each matrix product at its inner width's rate, attention at the head width's,
+    plus the element-wise work (~9 h + 3.25 i floats a layer, ~1.5 V for the logits and loss)."""
+    h, i, v, n = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    kv = h // cfg.num_heads * cfg.num_kv_heads
+    ns = n * (2 * (2 * h * h + 2 * h * kv + 2 * h * i) * _gemm_ns(rates, h) + 2 * h * i * _gemm_ns(rates, i))
+    ns += 2 * h * v * _gemm_ns(rates, h)
+    ns += 4 * n * cfg.sequence_length * h * _gemm_ns(rates, h // cfg.num_heads)
+    ns += (n * (9 * h + 3.25 * i) + 1.5 * v) * rates.elementwise_ns
+    return ns * 1e-9
+
+
+def _sequences_per_page(settings: Settings, design: Design) -> float:
+    if design.sequences_per_page > 0:
+        return design.sequences_per_page
+    return max(1.0, settings.mechanism.rows_per_page * design.doc_tokens / settings.model.sequence_length)
+
+
+def validator_pages(settings: Settings, design: Design, scored: int) -> dict[str, float]:
+    """Pages the validator's forwards read in one window, by what they are for (`Evaluator.score`,
+    `propose_update`, `own_page_evidence`)."""
+    m = settings.mechanism
+    per_uid = 3 * 2 * m.eval_pages  # L(θ), L(θ_eval), L(θ_eval − i) on eval + as many control pages
+    return {
+        "per_scored_uid": per_uid,
+        "scored": scored * per_uid,
+        "global": 2 * m.global_pages,  # L(θ) and L(θ_eval)
+        "master_step": m.global_pages,  # θ + U (θ + U/2 again when refused)
+        "copy_evidence": design.copy_group_uids * 2 * 2 * m.pages_per_window,
+    }
+
+
+def _union_entries(settings: Settings, shapes: Shapes, merged: int) -> tuple[int, int]:
+    """(sparse union positions, dense positions) of `merged` deltas' update, positions drawn
+    independently (overlap only makes it smaller)."""
+    sparse_n = sum(math.prod(s) for s in shapes.values() if not _dense(settings, s))
+    dense = _n(shapes) - sparse_n
+    kept = sum(kept_entries(settings, {k: s}) for k, s in shapes.items() if not _dense(settings, s))
+    if merged == 0:
+        return 0, 0
+    if sparse_n == 0:
+        return 0, dense
+    frac = 1.0 - (1.0 - kept / sparse_n) ** merged
+    return int(sparse_n * frac), dense
+
+
+def _factored_bytes(settings: Settings, shapes: Shapes) -> int:
+    """A lowrank delta held factored: fp32 factors of each matrix, int32 index + fp32 value for the
+    sparse rest (other codecs: their decoded size)."""
+    m = settings.mechanism
+    if m.codec != "lowrank":
+        return decoded_bytes(settings, shapes)
+    k = TopK().k(codec_context(settings, 0))
+    total = 0
+    for s in shapes.values():
+        if len(s) == 2:
+            total += 4 * m.rank * (s[0] + s[1])
+        total += 8 * min(math.prod(s), -(-math.prod(s) // m.topk_chunk) * k)
+    return total
+
+
+def _split(items: list[Item], on_gpu: Callable[[Item], bool]) -> tuple[int, int]:
+    gpu = sum(i.bytes for i in items if on_gpu(i))
+    return gpu, sum(i.bytes for i in items) - gpu
+
+
+def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UIDS,
+              design: Design | None = None, rates: Rates | None = None) -> dict[str, Any]:  # fmt: skip
+    """Seconds, bytes and memory of one window for a validator and a miner on `hw`: the fields
+    `make_plan` adds under `--hardware`."""
+    design, rates = design or Design(), rates or Rates()
+    shapes = model_shapes(settings.model)
+    n, m, cfg = _n(shapes), settings.mechanism, settings.model
+    link = link_gbit * 1e9 / 8  # bytes a second
+    window_s = m.blocks_per_window * BLOCK_SECONDS
+    wire = wire_bytes(settings, shapes)
+    scored = min(uids, design.scored_uids or m.max_uids_per_window)
+    gpus = hw.gpus
+    v_gpus = max(1, min(gpus, design.validator_gpus or gpus)) if gpus else 0
+    merged = max(0, round(scored * design.merged_fraction))
+    if design.follower_update == "merge_set":
+        merged = min(merged, design.merge_peers)
+    seq_page = _sequences_per_page(settings, design)
+    page_tokens = seq_page * cfg.sequence_length
+    host_ns = 1e-9 / max(1, design.host_threads)
+    hash_s = 4 * n * rates.hash_ns_per_byte * 1e-9 / max(1, design.hash_threads)
+    fpt = forward_flops_per_token(cfg)
+
+    def forward_s(tokens: float, n_gpus: int) -> float:
+        if not gpus:
+            return tokens * cpu_forward_seconds_per_token(cfg, rates)
+        return tokens * fpt / (max(1, n_gpus) * hw.peak_flops * hw.mfu_forward)
+
+    def device_bytes_s(nbytes: float, n_gpus: int) -> float:
+        return nbytes / (max(1, n_gpus) * hw.hbm_bytes_per_s * hw.bandwidth_efficiency)
+
+    # What reaches followers, and what the publisher writes.
+    union_sparse, union_dense = _union_entries(settings, shapes, merged)
+    follow = {
+        "union": union_sparse * 12 + union_dense * 4,
+        "recompressed": wire,
+        "merge_set": merged * wire,
+    }[design.follower_update]
+    published = follow if design.follower_update != "merge_set" else 0  # merge_set: a manifest
+    checkpoint = 4 * n
+    every = design.checkpoint_every or m.checkpoint_every
+
+    # --- validator: fetch, score, publish ---
+    pages = validator_pages(settings, design, scored)
+    fwd_pages = pages["scored"] + pages["global"] + pages["master_step"] + pages["copy_evidence"]
+    fwd_tokens = fwd_pages * page_tokens
+    download = scored * wire
+    fetch_io = download / link
+    stream = m.stream_deltas
+    v: dict[str, float] = {"fetch": fetch_io}
+    if design.decode_on_device and gpus:
+        v["decode_merge"] = device_bytes_s(scored * design.device_bytes_per_param_uid * n, v_gpus)
+        if design.factored_lowrank and m.codec == "lowrank":  # θ_eval's low-rank part: one GEMM a matrix
+            mat = sum(math.prod(s) for s in shapes.values() if len(s) == 2)
+            v["decode_merge"] += 2 * mat * m.rank * scored / (v_gpus * hw.peak_flops * hw.mfu_forward)
+        v["merge_update"] = device_bytes_s(merged * 12 * n, v_gpus)
+        decodes = 1
+    else:  # today: on the host, 1 decode at fetch (+3 re-decodes streaming), the publisher's merge
+        decodes = 1 + (3 if stream else 0)
+        per_uid = (
+            decodes * rates.decode_ns + rates.sketch_ns + rates.merge_sums_ns + rates.share_term_ns
+        ) * n
+        v["decode_merge"] = scored * per_uid * host_ns
+        v["merge_update"] = merged * n * ((rates.decode_ns if stream else 0) + rates.merge_mean_ns) * host_ns
+        v["copy_pairs"] = design.copy_group_uids * n * rates.decode_ns * host_ns if stream else 0.0
+    v["forward"] = forward_s(fwd_tokens, v_gpus)
+    v["apply_update"] = device_bytes_s(12 * n, 1) if gpus else n * rates.apply_update_ns * 1e-9
+    v["hash"] = hash_s
+    v["publish_update"] = published / link
+    ckpt_upload = checkpoint / link
+    v["publish_checkpoint"] = 0.0 if design.checkpoint_async else ckpt_upload
+    val_s = sum(v.values())
+
+    # --- miner: sync, train, upload ---
+    fsdp = gpus > 1
+    ck = design.miner_checkpointing or settings.train.activation_checkpointing
+    mset = replace(settings, **{"train.fsdp": fsdp, "train.activation_checkpointing": ck,
+                                "device": "cuda" if gpus else "cpu"})  # fmt: skip
+    steps = design.steps_per_window or settings.train.steps_per_window
+    batch_tokens = settings.train.batch_size * cfg.sequence_length * max(1, gpus)
+    if gpus:  # 3 × forward FLOPs (4 × with recompute), over the node's GPUs
+        step_s = (4 if ck else 3) * fpt * batch_tokens / (gpus * hw.peak_flops * hw.mfu_train)
+    else:
+        step_s = rates.train_factor * cpu_forward_seconds_per_token(cfg, rates) * batch_tokens
+    mi: dict[str, float] = {"sync_download": follow / link}
+    if design.follower_update == "merge_set":
+        mi["sync_merge"] = (device_bytes_s(merged * design.device_bytes_per_param_uid * n, gpus) if gpus
+                            else merged * n * (rates.decode_ns + rates.merge_mean_ns) * 1e-9)  # fmt: skip
+    mi["sync_apply"] = device_bytes_s(12 * n, 1) if gpus else n * rates.apply_update_ns * 1e-9
+    mi["sync_hash"] = hash_s
+    mi["compress"] = device_bytes_s(40 * n, max(1, gpus)) if gpus else n * rates.encode_ns * 1e-9
+    mi["upload"] = wire / link
+    overhead = sum(mi.values())
+    pipelined = design.schedule == "pipelined"
+    room = window_s - overhead - (0.0 if pipelined else val_s)
+    fit_steps = max(0, int(room * (design.fill_fraction if steps < 0 else 1.0) / step_s))
+    if steps < 0:
+        steps = fit_steps
+    mi["train"] = steps * step_s
+    miner_s = sum(mi.values())
+    critical = max(val_s, miner_s) if pipelined else val_s + miner_s
+
+    # --- memory: GPU and host apart ---
+    val_gpu, val_host, val_items = _validator_memory(settings, shapes, design, hw, scored, v_gpus)
+    m_phases = miner_items(mset, shapes, max(1, gpus))
+
+    def miner_on_gpu(i: Item) -> bool:
+        return bool(gpus) and not (design.master_on_host and i.name == "master θ_w")
+
+    miner_gpu = max(_split(items, miner_on_gpu)[0] for items in m_phases.values())
+    miner_host = max(_split(items, miner_on_gpu)[1] for items in m_phases.values())
+    return {
+        "window_seconds": window_s,
+        "hardware": dataclasses.asdict(hw),
+        "link_gbit": link_gbit,
+        "design": dataclasses.asdict(design),
+        "rates": dataclasses.asdict(rates),
+        "schedule": design.schedule,
+        "fits": {
+            "validator": val_s <= window_s,
+            "miner": miner_s <= window_s,
+            "critical_path_seconds": critical,
+            "critical_path": critical <= window_s,
+            "validator_gpu_memory": not gpus or val_gpu <= hw.gpu_bytes,
+            "miner_gpu_memory": not gpus or miner_gpu <= hw.gpu_bytes,
+            "validator_host_memory": val_host <= hw.host_bytes,
+            "fetch_deadline": design.fetch_concurrency > 0 or fetch_io <= m.fetch_seconds,
+        },
+        "validator_time": {
+            "seconds_per_window": val_s,
+            "breakdown_s": v,
+            "decodes_per_delta": decodes,
+            "scored_uids_per_window": scored,
+            "merged_uids": merged,
+            "rotation_windows": -(-uids // max(1, scored)),
+            "gpus": v_gpus,
+            "peak_bytes_per_gpu": val_gpu,
+            "peak_host_bytes": val_host,
+            "memory": val_items,
+            "download_per_window_bytes": download,
+            "forward": {
+                "pages": pages,
+                "sequences_per_page": seq_page,
+                "tokens_per_page": page_tokens,
+                "tokens": fwd_tokens,
+                "flops_per_token": fpt,
+                "flops": fwd_tokens * fpt,
+            },  # fmt: skip
+        },
+        "miner_time": {
+            "seconds_per_window": miner_s,
+            "breakdown_s": mi,
+            "steps_per_window": steps,
+            "steps_that_fit": fit_steps,
+            "step_seconds": step_s,
+            "tokens_per_step": batch_tokens,
+            "train_fraction": mi["train"] / window_s,
+            "peak_bytes_per_gpu": miner_gpu,
+            "peak_host_bytes": miner_host,
+            "fsdp_ranks": max(1, gpus),
+            "activation_checkpointing": ck,
+            "download_per_window_bytes": follow,
+            "upload_per_window_bytes": wire,
+        },
+        "publisher": {
+            "upload_per_window_bytes": published + checkpoint / every,
+            "update_bytes": published,
+            "checkpoint_bytes": checkpoint,
+            "checkpoint_every": every,
+            "checkpoint_upload_seconds": ckpt_upload,
+            "disk_per_1000_windows_bytes": WINDOWS * published + WINDOWS // every * checkpoint,
+            "disk_retained_bytes": design.checkpoint_retention * (checkpoint + every * published),
+            "hash_seconds": hash_s,
+        },
+    }
+
+
+def _validator_memory(settings: Settings, shapes: Shapes, design: Design, hw: Hardware, scored: int,
+                      v_gpus: int) -> tuple[int, int, dict[str, Any]]:  # fmt: skip
+    """(peak GPU bytes per GPU, peak host bytes, items by where they live) of the validator."""
+    n = _n(shapes)
+    m = settings.mechanism
+    if not (design.decode_on_device or design.weight_sum or design.factored_lowrank):
+        phases = validator_items(replace(settings, device="cuda" if hw.gpus else "cpu"), shapes, scored)
+        on_gpu_names = ("θ_eval (the model)", "master θ_w", "activations")
+
+        def on_gpu(i: Item) -> bool:
+            if not hw.gpus or (design.master_on_host and i.name == "master θ_w"):
+                return False
+            return i.name in on_gpu_names
+
+        gpu = max(_split(items, on_gpu)[0] for items in phases.values())
+        host = max(_split(items, on_gpu)[1] for items in phases.values())
+        where = {p: [{**i.__dict__, "gpu": on_gpu(i)} for i in items] for p, items in phases.items()}
+        return gpu, host, where
+    act = activation_bytes(settings.model, settings.train.eval_batch_size, cuda=bool(hw.gpus),
+                           checkpointing=False, train=False)  # fmt: skip
+    per_gpu = -(-scored // max(1, v_gpus))
+    factored = design.factored_lowrank
+    held = per_gpu * _factored_bytes(settings, shapes) if factored else 2 * decoded_bytes(settings, shapes)
+    gpu_items = [Item("θ_eval (the model)", 4 * n, "each scoring GPU"),
+                 Item("activations", act, "one eval_batch_size forward")]  # fmt: skip
+    host_items = [Item("downloaded blobs", scored * wire_bytes(settings, shapes), "fetched this window")]
+    if design.weight_sum:
+        gpu_items.append(Item("weight sum", 2 * n, "16-bit Σ w per position, for the leave-one-out"))
+    else:
+        union_sparse, union_dense = _union_entries(settings, shapes, scored)
+        host_items.append(
+            Item("mean-merge sums", 16 * union_dense + 20 * union_sparse, "MeanMerge's union tensors")
+        )
+    decoded = Item("decoded deltas", held, "this GPU's uids, decoded once" if factored
+                   else "two at a time, decoded again at each use")  # fmt: skip
+    (gpu_items if design.decode_on_device else host_items).append(decoded)
+    if factored and m.codec == "lowrank":
+        largest = max((s[0] + s[1] for s in shapes.values() if len(s) == 2), default=0)
+        gpu_items.append(
+            Item("factor workspace", 4 * largest * m.rank * scored, "P̃, Q̃ of the largest matrix")
+        )
+    (host_items if design.master_on_host else gpu_items).append(Item("master θ_w", 4 * n, "Node.master"))
+    host_items.append(Item("merged update", 4 * n, "the merge before re-compression, dense fp32"))
+    if not hw.gpus:
+        host_items, gpu_items = host_items + gpu_items, []
+    gpu = sum(i.bytes for i in gpu_items)
+    host = sum(i.bytes for i in host_items)
+    return gpu, host, {"gpu": [i.__dict__ for i in gpu_items], "host": [i.__dict__ for i in host_items]}
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -332,10 +876,80 @@ def print_plan(plan: dict[str, Any]) -> None:
         )
 
 
+def load_rates(path: str) -> Rates:
+    """`Rates` from a `bistro bench scale --json` file (its `rates`, at top level or under the suite)."""
+    doc = json.loads(open(path).read())
+    found = doc.get("rates") or doc.get("suites", {}).get("scale", {}).get("rates")
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: no `rates` object (write one with `bistro bench scale --json FILE`)")
+    kinds = {f.name for f in dataclasses.fields(Rates)}
+    found = {k: v for k, v in found.items() if k in kinds}
+    if "gemm_ns_per_flop" in found:
+        found["gemm_ns_per_flop"] = tuple(tuple(x) for x in found["gemm_ns_per_flop"])
+    return Rates(**found)
+
+
+def design_args(args: argparse.Namespace) -> Design:
+    """The `Design` of `--design current|new`, `--schedule` and `--plan.set FIELD=VALUE` flags."""
+    base = design_from(NEW_DESIGN) if getattr(args, "design", "current") == "new" else Design()
+    overrides = dict(getattr(args, "plan_set", None) or {})
+    if getattr(args, "schedule", None):
+        overrides["schedule"] = args.schedule
+    return design_from(overrides, base)
+
+
+def print_time(plan: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    va, mi, pu, fits = plan["validator"], plan["miner"], plan["publisher"], plan["fits"]
+    hw = plan["hardware"]
+    console.print(f"{hw['name']} ({hw['source']}), link {plan['link_gbit']:g} Gbit/s, window "
+                  f"{plan['window_seconds']:.0f} s, schedule {plan['schedule']}")  # fmt: skip
+    table = Table(title="one window")
+    for col in ("", "validator", "miner"):
+        table.add_column(col, justify="left" if not col else "right")
+    yes = lambda ok: "fits" if ok else "DOES NOT FIT"  # noqa: E731
+    rows = [
+        ("seconds per window", f"{va['seconds_per_window']:,.1f} ({yes(fits['validator'])})",
+         f"{mi['seconds_per_window']:,.1f} ({yes(fits['miner'])})"),
+        ("critical path", f"{fits['critical_path_seconds']:,.1f} s ({yes(fits['critical_path'])})", ""),
+        ("peak memory per GPU", _size(va["peak_bytes_per_gpu"]), _size(mi["peak_bytes_per_gpu"])),
+        ("peak host memory", _size(va["peak_host_bytes"]), _size(mi["peak_host_bytes"])),
+        ("download per window", _size(va["download_per_window_bytes"]), _size(mi["download_per_window_bytes"])),
+        ("scored uids / rotation", f"{va['scored_uids_per_window']} / {va['rotation_windows']} windows", ""),
+        ("train fraction / steps", "", f"{mi['train_fraction']:.2f} / {mi['steps_per_window']} "
+                                       f"(fit {mi['steps_that_fit']})"),
+        ("publisher up per window", _size(pu["upload_per_window_bytes"]), ""),
+        ("publisher disk per 1,000 windows", _size(pu["disk_per_1000_windows_bytes"]), ""),
+    ]  # fmt: skip
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for role in ("validator", "miner"):
+        parts = ", ".join(f"{k} {v:,.1f}s" for k, v in plan["breakdown"][role].items())
+        console.print(f"{role}: {parts}")
+    fwd = va["forward"]
+    console.print(f"forward: {sum(fwd['pages'].values()) - fwd['pages']['per_scored_uid']:,.0f} pages "
+                  f"({fwd['pages']['per_scored_uid']} a scored uid) of {fwd['tokens_per_page']:,.0f} tokens, "
+                  f"{fwd['flops'] / 1e12:,.1f} TFLOP")  # fmt: skip
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    plan = make_plan(settings, nproc=args.nproc, uids=args.uids)
+    hardware = getattr(args, "hardware", None)
+    rates = load_rates(args.rates) if getattr(args, "rates", None) else None
+    try:
+        design = design_args(args)
+    except ValueError as e:
+        print(f"bistro plan: {e}")
+        return 2
+    plan = make_plan(settings, nproc=args.nproc, uids=args.uids, hardware=hardware,
+                     link_gbit=getattr(args, "link_gbit", 1.0), design=design, rates=rates)  # fmt: skip
     if args.json:
-        print(json.dumps(plan, indent=2))
+        print(json.dumps(plan, indent=2, default=str))
     else:
         print_plan(plan)
+        if hardware:
+            print_time(plan)
     return 0

@@ -22,7 +22,7 @@ from ..localnet.s3server import S3SimUnavailable
 
 log = logging.getLogger("bistro.bench")
 
-SUITES = ("storage", "data", "delta", "mechanism", "learning")
+SUITES = ("storage", "data", "delta", "mechanism", "learning", "scale")
 
 
 def _available() -> list[str]:

@@ -104,11 +104,16 @@ class RssPeak:
 
 
 def synthetic_blobs(settings: Settings, dataset: Dataset, count: int, window: int, steps: int,
-                    uids: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+                    uids: list[int] | None = None, noise: float = 0.5,
+                    distinct_low_rank: bool = False) -> dict[str, Any]:  # fmt: skip
     """Signed deltas for `count` uids, trained from the initial master: two real miners train one
-    window each; uid i sends real delta (i mod 2) plus its own noise of half its norm, so no two
-    uids are copies (cosine well below copy_threshold) and every blob goes through the real
-    compress / encode path. Returns {"blobs": {uid: (hotkey, blob)}, "master", "digest"}."""
+    window each; uid i sends real delta (i mod 2) plus its own noise of `noise` times its norm
+    (0.5: two uids of one real delta at cosine 0.8, a near-copy pair by `copy_threshold`, which the
+    mechanism suite's window pays for; 2: at 0.2) and every blob goes through the real
+    compress / encode path. lowrank compares the deltas' rank-1 parts too, and added noise leaves
+    a matrix's top direction that of the real delta: `distinct_low_rank` gives each uid's noise a
+    rank-1 part of its own that dominates it (no near-copy group at all).
+    Returns {"blobs": {uid: (hotkey, blob)}, "master", "digest"}."""
     uids = list(range(count)) if uids is None else uids
     master = state_tensors(build_model(settings.model, seed=settings.model.seed))
     master = clone(master)
@@ -120,9 +125,17 @@ def synthetic_blobs(settings: Settings, dataset: Dataset, count: int, window: in
     for n, uid in enumerate(uids):
         base, norm = real[n % len(real)], float(norms[n % len(real)])
         g = torch.Generator().manual_seed(protocol.seed("bench-noise", uid, window))
-        noise = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
-        scale = 0.5 * norm / float(torch.sqrt(sum((x.double() ** 2).sum() for x in noise.values())))
-        delta = {k: base[k] + scale * noise[k] for k in base}
+        own = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+        if distinct_low_rank:  # a rank-1 part of its own, larger than any matrix's top direction
+            for v in own.values():
+                if v.dim() == 2:
+                    v.add_(
+                        torch.outer(
+                            torch.randn(v.shape[0], generator=g), torch.randn(v.shape[1], generator=g)
+                        )
+                    )
+        scale = noise * norm / float(torch.sqrt(sum((x.double() ** 2).sum() for x in own.values())))
+        delta = {k: base[k] + scale * own[k] for k in base}
         blobs[uid] = (keypair(uid).ss58_address, sign_delta(settings, uid, window, delta, digest, None))
         if (n + 1) % 64 == 0:
             log.info("signed %d/%d deltas", n + 1, len(uids))
@@ -301,7 +314,14 @@ class TimedValidator(Validator):
 
 
 def _build_network(
-    settings: Settings, dataset: Dataset, tmp: Path, n_uids: int, window: int, steps: int
+    settings: Settings,
+    dataset: Dataset,
+    tmp: Path,
+    n_uids: int,
+    window: int,
+    steps: int,
+    noise: float = 0.5,
+    distinct_low_rank: bool = False,
 ) -> Settings:
     # Blocks of 50 ms, so the window's seed block (whose hash picks the eval pages) exists at once;
     # no Yuma epoch but the first (consensus is not what this measures).
@@ -313,7 +333,9 @@ def _build_network(
     chain.register(wallet)
     chain.add_stake(wallet.hotkey.ss58_address, 1000.0)
     miners = list(range(1, n_uids))
-    made = synthetic_blobs(s, dataset, len(miners), window, steps, uids=miners)
+    made = synthetic_blobs(
+        s, dataset, len(miners), window, steps, uids=miners, noise=noise, distinct_low_rank=distinct_low_rank
+    )
     for uid in miners:
         hotkey, blob = made["blobs"][uid]
         if _join(chain, keypair(uid), f"bench-miner-{uid}") != uid:
@@ -397,3 +419,10 @@ def scale_window(settings: Settings, dataset: Dataset, *, quick: bool, steps: in
     ]  # fmt: skip
     log.info("scale: %s", {k: v for k, v in out.items() if k != "rows"})
     return out
+
+
+def run(settings: Settings, *, quick: bool) -> dict[str, Any]:
+    """`bistro bench scale`: the plan's rates fitted on `tiny`, checked on a `small` window (scalefit.py)."""
+    from .scalefit import run as fit_and_check
+
+    return fit_and_check(settings, quick=quick)
