@@ -8,7 +8,7 @@
    θ_eval and at θ_eval without the uid; the global pages at θ and θ_eval), on the same model and
    sequences, interleaved, medians. The ratio is what the merge, the leave-one-out and the
    bookkeeping cost on top of the forward passes.
-4./5. Miner duty cycle and the 256-uid validator window: `bench/scale.py`.
+4./5. Miner duty cycle and the 256-uid validator window: `bench/window.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..delta import DeltaRejected, decode_delta
 from ..delta.wire import expectation
 from ..evaluator import Evaluator, Verdict
 from ..model import build_model, model_hash, sequence_losses
-from . import scale
+from . import window as scale_window
 from .common import Params, Plan, block_hash, row
 
 log = logging.getLogger("bistro.bench.mechanism")
@@ -165,7 +165,7 @@ def run(settings: Settings, *, quick: bool) -> dict:
     # The learning arms moved to `bistro bench learning` (bench/learning.py); the functions above
     # stay as the parts it runs. Here: what scoring and training cost.
     rows: list[dict[str, Any]] = []
-    synthetic = scale.synthetic_blobs(
+    synthetic = scale_window.synthetic_blobs(
         settings, dataset, count=2 if quick else 8, window=plan.windows, steps=plan.steps
     )
     over = overhead(
@@ -183,9 +183,9 @@ def run(settings: Settings, *, quick: bool) -> dict:
                      ok=over["overhead_of_fastest"] <= OVERHEAD_TARGET))  # fmt: skip
     rows.append(row("  score / own-page forwards only", over["score_s"], "s", baseline=over["own_only_s"]))
 
-    duty = scale.duty_cycle(settings, dataset, quick=quick)
+    duty = scale_window.duty_cycle(settings, dataset, quick=quick)
     rows += duty.pop("rows")
-    window = scale.scale_window(settings, dataset, quick=quick, steps=plan.steps)
+    window = scale_window.scale_window(settings, dataset, quick=quick, steps=plan.steps)
     rows += window.pop("rows")
     headline = {
         "validator_overhead": over["overhead_of_fastest"],
