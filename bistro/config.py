@@ -12,8 +12,10 @@ Flags follow Bittensor's dotted convention: every field is reachable as `--secti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,51 @@ class MechanismConfig:
             0 < self.low_rank_copy_threshold <= 1, "mechanism.low_rank_copy_threshold", "must be in (0, 1]"
         )
         _check(self.fetch_seconds > 0, "mechanism.fetch_seconds", "must be positive")
+
+
+LOCAL_MECHANISM = frozenset({"stream_deltas", "fetch_seconds", "retention_windows"})
+"""Mechanism settings each node chooses for itself (memory, its own link, its own bucket): every
+other mechanism setting, the model's shape and the subnet are protocol (`protocol_settings`)."""
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What every node of a subnet must agree on, frozen: the model's shape and seed, the netuid and
+    every mechanism setting but `LOCAL_MECHANISM` (windows, pages, codec, merge, scoring, sample
+    sizes, thresholds). The publisher signs its `digest` and `values` into LATEST.json; a node whose
+    own differ refuses to run and names the fields (`differences`)."""
+
+    values: tuple[tuple[str, Any], ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of `values`."""
+        text = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def differences(self, other: Mapping[str, Any]) -> list[str]:
+        """`name: ours != theirs` for each field that differs (a field only one side has included)."""
+        ours = self.as_dict()
+        return [
+            f"{k}: {ours.get(k, '(none)')!r} != {other.get(k, '(none)')!r}"
+            for k in sorted(ours.keys() | other.keys())
+            if ours.get(k) != other.get(k)
+        ]
+
+
+def protocol_settings(settings: Settings) -> ProtocolSettings:
+    """The protocol part of `settings` (see `ProtocolSettings`)."""
+    values = {f"model.{k}": v for k, v in dataclasses.asdict(settings.model).items()}
+    values |= {
+        f"mechanism.{k}": v
+        for k, v in dataclasses.asdict(settings.mechanism).items()
+        if k not in LOCAL_MECHANISM
+    }
+    values["chain.netuid"] = settings.chain.netuid
+    return ProtocolSettings(tuple(sorted(values.items())))
 
 
 CHAIN_NETWORKS = ("embedded", "finney", "test", "local", "archive")

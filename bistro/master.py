@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from . import protocol
+from .config import ProtocolSettings
 from .delta import Delta, Sparse, add_
 from .delta.signed import SignedObjectError, check_signed, pack_signed, tensor_views
 from .model import Params, model_hash
@@ -42,6 +43,11 @@ log = logging.getLogger("bistro.master")
 
 class MasterError(Exception):
     """The master cannot be followed: missing, not signed by the expected hotkey, or a wrong hash."""
+
+
+class ProtocolMismatch(Exception):
+    """The publisher's protocol settings differ from ours: this node cannot follow it (a setting to
+    change, not a window to wait out), so it stops and says which fields differ."""
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,12 @@ def apply_update(params: Params, update: Delta) -> None:
 class Publisher:
     """Writes master objects to the top validator's own bucket, signed by its hotkey."""
 
-    def __init__(self, store: Store, keypair: protocol.Signer, netuid: int) -> None:
+    def __init__(
+        self, store: Store, keypair: protocol.Signer, netuid: int, settings: ProtocolSettings | None = None
+    ) -> None:
         self.store, self.keypair, self.netuid = store, keypair, netuid
+        self.settings = settings
+        """The protocol settings signed into LATEST.json (followers refuse a publisher that differs)."""
 
     def _doc(self, kind: str, window: int, **fields: object) -> dict:
         return {"kind": kind, "netuid": self.netuid, "window": window, **fields}
@@ -158,13 +168,18 @@ class Publisher:
             ):
                 self.store.delete(info.key)
 
+    def _protocol(self) -> dict:
+        if self.settings is None:
+            return {}
+        return {"protocol": self.settings.as_dict(), "protocol_hash": self.settings.digest}
+
     def latest(self, window: int, digest: str, checkpoints: list[int]) -> None:
         """Point at θ_window; `checkpoints` lists the retained checkpoint windows, newest last."""
         doc = protocol.sign_document(
             self.keypair,
             self._doc(
                 "latest", window, hash=digest, checkpoint=max(checkpoints), checkpoints=sorted(checkpoints),
-                version=protocol.FORMAT_VERSION,
+                version=protocol.FORMAT_VERSION, **self._protocol(),
             ),
         )  # fmt: skip
         self.store.put(protocol.latest_key(self.netuid), json.dumps(doc).encode())
@@ -176,8 +191,16 @@ class Publisher:
 class Follower:
     """Catches a model up to θ_w from the publisher's bucket, checking signatures and hashes."""
 
-    def __init__(self, netuid: int, shapes: Mapping[str, tuple[int, ...]], param_bytes: int) -> None:
+    def __init__(
+        self,
+        netuid: int,
+        shapes: Mapping[str, tuple[int, ...]],
+        param_bytes: int,
+        settings: ProtocolSettings | None = None,
+    ) -> None:
         self.netuid = netuid
+        self.settings = settings
+        """Our protocol settings: a LATEST.json signed with others raises ProtocolMismatch."""
         self.shapes = dict(shapes)
         self.max_checkpoint = int(param_bytes * 1.05) + (1 << 20)
         self.max_update = 2 * self.max_checkpoint + (1 << 20)
@@ -196,7 +219,22 @@ class Follower:
             raise MasterError(f"LATEST.json is not signed by the top validator {signer[:10]}…")
         if doc.get("netuid") != self.netuid or not isinstance(doc.get("window"), int):
             raise MasterError("LATEST.json is for another subnet or malformed")
+        self.check_protocol(doc)
         return doc
+
+    def check_protocol(self, latest: Mapping) -> None:
+        """Raise ProtocolMismatch, naming the fields, if the publisher's signed protocol settings
+        differ from ours (a LATEST.json without them, from an older publisher, is not checked)."""
+        theirs = latest.get("protocol")
+        if self.settings is None or latest.get("protocol_hash") is None:
+            return
+        if latest.get("protocol_hash") == self.settings.digest:
+            return
+        diff = self.settings.differences(theirs if isinstance(theirs, dict) else {})
+        raise ProtocolMismatch(
+            "the publisher's protocol settings differ from ours (ours != the publisher's): "
+            + ("; ".join(diff) if diff else "the same values under another hash (another version?)")
+        )
 
     def _get(self, store: Store, key: str, signer: str, max_bytes: int, kind: str, window: int):
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ from .data.pages import local_pages
 from .delta import Sparse
 from .delta.codec import CODECS, CodecContext, ErrorFeedback, codec_context, compress, full
 from .delta.wire import encode_delta
-from .master import Position
+from .master import Position, ProtocolMismatch
 from .node import Node, NotRegistered, install_signals
 from .statefile import read_json, read_tensors, write_json, write_tensors
 from .storage.base import StorageError
@@ -310,14 +311,20 @@ class Miner(Node):
         self.uploader.shutdown(wait=True)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
-    """One miner process (`bistro miner`; under torchrun the CLI calls `distributed.run_distributed`)."""
+def main(settings: Settings, args: argparse.Namespace, make: Callable[[Settings], Miner] = Miner) -> int:
+    """One miner process (`bistro miner`; under torchrun the CLI calls `distributed.run_distributed`).
+    `make` builds the miner (a subclass for research: `bistro persona-miner`)."""
     try:
-        miner = Miner(settings)
+        miner = make(settings)
     except (NotRegistered, ConfigError) as e:
         log.error("%s", e)
         return 1
     install_signals(miner.stopping)
     log.info("miner uid %d hotkey %s bucket %s", miner.uid, miner.hotkey, miner.commitment)
-    miner.run(args.windows)
+    try:
+        miner.run(args.windows)
+    except ProtocolMismatch as e:
+        log.error("%s", e)
+        miner.close()
+        return 2
     return 0

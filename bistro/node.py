@@ -18,9 +18,9 @@ import torch
 from . import protocol
 from .chain import open_chain
 from .chain.base import Chain, ChainError, Metagraph
-from .config import Settings
+from .config import Settings, protocol_settings
 from .data import Dataset
-from .master import Follower, MasterError, Position
+from .master import Follower, MasterError, Position, ProtocolMismatch
 from .metrics import Metrics
 from .model import build_model, state_tensors
 from .storage import open_peer_store, open_store, private_allowed
@@ -120,7 +120,8 @@ class Node:
         self.params: dict[str, torch.Tensor] = state_tensors(self.model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         param_bytes = sum(v.numel() * v.element_size() for v in self.params.values())
-        self.follower = Follower(self.netuid, self.shapes, param_bytes)
+        self.protocol = protocol_settings(settings)
+        self.follower = Follower(self.netuid, self.shapes, param_bytes, self.protocol)
         self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
         """θ as published, kept apart from the model's own parameters (which train or hold θ_eval)."""
         self.uid = self._check_registered()
@@ -241,6 +242,8 @@ class Node:
                     window = latest
                 step(window)
                 failures = 0
+            except ProtocolMismatch:
+                raise  # a setting to change, not a window to wait out: the node stops
             except ChainError as e:  # the endpoint is down or the runtime changed: carry on later
                 failures += 1
                 log.warning("window %d: %s: chain failed (%s)", window, unfinished, e)
@@ -338,6 +341,8 @@ class Node:
         except MasterError as e:
             log.info("master θ_%s not available: %s", target, e)
             return None
+        except ProtocolMismatch:
+            raise
         except (StorageError, TooLarge, TimeoutError) as e:  # the publisher's bucket failed us: later
             log.warning("master θ_%s not available: %s", target, e)
             return None

@@ -55,7 +55,7 @@ from .chain.base import ChainError, Metagraph
 from .config import Settings
 from .delta.wire import DeltaRejected, decode_delta, expectation
 from .evaluator import Evaluator, Verdict
-from .master import MasterError, Position, Publisher, apply_update, load_params
+from .master import MasterError, Position, ProtocolMismatch, Publisher, apply_update, load_params
 from .model import build_model, model_hash
 from .node import Node, NotRegistered, install_signals
 from .statefile import read_json, write_json
@@ -125,7 +125,7 @@ class Validator(Node):
         super().__init__(settings, "validator")
         self.state_dir = settings.home / "validator"
         self.state = State()
-        self.publisher = Publisher(self.store, self.keypair, self.netuid)
+        self.publisher = Publisher(self.store, self.keypair, self.netuid, self.protocol)
         self.model.eval()
         self.evaluator = Evaluator(settings, self.model, self.dataset)
         # signed like everything we publish (a public bucket holds nothing unsigned of ours)
@@ -233,6 +233,8 @@ class Validator(Node):
                 return None
             except MasterError as e:
                 log.warning("cannot continue from %s…'s master: %s", signer[:10], e)
+            except ProtocolMismatch:
+                raise  # a setting to change: the validator stops (main says which)
             except Exception:  # noqa: BLE001 -- a bug of ours on a peer's bytes: loud, the window goes on
                 log.exception("following %s…'s master failed", signer[:10])
             self.state.position, failed = None, True
@@ -545,5 +547,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     install_signals(validator.stopping)
     log.info("validator uid %d hotkey %s bucket %s", validator.uid, validator.hotkey, validator.commitment)
-    validator.run(args.windows)
+    try:
+        validator.run(args.windows)
+    except ProtocolMismatch as e:
+        log.error("%s", e)
+        return 2
     return 0

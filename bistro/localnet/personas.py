@@ -45,7 +45,7 @@ from ..delta import Delta, delta_norm, similarity
 from ..delta.codec import Mixed, Sparse, compress, densify
 from ..delta.wire import DeltaRejected, decode_delta, expectation
 from ..miner import Miner
-from ..node import NotRegistered, install_signals
+from ..miner import main as miner_main
 from ..storage.base import NotFound, StorageError
 from .hostile import BEHAVIOURS, Behaviour, HostileServer, status_500
 
@@ -412,13 +412,5 @@ class PersonaMiner(Miner):
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
     """`bistro persona-miner --persona NAME`: one miner process with a persona (local networks)."""
-    try:
-        miner = PersonaMiner(settings, args.persona)
-    except (NotRegistered, ConfigError) as e:
-        log.error("%s", e)
-        return 1
-    install_signals(miner.stopping)
-    log.info("miner uid %d hotkey %s bucket %s persona %s", miner.uid, miner.hotkey, miner.commitment,
-             args.persona)  # fmt: skip
-    miner.run(args.windows)
-    return 0
+    log.info("persona %s", args.persona)
+    return miner_main(settings, args, make=lambda s: PersonaMiner(s, args.persona))

@@ -24,7 +24,7 @@ import torch
 
 from bistro import protocol
 from bistro.chain.local import LocalChain
-from bistro.config import Settings, build_settings, replace
+from bistro.config import Settings, build_settings, protocol_settings, replace
 from bistro.master import Position, Publisher
 from bistro.model import build_model, model_hash, state_tensors
 from bistro.node import default_bucket
@@ -161,7 +161,9 @@ def publish_master(world: World, signer: Member | None = None) -> None:
     signer = signer or top
     params = initial_params(world.settings)
     digest = model_hash(params)
-    pub = Publisher(world.store("top"), signer.keypair, world.settings.chain.netuid)
+    pub = Publisher(
+        world.store("top"), signer.keypair, world.settings.chain.netuid, protocol_settings(world.settings)
+    )
     pub.checkpoint(FIRST, params, digest)
     for w in range(FIRST, LAST + 2):
         pub.update(w, None, digest, digest)
