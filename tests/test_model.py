@@ -72,3 +72,16 @@ def test_losses_match_transformers(cfg):
     assert model.training  # evaluation leaves the mode as it found it
     logits = model(input_ids=seqs[:1]).logits
     assert F.cross_entropy(logits[0, :-1], seqs[0, 1:]).item() == pytest.approx(losses[0].item(), abs=1e-5)
+
+
+def test_tiny_learns_along_its_golden_curve() -> None:
+    """A few windows of the whole mechanism on `tiny` (tests/support/golden.py) repeat the committed
+    held-out losses: a change that moves them is a protocol change, and regenerates the file on
+    purpose in the same commit (`python -m tests.support.golden --write`)."""
+    from .support import golden
+
+    want = json.loads(golden.PATH.read_text())
+    got = golden.curve()
+    assert (got["codec"], got["merge"], got["windows"]) == (want["codec"], want["merge"], want["windows"])
+    assert got["curve"] == pytest.approx(want["curve"], abs=2e-3)
+    assert got["curve"][-1] < got["curve"][0] - 0.5  # and it is a curve that learns
