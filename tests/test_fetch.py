@@ -127,12 +127,12 @@ def test_a_link_that_fits_a_third_marks_the_rest_unfetched_not_timeout(servers: 
         f"12 peers, link for a third: {got.count(V.ok)} ok, {got.count(V.unfetched)} unfetched in {took:.2f} s"
     )
     assert not [v for v in got if v in PEER_FAULTS], got
-    assert 2 <= got.count(V.ok) <= 6 and got.count(V.unfetched) == 12 - got.count(V.ok)
     assert all(r == body(i) for i, r in enumerate(out) if isinstance(r, bytes))
     assert took < 1.0 + 0.8
-    # the fetched ones come early in the order (within the reads in flight): objects finish one by
-    # one, not all at the deadline
-    assert max(i for i, v in enumerate(got) if v == V.ok) < got.count(V.ok) + 4, got
+    # the link serves the reads in the window's order: the first k finish one by one (not all four
+    # in flight cut together at the deadline), the rest are unfetched
+    k = got.count(V.ok)
+    assert 3 <= k <= 5 and got == [V.ok] * k + [V.unfetched] * (12 - k), got
 
 
 def test_the_same_link_limit_holds_for_local_buckets(tmp_path) -> None:
@@ -152,7 +152,8 @@ def test_the_same_link_limit_holds_for_local_buckets(tmp_path) -> None:
         stall=0.5,
     )
     got = verdicts(out)
-    assert 2 <= got.count(V.ok) <= 6 and got.count(V.unfetched) == 12 - got.count(V.ok), got
+    k = got.count(V.ok)
+    assert 3 <= k <= 5 and got == [V.ok] * k + [V.unfetched] * (12 - k), got
 
 
 def test_a_trickle_just_above_the_floor_is_timeout_and_frees_its_slot(servers: list[PacedServer]) -> None:
@@ -243,9 +244,9 @@ def test_a_store_cannot_claim_unfetched(tmp_path) -> None:
 
 
 def test_budget_spent_before_a_turn_is_unfetched(servers: list[PacedServer]) -> None:
-    servers += [PacedServer(body(0), hang=True), PacedServer(body(1))]
+    servers += [PacedServer(body(0, 1 << 20), rate=512 * 1024), PacedServer(body(1))]
     items = [(s.store(), KEY) for s in servers]
-    out = fetch_ordered(items, max_bytes=MAX_BYTES, deadline=time.monotonic() + 0.4, concurrency=1, stall=5.0)
-    # the first hangs past the budget (not yet a stall: 5 s), the second never gets its turn
+    out = fetch_ordered(items, max_bytes=2 << 20, deadline=time.monotonic() + 0.4, concurrency=1, stall=5.0)
+    # the first is still moving (at a normal rate) when the budget ends, the second never gets its turn
     assert verdicts(out) == [V.unfetched, V.unfetched], out
     assert servers[1].started == []

@@ -8,8 +8,10 @@ window's fetch budget; what our own link could not fetch is `Unfetched`, not the
 objects finish one by one, and tells apart, for each item:
 
 - **never started**: the budget ran out before its turn: `Unfetched` (our link).
-- **stalled**: no byte for `stall` seconds (connect, first byte, or body; a hung connection):
-  `PeerStalled`, a timeout (the peer's fault).
+- **stalled**: no byte for `stall` seconds (at most half the budget; connect, first byte, or body;
+  a hung connection): `PeerStalled`, a timeout (the peer's fault). A store that returns whole
+  objects (a local bucket, emulating a peer's server) shows no byte until its `get` returns: the
+  time inside it is the peer's.
 - **slow**: watched for at least `stall` seconds, its rate (its bytes over *its* time: waits on our
   own rate limit left out) is below `slow_fraction` × the median rate of this window's completed
   reads (once `MIN_COMPARED` have completed), or below `SLOW_FLOOR` whatever the others do:
@@ -77,6 +79,7 @@ def fetch_ordered(
         raise ValueError("concurrency must be >= 1")
     start = time.monotonic()
     budget = max(deadline - start, 1e-6)
+    stall = min(stall, budget / 2)  # a budget shorter than the stall time: half of it without a byte
     slots = [_Slot() for _ in items]
     lock = threading.Condition()
     nxt = [0]
@@ -96,7 +99,7 @@ def fetch_ordered(
                 if i >= len(items) or time.monotonic() >= deadline:
                     return
                 nxt[0] += 1
-                t = Transfer(deadline=deadline, stall=stall, link=link)
+                t = Transfer(deadline=deadline, stall=stall, link=link, priority=i)
                 slots[i].transfer = t
             store, key = items[i]
             _link.install(t)

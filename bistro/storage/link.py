@@ -27,37 +27,52 @@ class PeerSlow(PeerTimeout):
 
 class Link:
     """One token bucket shared by every peer read of this node: at most `bytes_per_second` (0: no
-    limit) with bursts of `burst` bytes. `take(n, deadline)` waits until n bytes may pass, in the
-    order asked (each reservation follows the previous one), and raises PeerTimeout (ours: the
-    fetcher files it as our link, `Unfetched`) when that would pass the deadline."""
+    limit), with at most `burst` bytes of credit saved while idle. Reads waiting for the link are
+    served in priority order (the window's fetch order: lower first), so objects finish one by one
+    instead of all sharing the link and all being cut at the budget's end; a later read gets
+    bandwidth while earlier ones wait on their peers. `take` raises PeerTimeout (our link: the
+    fetcher files it as `unfetched`) when the deadline passes first."""
 
     def __init__(self, bytes_per_second: float = 0.0, burst: int = 1 << 16) -> None:
         if bytes_per_second < 0:
             raise ValueError("bytes_per_second must be >= 0")
         self.rate, self.burst = float(bytes_per_second), burst
-        self._lock = threading.Lock()
-        self._free_at = time.monotonic()
+        self._cond = threading.Condition()
+        self._tokens = float(burst)
+        self._at = time.monotonic()
+        self._waiting: list[tuple[int, int]] = []
 
     @property
     def limited(self) -> bool:
         return self.rate > 0
 
-    def take(self, n: int, deadline: float) -> float:
-        """Wait until `n` more bytes fit the link; the seconds waited."""
+    def _refill(self, now: float) -> None:
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate)
+        self._at = now
+
+    def take(self, n: int, deadline: float, priority: int = 0) -> float:
+        """Wait until `n` more bytes may pass (the credit may go below zero once it is this read's
+        turn: the next reads wait for it); the seconds waited."""
         if not self.limited or n <= 0:
             return 0.0
-        with self._lock:
-            now = time.monotonic()
-            # a link idle for a while holds at most `burst` bytes of credit
-            start = max(self._free_at, now - self.burst / self.rate)
-            end = start + n / self.rate
-            if end > deadline:
-                raise PeerTimeout("our link: no room before the deadline")
-            self._free_at = end
-        wait = end - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        return max(0.0, wait)
+        t0 = time.monotonic()
+        me = (priority, threading.get_ident())
+        with self._cond:
+            self._waiting.append(me)
+            try:
+                while True:
+                    now = time.monotonic()
+                    self._refill(now)
+                    if min(self._waiting) == me and self._tokens > 0:
+                        self._tokens -= n
+                        return time.monotonic() - t0
+                    if now >= deadline:
+                        raise PeerTimeout("our link: no room before the deadline")
+                    need = max(-self._tokens, 1.0) / self.rate
+                    self._cond.wait(min(deadline - now, max(need, 1e-3)))
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()
 
 
 @dataclass
@@ -78,13 +93,18 @@ class Transfer:
     """The object's declared size, once its headers said it."""
     inline: bool = False
     """The reader reported its recvs itself (a store that does not is paid for after `get`)."""
+    priority: int = 0
+    """The read's place in the window's fetch order (the link serves lower first)."""
+    waiting_since: float | None = None
+    """Set while the read waits on our link (that time is ours, not the peer's)."""
     abort: type[PeerTimeout] | None = None
     """Set by the fetcher's watchdog: the next recv raises it."""
     ended: float | None = None
 
     def peer_seconds(self, now: float | None = None) -> float:
         end = self.ended if self.ended is not None else (time.monotonic() if now is None else now)
-        return max(0.0, end - self.started - self.waited)
+        ours = self.waited + (end - self.waiting_since if self.waiting_since is not None else 0.0)
+        return max(0.0, end - self.started - ours)
 
     def rate(self, now: float | None = None) -> float:
         """The peer's bytes per second so far (our link's waits left out)."""
@@ -106,8 +126,13 @@ class Transfer:
         if n > 0:
             self.received += n
             self.last_progress = now
-        if self.link is not None and n > 0:
-            self.waited += self.link.take(n, self.deadline)
+        if self.link is not None and self.link.limited and n > 0:
+            self.waiting_since = now
+            try:
+                self.link.take(n, self.deadline, self.priority)
+            finally:
+                self.waited += time.monotonic() - now
+                self.waiting_since = None
 
 
 _local = threading.local()
