@@ -150,11 +150,11 @@ class Validator(Node):
         self._record_lines = 0
         self.fetched_bytes = 0
         self.io_seconds = 0.0
+        """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
         self.link = Link(settings.mechanism.link_bytes_per_second)
         """One rate limit shared by all of our peer reads (`mechanism.link_bytes_per_second`)."""
         self.seed_hashes: dict[int, str] = {}
         """Seed-block hash of recent windows (the sample's inputs; read once from the chain)."""
-        """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
         self._load_state()
 
     # --- state ------------------------------------------------------------------------------------
@@ -510,6 +510,7 @@ class Validator(Node):
         self.state.last_window = window
         record = self._window_record(window, verdicts, weights, master_info, time.perf_counter() - start)
         record.update({k: round(v, 3) for k, v in timings.items()}, bytes_fetched=self.fetched_bytes)
+        record.update(sampled=len(uids), registered=len(everyone))  # the window's scored sample
         self._record(record)
         self._save_state()
         self._log_window(window, verdicts, weights, master_info, time.perf_counter() - start)

@@ -18,6 +18,11 @@ from bistro.storage.fetch import SLOW_FLOOR, Unfetched, fetch_ordered
 from bistro.storage.link import Link, PeerSlow, PeerStalled
 from bistro.verdicts import PEER_FAULTS, V, fetch_verdict
 
+from .test_peer_reads import BLOB, EXPECTED, HostileServer
+from .test_peer_reads import KEY as PEER_KEY
+from .test_peer_reads import MAX_BYTES as PEER_MAX
+from .test_peer_reads import verdict as peer_verdict
+
 KEY = "bistro/212/deltas/7/5Peer.safetensors"
 SIZE = 256 * 1024
 MAX_BYTES = 1 << 20
@@ -79,6 +84,13 @@ class PacedServer(ThreadingHTTPServer):
         self.stopping.set()
         self.shutdown()
         self.server_close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[HostileServer]:
+    server = HostileServer(BLOB)
+    yield server
+    server.stop()
 
 
 @pytest.fixture
@@ -250,3 +262,19 @@ def test_budget_spent_before_a_turn_is_unfetched(servers: list[PacedServer]) -> 
     # the first is still moving (at a normal rate) when the budget ends, the second never gets its turn
     assert verdicts(out) == [V.unfetched, V.unfetched], out
     assert servers[1].started == []
+
+
+@pytest.mark.parametrize("behaviour", sorted(EXPECTED))
+def test_every_hostile_behaviour_keeps_its_verdict(hostile: HostileServer, behaviour: str) -> None:
+    """The hostile servers of tests/test_peer_reads.py, read by the window's fetch beside an honest
+    peer: each gets the verdict it gets there (trickle, hang and slow first byte: `timeout`), by
+    the stall time or the budget, never `unfetched`."""
+    name = behaviour.replace("_", "-")
+    store = open_peer_store(f"{hostile.url}/{name}", StorageConfig(retries=2), allow_private=True)
+    honest = open_peer_store(f"{hostile.url}/honest", StorageConfig(), allow_private=True)
+    t0 = time.monotonic()
+    out = fetch_ordered([(honest, PEER_KEY), (store, PEER_KEY)], max_bytes=PEER_MAX, deadline=t0 + 1.5)
+    took = time.monotonic() - t0
+    assert peer_verdict(out[0]) == V.ok
+    assert peer_verdict(out[1]) == EXPECTED[behaviour], out[1]
+    assert took < 1.5 + 0.8
