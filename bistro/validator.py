@@ -463,8 +463,12 @@ class Validator(Node):
         block_hash = self.seed_hash(window)
         uids = everyone
         if len(everyone) > m.max_uids_per_window:
+            # drawn over every uid, ours included, so that every validator draws the same sample
             hashes = {w: self.seed_hash(w) for w in sample.hash_windows(window)}
-            uids = sample.scored_sample(self.netuid, window, hashes, everyone, m.max_uids_per_window)
+            drawn = sample.scored_sample(
+                self.netuid, window, hashes, [int(u) for u in mg.uids], m.max_uids_per_window
+            )
+            uids = [u for u in drawn if u != self.uid]
             log.info(
                 "window %d: scoring the window's sample of %d of %d uids", window, len(uids), len(everyone)
             )

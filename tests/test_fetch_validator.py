@@ -81,10 +81,11 @@ def test_only_the_sample_is_fetched_and_judged(world: World) -> None:
     validator.state.averages = dict.fromkeys(uids, START)
     validator.evaluate(FIRST)
     got = records(validator)[-1]["uids"]
-    everyone = sorted(u for u in world.chain.metagraph().uids if int(u) != validator.uid)
+    # drawn over every registered uid (the validators' own included: every validator draws the same)
+    everyone = sorted(int(u) for u in world.chain.metagraph().uids)
     hashes = {w: validator.seed_hash(w) for w in sample.hash_windows(FIRST)}
     drawn = sample.scored_sample(validator.netuid, FIRST, hashes, everyone, 3)
-    assert sorted(int(u) for u in got) == drawn
+    assert sorted(int(u) for u in got) == [u for u in drawn if u != validator.uid]
     for uid in set(uids) - set(drawn):  # not drawn: average and streak untouched, weight kept
         assert validator.state.averages[uid] == START
         assert validator.state.fault_streaks.get(uid, 0) == 0
