@@ -278,3 +278,11 @@ def test_every_hostile_behaviour_keeps_its_verdict(hostile: HostileServer, behav
     assert peer_verdict(out[0]) == V.ok
     assert peer_verdict(out[1]) == EXPECTED[behaviour], out[1]
     assert took < 1.5 + 0.8
+
+
+def test_a_retried_5xx_is_peer_error_not_slow(hostile: HostileServer) -> None:
+    """Backoff between retries of a 5xx is not a slow transfer: with a stall time shorter than the
+    retries' pauses, the verdict is still the 5xx's `peer_error`."""
+    store = open_peer_store(f"{hostile.url}/status-500", StorageConfig(retries=4), allow_private=True)
+    out = fetch_ordered([(store, PEER_KEY)], max_bytes=PEER_MAX, deadline=time.monotonic() + 6.0, stall=0.3)
+    assert peer_verdict(out[0]) == V.peer_error, out[0]

@@ -143,7 +143,7 @@ def fetch_ordered(
             limit = bar()
             for s in slots:  # the watchdog: a read watched long enough and below the bar is slow
                 t = s.transfer
-                if t is None or s.done or t.abort is not None:
+                if t is None or s.done or t.abort is not None or t.pausing:
                     continue
                 if t.peer_seconds(now) >= stall and t.rate(now) < limit:
                     t.abort = PeerSlow

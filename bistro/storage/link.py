@@ -97,9 +97,18 @@ class Transfer:
     """The read's place in the window's fetch order (the link serves lower first)."""
     waiting_since: float | None = None
     """Set while the read waits on our link (that time is ours, not the peer's)."""
+    pausing: bool = False
+    """Between two attempts (the reader's backoff): not watched."""
     abort: type[PeerTimeout] | None = None
     """Set by the fetcher's watchdog: the next recv raises it."""
     ended: float | None = None
+
+    def restart(self) -> None:
+        """A new attempt of the same read (after a retried 5xx or a dropped connection): measured
+        from now, so the backoff pause is judged by the attempt's answer, not as a slow transfer."""
+        now = time.monotonic()
+        self.started = self.last_progress = now
+        self.received, self.waited, self.size, self.pausing = 0, 0.0, None, False
 
     def peer_seconds(self, now: float | None = None) -> float:
         end = self.ended if self.ended is not None else (time.monotonic() if now is None else now)

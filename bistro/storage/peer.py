@@ -269,7 +269,12 @@ class PeerStore(Store):
                 if attempt == self.cfg.retries or time.monotonic() + pause >= end:
                     tail = f" (after {attempt} retries)" if attempt else ""
                     raise StorageError(f"{e}{tail}") from None
+                measured = current_transfer()
+                if measured is not None:  # the pause is not a slow transfer (a 5xx is peer_error)
+                    measured.pausing = True
                 time.sleep(pause)
+                if measured is not None:  # and the next attempt is measured anew
+                    measured.restart()
         raise AssertionError("unreachable")
 
     # -- the Store operations -------------------------------------------------------------------
