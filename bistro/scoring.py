@@ -28,7 +28,9 @@ The validator of window w, for the valid set V of deltas:
        - Per unit of merge weight: taking out m_i Δ_i moves the loss in proportion to m_i, and m_i
          follows incentive (unnormalised, one lucky early window locked a miner at 0.8 of the
          weight on the tiny localnet while four identical miners shared the rest).
-    6. avg_i ← (1 − α) avg_i + α s_i               for every uid, zero for those with no valid delta
+    6. avg_i ← (1 − α) avg_i + α s_i               for every uid judged this window (drawn in the
+       sample, bistro/sample.py, and fetched); a peer fault scores `fault_score`; uids not drawn,
+       `unfetched` (our link) and `skip` (our side) keep their average
     7. w_i = softmax(T · avg_i / scale) over the eligible uids, 0 elsewhere;
        eligible: avg_i > ε · mean of the positive averages (ε = `eligibility`, 0.1), and
        scale = mean of the eligible averages: positive ones only, so no negative average (a
