@@ -165,7 +165,9 @@ class MechanismConfig:
     (0.3: under the own-page test a noisy copy's average reached 0.13 of the honest mean on the tiny
     localnet, and drew 7% of the weight at 0.1; an honest newcomer passes 0.3 in its second window)."""
     inactive_windows: int = 2
-    """A uid with no valid delta in this many windows in a row gets no weight."""
+    """A uid whose last this many *judged* windows (drawn in the sample and fetched) were all its
+    fault gets no weight until it delivers a valid delta; windows it was not drawn in, `unfetched`
+    and `skip` count neither way (`scoring.drop_inactive`)."""
     fault_penalty: float = 0.5
     """A window whose verdict is the peer's fault (`bistro.verdicts.PEER_FAULTS`: missing, copy,
     timeout, peer_error, a rejected delta ...) scores minus this fraction of the mean positive moving
@@ -195,11 +197,24 @@ class MechanismConfig:
     checkpoint_every: int = 5
     """The master publishes a full checkpoint every this many windows."""
     max_uids_per_window: int = 256
-    """Validator evaluates at most this many uids a window (a rotating sample above it)."""
+    """Uids a validator scores a window: above it, the scored sample (`bistro.sample.scored_sample`:
+    seeded by the seed-block hash, the same on every validator, every uid within 10 windows)."""
     fetch_seconds: float = 30.0
-    """Seconds a validator gives all peer I/O of one window together (every uid's object, fetched
-    in parallel, must be in whole by then, else that uid is `timeout`); keep it well under the
-    window's duration (blocks_per_window × block time: 120 s on Bittensor)."""
+    """Node-local. Seconds a validator gives all peer I/O of one window together (at most a quarter
+    of the window: `Validator.fetch_budget`). Reads run in the window's seeded order,
+    `fetch_concurrency` at a time; what our link could not fetch by then is `unfetched` (no
+    penalty), what the peer was slow with is `timeout` (`bistro.storage.fetch`)."""
+    fetch_concurrency: int = 8
+    """Node-local. Peer reads a validator runs at once (in the window's seeded order)."""
+    link_bytes_per_second: float = 0.0
+    """Node-local. One rate limit shared by all of a validator's peer reads, in bytes/s (0: none):
+    keeps the fetch off the bandwidth other work needs, and lets a local network emulate a slow link."""
+    fetch_stall_seconds: float = 10.0
+    """Node-local. A peer read that receives nothing for this long (connect, first byte, body) is the
+    peer's `timeout`; a read is also judged slow only once watched this long."""
+    fetch_slow_fraction: float = 0.1
+    """Node-local. A peer read whose rate is under this fraction of the median rate of the window's
+    completed reads (or under `storage.fetch.SLOW_FLOOR`) is the peer's `timeout`."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -213,6 +228,7 @@ class MechanismConfig:
             "max_delta_bytes",
             "checkpoint_every",
             "max_uids_per_window",
+            "fetch_concurrency",
             "topk_chunk",
             "inactive_windows",
         ):
@@ -246,9 +262,14 @@ class MechanismConfig:
             0 < self.low_rank_copy_threshold <= 1, "mechanism.low_rank_copy_threshold", "must be in (0, 1]"
         )
         _check(self.fetch_seconds > 0, "mechanism.fetch_seconds", "must be positive")
+        _check(self.link_bytes_per_second >= 0, "mechanism.link_bytes_per_second", "must be >= 0")
+        _check(self.fetch_stall_seconds > 0, "mechanism.fetch_stall_seconds", "must be positive")
+        _check(0 <= self.fetch_slow_fraction < 1, "mechanism.fetch_slow_fraction", "must be in [0, 1)")
 
 
-LOCAL_MECHANISM = frozenset({"stream_deltas", "fetch_seconds", "retention_windows"})
+LOCAL_MECHANISM = frozenset(
+    {"stream_deltas", "fetch_seconds", "fetch_concurrency", "link_bytes_per_second", "retention_windows"}
+)
 """Mechanism settings each node chooses for itself (memory, its own link, its own bucket): every
 other mechanism setting, the model's shape and the subnet are protocol (`protocol_settings`)."""
 

@@ -28,7 +28,9 @@ The validator of window w, for the valid set V of deltas:
        - Per unit of merge weight: taking out m_i Δ_i moves the loss in proportion to m_i, and m_i
          follows incentive (unnormalised, one lucky early window locked a miner at 0.8 of the
          weight on the tiny localnet while four identical miners shared the rest).
-    6. avg_i ← (1 − α) avg_i + α s_i               for every uid, zero for those with no valid delta
+    6. avg_i ← (1 − α) avg_i + α s_i               for every uid judged this window (drawn in the
+       sample, bistro/sample.py, and fetched); a peer fault scores `fault_score`; uids not drawn,
+       `unfetched` (our link) and `skip` (our side) keep their average
     7. w_i = softmax(T · avg_i / scale) over the eligible uids, 0 elsewhere;
        eligible: avg_i > ε · mean of the positive averages (ε = `eligibility`, 0.1), and
        scale = mean of the eligible averages: positive ones only, so no negative average (a
@@ -173,16 +175,30 @@ def _renormalised(weights: Mapping[int, float]) -> dict[int, float]:
     return {uid: (w / total if total > 0 else 0.0) for uid, w in weights.items()}
 
 
+def update_fault_streaks(
+    streaks: Mapping[int, int], judged: Mapping[int, bool], uids: Iterable[int]
+) -> dict[int, int]:
+    """Judged windows in a row that were each uid's fault: `judged[uid]` is True for a valid delta
+    (the streak ends), False for the peer's fault (it grows). Uids not in `judged` (not drawn in the
+    sample, `unfetched`, `skip`: nothing was judged) keep their streak; uids not in `uids` are
+    dropped (deregistered)."""
+    out = {}
+    for uid in sorted(set(uids)):
+        streak = int(streaks.get(uid, 0))
+        if uid in judged:
+            streak = 0 if judged[uid] else streak + 1
+        out[uid] = streak
+    return out
+
+
 def drop_inactive(
-    weights: Mapping[int, float], last_valid: Mapping[int, int], window: int, inactive_windows: int
+    weights: Mapping[int, float], fault_streaks: Mapping[int, int], inactive_windows: int
 ) -> dict[int, float]:
-    """Zero the weight of uids with no valid delta in the last `inactive_windows` windows, and
-    renormalise. The moving average smooths noisy scores of miners who work; it must not keep paying
-    one who stopped."""
-    kept = {
-        uid: (w if window - last_valid.get(uid, -(10**9)) < inactive_windows else 0.0)
-        for uid, w in weights.items()
-    }
+    """Zero the weight of uids whose last `inactive_windows` judged windows were all their fault,
+    and renormalise. The moving average smooths noisy scores of miners who work; it must not keep
+    paying one who stopped. Counted in judged windows, not windows: a uid is scored only in the
+    windows it is drawn in (bistro/sample.py), and one not drawn lately has done nothing wrong."""
+    kept = {uid: (0.0 if fault_streaks.get(uid, 0) >= inactive_windows else w) for uid, w in weights.items()}
     return _renormalised(kept)
 
 
@@ -213,12 +229,3 @@ def find_copies(
         else:
             copies[uid] = source
     return copies
-
-
-def rotating_sample(uids: Sequence[int], window: int, limit: int) -> list[int]:
-    """At most `limit` uids, rotating with the window so every uid is evaluated in turn."""
-    uids = sorted(uids)
-    if len(uids) <= limit:
-        return uids
-    start = (window * limit) % len(uids)
-    return sorted((uids + uids)[start : start + limit])

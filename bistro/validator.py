@@ -2,8 +2,10 @@
 
 While window w+1 runs, after window w's upload deadline:
 
-    1. metagraph and commitments
-    2. download every uid's delta for w in parallel; validate (wire.decode_delta); drop copies
+    1. metagraph and commitments; the window's scored sample (bistro/sample.py: seeded by the
+       seed block, the same on every validator, every uid within 10 windows)
+    2. download the sample's deltas for w in the window's seeded order, a few at a time; validate
+       (wire.decode_delta); drop copies (among the deltas fetched)
     3. merge weights m_i = normalize(max(I_i, 1/|V|))
     4. θ_eval = θ_w + Σ m_i Δ_i            (θ_w: the master these deltas were trained from)
     5. per uid: loss with (one batched pass shared by all uids) and without its delta, on its eval
@@ -18,10 +20,13 @@ Whose fault (the rule; bistro/verdicts.py names the verdicts):
       for the window (`fetch_verdict`): it scores zero and counts against its moving average.
       Nothing a peer sends raises out of `evaluate`; a bug of ours on a peer's input is logged with
       its traceback and is that uid's `peer_error`, and the window goes on.
-    - All peer I/O of a window shares one deadline, `mechanism.fetch_seconds` (at most FETCH_SHARE
-      of the window: `fetch_budget`) from the start of the
-      fetch; an object not in whole by then is `timeout`. No HEAD per uid: upload order does not
-      come from a miner's server.
+    - All peer I/O of a window shares one budget, `mechanism.fetch_seconds` (at most FETCH_SHARE
+      of the window: `fetch_budget`) from the start of the fetch, spent in the seeded order,
+      `mechanism.fetch_concurrency` reads at a time through one shared rate limit
+      (`mechanism.link_bytes_per_second`). A peer that stalls or is slow next to the window's
+      others is `timeout`; what our link did not reach by the budget's end is `unfetched`: not
+      judged, average frozen, no penalty (`storage/fetch.py`). No HEAD per uid: upload order does
+      not come from a miner's server.
     - Only evidence about our own side may freeze averages (`skip`): the canary, a small object we
       wrote to our own bucket, read in the same gather at the same deadline. If it does not come
       back intact, the window is `skip` for every uid. "Most peers failed at once" is not such
@@ -50,7 +55,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import protocol, scoring
+from . import protocol, sample, scoring
 from .chain.base import ChainError, Metagraph
 from .config import Settings
 from .delta.wire import DeltaRejected, decode_delta, expectation
@@ -59,9 +64,10 @@ from .master import MasterError, Position, ProtocolMismatch, Publisher, apply_up
 from .model import build_model, model_hash
 from .node import Node, NotRegistered, install_signals
 from .statefile import read_json, write_json
-from .storage import gather
 from .storage.base import StorageError, Store, TooLarge
-from .verdicts import PEER_FAULTS, V, fetch_verdict
+from .storage.fetch import fetch_ordered
+from .storage.link import Link
+from .verdicts import NOT_JUDGED, PEER_FAULTS, V, fetch_verdict
 from .windowlog import WindowLog
 
 log = logging.getLogger("bistro.validator")
@@ -71,6 +77,9 @@ FETCH_SHARE = 0.25
 
 HASHES_KEPT = 16
 """Master hashes remembered (windows back): deltas name the master they were trained from."""
+
+SEED_HASHES_KEPT = 128
+"""Seed-block hashes remembered (the sample replays at most about 80 windows of them)."""
 
 
 def canary_key(netuid: int) -> str:
@@ -89,6 +98,8 @@ class State:
     weights_pending: bool = False
     last_valid: dict[int, int] = field(default_factory=dict)
     """Last window in which each uid's delta was valid (or skipped because our own side failed)."""
+    fault_streaks: dict[int, int] = field(default_factory=dict)
+    """Judged windows in a row that were each uid's fault (`scoring.drop_inactive`)."""
     checkpoints: list[int] = field(default_factory=list)
     """Windows of the master checkpoints we publish and keep (publisher only)."""
 
@@ -100,6 +111,7 @@ class State:
             "weights_pending": self.weights_pending,
             "checkpoints": self.checkpoints,
             "last_valid": {str(k): v for k, v in self.last_valid.items()},
+            "fault_streaks": {str(k): v for k, v in self.fault_streaks.items()},
         }
 
     @classmethod
@@ -112,6 +124,7 @@ class State:
             weights_pending=bool(d.get("weights_pending", False)),
             checkpoints=[int(c) for c in d.get("checkpoints", [])],
             last_valid={int(k): int(v) for k, v in d.get("last_valid", {}).items()},
+            fault_streaks={int(k): int(v) for k, v in d.get("fault_streaks", {}).items()},
         )
 
 
@@ -136,6 +149,10 @@ class Validator(Node):
         self.fetched_bytes = 0
         self.io_seconds = 0.0
         """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
+        self.link = Link(settings.mechanism.link_bytes_per_second)
+        """One rate limit shared by all of our peer reads (`mechanism.link_bytes_per_second`)."""
+        self.seed_hashes: dict[int, str] = {}
+        """Seed-block hash of recent windows (the sample's inputs; read once from the chain)."""
         self._load_state()
 
     # --- state ------------------------------------------------------------------------------------
@@ -301,17 +318,21 @@ class Validator(Node):
             log.exception("uid %d: opening its commitment failed", uid)
             return V.peer_error
 
-    def fetch(self, window: int, mg: Metagraph, uids: list[int]) -> dict[int, Verdict]:
-        """Download and validate every uid's delta for `window` (step 2), all within one deadline.
+    def fetch(self, window: int, mg: Metagraph, uids: list[int], block_hash: str = "") -> dict[int, Verdict]:
+        """Download and validate the deltas of `uids` (the window's sample) for `window` (step 2), in
+        the window's seeded order (`sample.fetch_order` of `block_hash`, the seed block's),
+        `mechanism.fetch_concurrency` at a time, all within the fetch budget: what our own link could
+        not fetch by then is `unfetched`, what a peer was slow with is `timeout` (`fetch_ordered`).
 
-        Our canary rides in the same gather: if it does not come back intact, every uid is `skip`."""
+        Our canary is read first, in the same fetch: if it does not come back intact, every uid is
+        `skip`."""
         m = self.settings.mechanism
         self.io_seconds = 0.0  # the gather's seconds, for the record's fetch_seconds
         commitments = self.chain.commitments()
         verdicts = {uid: Verdict(uid) for uid in uids}
         items: list[tuple[Store, str]] = [(self.store, canary_key(self.netuid))]
         owners: list[tuple[int, str]] = []
-        for uid in uids:
+        for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
             commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
             if commitment is None or hotkey is None:
                 continue
@@ -324,7 +345,11 @@ class Validator(Node):
         if not self._write_canary():
             return self._skip_all(verdicts, "cannot write our canary")
         io_start = time.perf_counter()
-        results = gather(items, max_bytes=m.max_delta_bytes, deadline=time.monotonic() + self.fetch_budget())
+        results = fetch_ordered(
+            items, max_bytes=m.max_delta_bytes, deadline=time.monotonic() + self.fetch_budget(),
+            concurrency=m.fetch_concurrency, link=self.link, stall=m.fetch_stall_seconds,
+            slow_fraction=m.fetch_slow_fraction,
+        )  # fmt: skip
         self.io_seconds = time.perf_counter() - io_start
         canary, results = results[0], results[1:]
         self.fetched_bytes = sum(len(r) for r in results if isinstance(r, bytes | bytearray))
@@ -346,6 +371,15 @@ class Validator(Node):
             return False
         self._canary_written = True
         return True
+
+    def seed_hash(self, window: int) -> str:
+        """The hash of `window`'s seed block (`protocol.seed_block`), read once from the chain."""
+        if window not in self.seed_hashes:
+            grace = self.settings.mechanism.upload_grace_blocks
+            self.seed_hashes[window] = self.chain.block_hash(protocol.seed_block(window, self.bpw, grace))
+            if len(self.seed_hashes) > SEED_HASHES_KEPT:
+                del self.seed_hashes[min(self.seed_hashes)]
+        return self.seed_hashes[window]
 
     def fetch_budget(self) -> float:
         """Seconds all peer I/O of a window may take: `mechanism.fetch_seconds`, but never more than
@@ -369,7 +403,7 @@ class Validator(Node):
         uid = v.uid
         if isinstance(result, BaseException):
             v.verdict = fetch_verdict(result)
-            log.log(logging.INFO if v.verdict == V.missing else logging.WARNING,
+            log.log(logging.INFO if v.verdict in (V.missing, V.unfetched) else logging.WARNING,
                     "uid %d: %s: %s", uid, v.verdict.value, str(result)[:300])  # fmt: skip
             return
         try:
@@ -394,13 +428,20 @@ class Validator(Node):
             log.warning("window %d: master θ_%d not available: not scored", window, window)
             return
         everyone = [int(u) for u in mg.uids if int(u) != self.uid]
-        uids = scoring.rotating_sample(everyone, window, m.max_uids_per_window)
-        if len(uids) < len(everyone):
+        block_hash = self.seed_hash(window)
+        uids = everyone
+        if len(everyone) > m.max_uids_per_window:
+            # drawn over every uid, ours included, so that every validator draws the same sample
+            hashes = {w: self.seed_hash(w) for w in sample.hash_windows(window)}
+            drawn = sample.scored_sample(
+                self.netuid, window, hashes, [int(u) for u in mg.uids], m.max_uids_per_window
+            )
+            uids = [u for u in drawn if u != self.uid]
             log.info(
-                "window %d: scoring a rotating sample of %d of %d uids", window, len(uids), len(everyone)
+                "window %d: scoring the window's sample of %d of %d uids", window, len(uids), len(everyone)
             )
         fetch_start = time.perf_counter()
-        verdicts = self.fetch(window, mg, uids)
+        verdicts = self.fetch(window, mg, uids, block_hash)
         # fetch_seconds: the peer I/O, what the deadline bounds; decode_seconds: our own checks and
         # decoding of what arrived (bounded by the codec's fixed layout, whatever a peer sends)
         fetched = time.perf_counter() - fetch_start
@@ -409,21 +450,16 @@ class Validator(Node):
             "decode_seconds": max(0.0, fetched - self.io_seconds),
         }
         incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
-        grace = m.upload_grace_blocks
-        block_hash = self.chain.block_hash(protocol.seed_block(window, self.bpw, grace))
         self.evaluator.drop_copies(verdicts, window, block_hash, self.master)
         base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
         timings["score_seconds"] = time.perf_counter() - fetch_start - fetched
         keep = {int(u) for u in mg.uids} - {self.uid}
-        evaluated = {u for u in uids if verdicts[u].verdict != V.skip}  # a skip keeps its average
+        # skip and unfetched (our side, our link) judge nothing: the average stays as it was
+        evaluated = {u for u in uids if verdicts[u].verdict not in NOT_JUDGED}
         previous = {u: a for u, a in self.state.averages.items() if u in keep}
         # The peer's fault costs more than a zero: skipping windows must not pay (m.fault_penalty).
         fault = scoring.fault_score(previous, m.fault_penalty)
-        scores = {
-            uid: (v.score if v.verdict == V.ok else fault)
-            for uid, v in verdicts.items()
-            if v.verdict != V.skip
-        }
+        scores = {uid: (verdicts[uid].score if verdicts[uid].verdict == V.ok else fault) for uid in evaluated}
         averages = scoring.update_averages(previous, scores, evaluated, m.ma_alpha)
         # uids outside this window's sample keep their average untouched
         self.state.averages = {**{u: a for u, a in previous.items() if u not in evaluated}, **averages}
@@ -431,8 +467,10 @@ class Validator(Node):
             if v.verdict in (V.ok, V.skip):
                 self.state.last_valid[uid] = window
         self.state.last_valid = {u: w for u, w in self.state.last_valid.items() if u in keep}
+        judged = {u: verdicts[u].verdict == V.ok for u in evaluated}
+        self.state.fault_streaks = scoring.update_fault_streaks(self.state.fault_streaks, judged, keep)
         weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility)
-        weights = scoring.drop_inactive(weights, self.state.last_valid, window, m.inactive_windows)
+        weights = scoring.drop_inactive(weights, self.state.fault_streaks, m.inactive_windows)
         weights = scoring.drop_faulted(weights, (u for u, v in verdicts.items() if v.verdict in PEER_FAULTS))
         # The master takes only the deltas of uids the weights pay: under the mean merge a delta
         # counts whole wherever no other overlaps it, so a noise or poison delta that scored above 0
@@ -444,6 +482,7 @@ class Validator(Node):
         self.state.last_window = window
         record = self._window_record(window, verdicts, weights, master_info, time.perf_counter() - start)
         record.update({k: round(v, 3) for k, v in timings.items()}, bytes_fetched=self.fetched_bytes)
+        record.update(sampled=len(uids), registered=len(everyone))  # the window's scored sample
         self._record(record)
         self._save_state()
         self._log_window(window, verdicts, weights, master_info, time.perf_counter() - start)

@@ -18,10 +18,11 @@ from enum import StrEnum
 from .delta.signed import Reason, SignedObjectError
 from .storage import BadCommitment
 from .storage.base import NotFound, TooLarge
+from .storage.fetch import Unfetched
 
 
 class V(StrEnum):
-    """A uid's verdict for a window. Every value but `ok` and `skip` scores zero."""
+    """A uid's verdict for a window. Every value but `ok`, `skip` and `unfetched` scores zero."""
 
     ok = "ok"
     """Fetched, valid, and scored."""
@@ -31,6 +32,11 @@ class V(StrEnum):
     """A near-copy of another uid's delta of the same window."""
     skip = "skip"
     """Not judged: our own side failed (canary read of our own bucket, our chain); average frozen."""
+    unfetched = "unfetched"
+    """Not judged: our own link could not fetch the object within the window's fetch budget (its
+    turn never came, or it was moving at a normal rate when the budget ended: `fetch_ordered`).
+    Like `skip`, the average is frozen and no penalty or score is given; unlike `skip`, it is per
+    uid; neither counts toward the inactivity rule, either way (docs/mechanism.md)."""
     peer_error = "peer_error"
     """The peer's store failed, answered nonsense, or raised anything at all."""
     timeout = "timeout"
@@ -51,7 +57,10 @@ class V(StrEnum):
     hash_mismatch = Reason.hash_mismatch.value
 
 
-PEER_FAULTS = frozenset(v for v in V if v not in (V.ok, V.skip))
+NOT_JUDGED = frozenset({V.skip, V.unfetched})
+"""Verdicts that judge nothing: the average is frozen, no score, no penalty."""
+
+PEER_FAULTS = frozenset(v for v in V if v != V.ok and v not in NOT_JUDGED)
 """Verdicts that are the peer's fault: each scores zero and counts against its average."""
 
 
@@ -60,6 +69,8 @@ def fetch_verdict(outcome: BaseException) -> V:
 
     Anything not named here is `peer_error`: a peer must not be able to choose an exception that we
     would forgive, so the default is the peer's fault, not ours."""
+    if isinstance(outcome, Unfetched):  # made only by our fetcher (a store's own is its error)
+        return V.unfetched
     if isinstance(outcome, NotFound):
         return V.missing
     if isinstance(outcome, TooLarge):

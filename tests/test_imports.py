@@ -117,7 +117,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "bistro.wallet"),
     # 2: the roles and the mechanism they run
     ("bistro.node", "bistro.miner", "bistro.validator", "bistro.master", "bistro.evaluator",
-     "bistro.scoring", "bistro.verdicts", "bistro.metrics", "bistro.distributed", "bistro.export",
+     "bistro.scoring", "bistro.sample", "bistro.verdicts", "bistro.metrics", "bistro.distributed", "bistro.export",
      "bistro.doctor", "bistro.plan", "bistro.report", "bistro.lmeval", "bistro.chain.commands", "bistro.data.commands"),
     # 3: research and test tooling, and the entry point
     ("bistro.localnet", "bistro.bench", "bistro.cli"),

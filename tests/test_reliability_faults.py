@@ -228,7 +228,10 @@ def test_a_slow_peer_is_timeout_at_the_deadline_and_delays_no_one(
         monkeypatch, world, lambda name, s: FaultyStore(s, fail_rate=0.0, delay=20.0) if name == "b" else s
     )
     validator = validator_at(world, "slow")
-    validator.settings = replace(validator.settings, **{"mechanism.fetch_seconds": 1.0})
+    # nothing arrives from b: a stall (the peer's), once nothing came for fetch_stall_seconds
+    validator.settings = replace(
+        validator.settings, **{"mechanism.fetch_seconds": 1.0, "mechanism.fetch_stall_seconds": 0.5}
+    )
     mg = world.chain.metagraph()
     assert validator.ensure_master(FIRST, mg)
     t0 = time.monotonic()
@@ -252,7 +255,9 @@ def test_the_fetch_deadline_never_takes_more_than_a_quarter_of_the_window(
         monkeypatch, world, lambda name, s: FaultyStore(s, fail_rate=0.0, delay=60.0) if name == "b" else s
     )
     validator = validator_at(world, "capped")
-    validator.settings = replace(validator.settings, **{"mechanism.fetch_seconds": 30.0})
+    validator.settings = replace(
+        validator.settings, **{"mechanism.fetch_seconds": 30.0, "mechanism.fetch_stall_seconds": 0.5}
+    )
     window_seconds = validator.bpw * validator.block_time()
     assert validator.fetch_budget() == pytest.approx(min(30.0, FETCH_SHARE * window_seconds))
     assert validator.fetch_budget() < 30.0  # the test world's windows are short

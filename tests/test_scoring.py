@@ -86,17 +86,6 @@ def test_copies_point_at_the_first_in_order() -> None:
     assert scoring.find_copies([4, 5], sim, 0.98) == {}
 
 
-def test_rotating_sample_covers_everyone() -> None:
-    uids = list(range(10))
-    seen = set()
-    for window in range(5):
-        sample = scoring.rotating_sample(uids, window, 4)
-        assert len(sample) == 4
-        seen |= set(sample)
-    assert seen == set(uids)
-    assert scoring.rotating_sample([3, 1], 7, 4) == [1, 3]
-
-
 def test_traces_and_chance_positives_are_not_eligible() -> None:
     # uid 3: a decaying trace of one good window; uid 4: noise that helped by chance.
     avg = {1: 0.02, 2: 0.015, 3: 0.0008, 4: 0.0001, 5: -0.01}
@@ -108,11 +97,25 @@ def test_traces_and_chance_positives_are_not_eligible() -> None:
 
 
 def test_a_miner_who_stopped_gets_no_weight() -> None:
-    weights = {1: 0.6, 2: 0.4, 3: 0.0}
-    out = scoring.drop_inactive(weights, {1: 10, 2: 8, 3: 10}, window=10, inactive_windows=2)
-    assert out == {1: 1.0, 2: 0.0, 3: 0.0}
-    assert scoring.drop_inactive(weights, {1: 9, 2: 9}, 10, 2) == pytest.approx(weights)
-    assert scoring.drop_inactive({1: 1.0}, {}, 10, 2) == {1: 0.0}
+    """Counted in judged windows: uid 2 faulted in its last two judged windows (with windows it was
+    not drawn in between): dropped; uid 1 faulted once: kept; uid 3 was never judged: kept (its
+    average, 0, pays nothing anyway)."""
+    streaks: dict[int, int] = {}
+    history = [  # each window: uid -> valid (True) or its fault (False); absent: not judged
+        {1: True, 2: True},
+        {3: True},  # 1 and 2 not drawn
+        {2: False},
+        {1: False},  # 2 not drawn, or unfetched: its streak stays
+        {2: False},
+    ]
+    for judged in history:
+        streaks = scoring.update_fault_streaks(streaks, judged, [1, 2, 3])
+    assert streaks == {1: 1, 2: 2, 3: 0}
+    weights = {1: 0.5, 2: 0.3, 3: 0.2}
+    out = scoring.drop_inactive(weights, streaks, inactive_windows=2)
+    assert out == pytest.approx({1: 0.5 / 0.7, 2: 0.0, 3: 0.2 / 0.7})
+    # a valid delta ends the streak; a deregistered uid leaves the table
+    assert scoring.update_fault_streaks(streaks, {2: True}, [1, 2]) == {1: 1, 2: 0}
 
 
 def test_an_amplified_delta_counts_at_most_the_median_norm() -> None:

@@ -12,7 +12,7 @@
    `Validator.evaluate` window: fetch (gather + decode_delta for every uid), drop copies,
    `Evaluator.score`, the master step and publication, moving averages, set_weights. If the parts
    measured on the full set project past the `tiny` window (blocks_per_window × the chain's block
-   time), the window runs with `max_uids_per_window` set to the largest rotating sample that fits,
+   time), the window runs with `max_uids_per_window` set to the largest scored sample that fits,
    and says so. Peak memory: resident set size sampled during the window.
 """
 
@@ -409,7 +409,7 @@ def scale_window(settings: Settings, dataset: Dataset, *, quick: bool, steps: in
         "window_budget_s": budget, "projected_all_s": full, "stages_s": times, **proj,
         "peak_rss_mb": rss.peak, "rss_before_mb": rss.before, "rotation_windows": -(-proj["uids"] // k),
     }  # fmt: skip
-    sampled = "" if k == proj["uids"] else f", rotating sample {k}"
+    sampled = "" if k == proj["uids"] else f", scored sample {k}"
     out["rows"] = [
         row(f"validator window, {n_uids} uids{sampled}", seconds, "s", baseline=budget,
              target="within the window", ok=seconds <= budget),

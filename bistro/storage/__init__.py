@@ -27,8 +27,10 @@ A validator's window, in short (every failure is a value, mapped by `bistro.verd
 
     allow = private_allowed(settings)
     store = open_peer_store(commitment, settings.storage, root=root, allow_private=allow)  # or BadCommitment
-    results = gather([(store, key), ...], max_bytes=limit, deadline=time.monotonic() + fetch_seconds)
-    # each result: bytes, or NotFound, TooLarge, PeerTimeout, StorageError, BadCommitment, ...
+    results = fetch_ordered([(store, key), ...], max_bytes=limit, deadline=time.monotonic() + budget,
+                            concurrency=8, link=Link(bytes_per_second))  # in the window's seeded order
+    # each result: bytes, or NotFound, TooLarge, PeerTimeout (the peer's), Unfetched (our link),
+    # StorageError, BadCommitment, ...
 
 Setup: an AWS public-read bucket (validators read it unsigned)
 1. Create the bucket (`aws s3api create-bucket --bucket BUCKET`, a name without dots).
@@ -83,13 +85,15 @@ from .commitment import (
     s3_api,
     s3_bucket,
 )
+from .fetch import Unfetched, fetch_ordered
 from .gather import gather
+from .link import Link
 from .local import BadKey, LocalStore
 
 __all__ = [
     "MAX_COMMITMENT", "R2_MAX_BUCKET", "BadCommitment", "BadKey", "Commitment", "LocalStore",
     "NotFound", "ObjectInfo", "PeerTimeout", "StorageError", "Store", "TooLarge", "bucket_commitment",
-    "gather", "open_peer_store", "open_store", "parse_commitment", "private_allowed",
+    "Link", "Unfetched", "fetch_ordered", "gather", "open_peer_store", "open_store", "parse_commitment", "private_allowed",
 ]  # fmt: skip
 
 _R2_HOST = re.compile(r"^([0-9a-f]{32})\.r2\.cloudflarestorage\.com$")

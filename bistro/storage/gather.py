@@ -1,5 +1,9 @@
 """Fetch many keys from many buckets at once, all under one deadline: what arrived, and why not.
 
+(The validator's window uses `fetch.fetch_ordered`: the same bounded reads in a seeded order, a few
+at a time, through one shared link limit, telling our link's `unfetched` from a slow peer's
+`timeout`. `gather` stays for tools and measurements that want every read started at once.)
+
 A validator downloads one delta per uid each window. Every fetch starts at once, in its own thread,
 and all share ONE absolute deadline (`time.monotonic()`), whatever their number or order: a slow
 peer cannot make a fast one wait for a free worker, and 64 peers that trickle bytes or hang cost

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 from ..config import StorageConfig
 from .base import NotFound, ObjectInfo, PeerTimeout, StorageError, Store, TooLarge
 from .commitment import Commitment
+from .link import PeerStalled
+from .link import current as current_transfer
 from .netguard import IPAddress, checked_addresses
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -67,11 +69,19 @@ class _DeadlineReader(io.RawIOBase):
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise PeerTimeout(f"{self.what}: not whole by the deadline")
-        self.sock.settimeout(left)
+        measured = current_transfer()  # the fetcher's: stall bound, our link, the peer's rate
+        stall = measured is not None and measured.stall < left
+        wait = left if measured is None else min(left, measured.recv_timeout())
+        self.sock.settimeout(wait)
         try:
-            return self.sock.recv_into(b)
+            n = self.sock.recv_into(b)
         except TimeoutError:
+            if stall:
+                raise PeerStalled(f"{self.what}: nothing for {wait:.1f} s") from None
             raise PeerTimeout(f"{self.what}: not whole by the deadline") from None
+        if measured is not None:
+            measured.got(n)
+        return n
 
 
 class _Conn:
@@ -145,6 +155,9 @@ def _read_body(resp: http.client.HTTPResponse, key: str, max_bytes: int, what: s
     declared = resp.length  # None when chunked or unstated
     if declared is not None and declared > max_bytes:
         raise TooLarge(key, declared, max_bytes)
+    measured = current_transfer()
+    if measured is not None:
+        measured.size = declared if declared is not None else max_bytes
     buf = bytearray()
     while True:
         chunk = resp.read(min(READ_CHUNK, max_bytes + 1 - len(buf)))
@@ -219,7 +232,9 @@ class PeerStore(Store):
         addrs = checked_addresses(
             t.host, t.port, deadline, allow_private=self.allow_private, plain_http=not t.tls
         )
-        sock = _connect(t, addrs, deadline, self.ssl_context, what)
+        measured = current_transfer()  # a connect that hangs is a stall too
+        connect_by = deadline if measured is None else min(deadline, time.monotonic() + measured.stall)
+        sock = _connect(t, addrs, connect_by, self.ssl_context, what)
         try:
             sock.settimeout(max(1e-3, deadline - time.monotonic()))
             _request(sock, method, t, self._signed(method, t))
@@ -254,7 +269,12 @@ class PeerStore(Store):
                 if attempt == self.cfg.retries or time.monotonic() + pause >= end:
                     tail = f" (after {attempt} retries)" if attempt else ""
                     raise StorageError(f"{e}{tail}") from None
+                measured = current_transfer()
+                if measured is not None:  # the pause is not a slow transfer (a 5xx is peer_error)
+                    measured.pausing = True
                 time.sleep(pause)
+                if measured is not None:  # and the next attempt is measured anew
+                    measured.restart()
         raise AssertionError("unreachable")
 
     # -- the Store operations -------------------------------------------------------------------

@@ -155,14 +155,15 @@ def initial_params(settings: Settings) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state_tensors(model).items()}
 
 
-def publish_master(world: World, signer: Member | None = None) -> None:
-    """θ_FIRST in full, then no-op updates to θ_{LAST+2}, signed by `signer` (default: top)."""
+def publish_master(world: World, signer: Member | None = None, settings: Settings | None = None) -> None:
+    """θ_FIRST in full, then no-op updates to θ_{LAST+2}, signed by `signer` (default: top), with
+    the protocol settings of `settings` (default: the world's) in LATEST.json."""
     top = world.members["top"]
     signer = signer or top
     params = initial_params(world.settings)
     digest = model_hash(params)
     pub = Publisher(
-        world.store("top"), signer.keypair, world.settings.chain.netuid, protocol_settings(world.settings)
+        world.store("top"), signer.keypair, world.settings.chain.netuid, protocol_settings(settings or world.settings)
     )
     pub.checkpoint(FIRST, params, digest)
     for w in range(FIRST, LAST + 2):
