@@ -163,7 +163,10 @@ def publish_master(world: World, signer: Member | None = None, settings: Setting
     params = initial_params(world.settings)
     digest = model_hash(params)
     pub = Publisher(
-        world.store("top"), signer.keypair, world.settings.chain.netuid, protocol_settings(settings or world.settings)
+        world.store("top"),
+        signer.keypair,
+        world.settings.chain.netuid,
+        protocol_settings(settings or world.settings),
     )
     pub.checkpoint(FIRST, params, digest)
     for w in range(FIRST, LAST + 2):
