@@ -167,3 +167,21 @@ def test_a_restarted_publisher_keeps_its_residual_and_a_new_one_starts_empty(tmp
     assert other.load(path)
     other.start("another-master-hash")
     assert other.residual == {}
+
+
+def test_the_plan_downloads_one_codec_wire_a_window_at_7b() -> None:
+    from bistro.plan import make_plan, wire_bytes
+
+    settings = replace(build_settings("7B"), **{"mechanism.master_codec": "same"})
+    plan = make_plan(settings, uids=256, hardware="8xH100")
+    wire = wire_bytes(settings, {k: tuple(v) for k, v in _shapes_7b(settings).items()})
+    assert plan["miner"]["download_per_window_bytes"] == wire <= 5 * 2**30
+    assert wire == master_format(settings).wire_bytes(_shapes_7b(settings))
+    union = make_plan(replace(settings, **{"mechanism.master_codec": "sparse"}), uids=256, hardware="8xH100")
+    assert union["miner"]["download_per_window_bytes"] > 100 * wire
+
+
+def _shapes_7b(settings):
+    from bistro.plan import model_shapes
+
+    return model_shapes(settings.model)
