@@ -105,6 +105,13 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--json", dest="json_path", default=None, help="write results here")
         parser.add_argument("--quick", action="store_true", help="smaller, faster measurements")
         parser.add_argument("--ablation", action="store_true", help="learning: one run per ablation row")
+        parser.add_argument(
+            "--bandwidth", action="store_true",
+            help="learning: how the master reaches followers (raw union, recompressed, merge set), 4 and 16 miners",
+        )  # fmt: skip
+        parser.add_argument(
+            "--windows", type=int, default=0, help="learning: windows of the plans (0: theirs)"
+        )
     elif name == "export":
         parser.add_argument("--out", required=True, help="directory to write (save_pretrained)")
         parser.add_argument(

@@ -115,6 +115,8 @@ class TrainConfig:
 
 CODEC_NAMES = ("topk", "topk2", "lowrank", "mask", "dense")
 MERGE_RULES = ("sum", "mean")
+MASTER_CODECS = ("same", "sparse")
+"""`mechanism.master_codec`: what the publisher sends followers (see `MechanismConfig.master_codec`)."""
 
 
 @dataclass
@@ -151,6 +153,19 @@ class MechanismConfig:
     """Factors of each 2-D parameter for the lowrank codec (1-8)."""
     ef_decay: float = 0.95
     """Error-feedback decay beta of miners: e <- beta e + delta, top-k of e, e <- e - sent (1: plain)."""
+    master_codec: str = "same"
+    """How the publisher sends the merged update U_w to followers. `same`: re-compressed with the
+    miners' codec and parameters (`codec`, `compression`, `topk_chunk`, `value_bits`, `rank`) plus an
+    error-feedback residual the publisher keeps: one delta-sized object a window whatever the number
+    of merged uids (lowrank at 7B: ~84 MiB), and θ_{w+1} = θ_w + decode(wire) on every node, the
+    publisher included. `sparse`: the raw union of the merged deltas (int64 index + fp32 value an
+    entry, 12 B; 48-75 GiB a window at 7B with 64 merged uids), kept for comparison."""
+    master_ef_decay: float = 1.0
+    """Decay of the publisher's residual before it is added to the next update (e <- decay e + U;
+    1: plain error feedback, nothing the miners were paid for is dropped). `master_codec same` only."""
+    merge_peers: int = 0
+    """Most deltas merged into U_w a window: the paid, helpful uids ranked by merge weight (the
+    chain's incentive, the same on every node), then uid; 0: every paid, helpful uid."""
     merge: str = "mean"
     """How the master merges the helpful deltas: sum (of merge weight x delta) or mean (per index, of the
     peers that sent it, each clipped to the median norm)."""
@@ -251,6 +266,11 @@ class MechanismConfig:
         _check(self.value_bits in (1, 2, 3, 4), "mechanism.value_bits", "must be 1, 2, 3 or 4")
         _check(1 <= self.rank <= 8, "mechanism.rank", "must be in [1, 8]")
         _check(0 < self.ef_decay <= 1, "mechanism.ef_decay", "must be in (0, 1]")
+        _check(
+            self.master_codec in MASTER_CODECS, "mechanism.master_codec", f"must be one of {MASTER_CODECS}"
+        )
+        _check(0 < self.master_ef_decay <= 1, "mechanism.master_ef_decay", "must be in (0, 1]")
+        _check(self.merge_peers >= 0, "mechanism.merge_peers", "must be >= 0")
         _check(self.merge in MERGE_RULES, "mechanism.merge", f"must be one of {MERGE_RULES}")
         _check(self.temperature > 0, "mechanism.temperature", "must be positive")
         _check(0 <= self.local_dominance <= 1, "mechanism.local_dominance", "must be in [0, 1]")

@@ -421,12 +421,16 @@ class Evaluator:
         base_global: float,
         global_seqs: torch.Tensor,
         paid: Collection[int] | None = None,
+        recompress: Callable[[Delta], Delta] | None = None,
     ) -> tuple[Delta | None, dict]:
         """Step 8: U = the merge of the deltas with s_i > 0 (of uids in `paid`, when given: the
-        validator passes the uids its weights pay), kept only if θ + U has a lower global loss.
-        The merge reads the deltas one at a time (`Deltas`)."""
+        validator passes the uids its weights pay; at most `mechanism.merge_peers` of them, by merge
+        weight then uid), kept only if θ + U has a lower global loss. The merge reads the deltas one
+        at a time (`Deltas`). `recompress` (the publisher's `MasterCodec.encode`) turns each proposed
+        U into what followers will apply, and the test is taken on that."""
         return self._without_lost(
-            verdicts, lambda: self._propose_update(master, verdicts, base_global, global_seqs, paid)
+            verdicts,
+            lambda: self._propose_update(master, verdicts, base_global, global_seqs, paid, recompress),
         )
 
     def _propose_update(
@@ -436,11 +440,16 @@ class Evaluator:
         base_global: float,
         global_seqs: torch.Tensor,
         paid: Collection[int] | None,
+        recompress: Callable[[Delta], Delta] | None = None,
     ) -> tuple[Delta | None, dict]:
         helpful = [
             v for u, v in sorted(verdicts.items())
             if v.verdict == "ok" and v.score > 0 and (paid is None or u in paid)
         ]  # fmt: skip
+        peers = self.settings.mechanism.merge_peers
+        if peers and len(helpful) > peers:  # the merge set: by merge weight (the chain's), then uid
+            keep = {v.uid for v in sorted(helpful, key=lambda v: (-v.merge_weight, v.uid))[:peers]}
+            helpful = [v for v in helpful if v.uid in keep]
         info: dict = {
             "global_loss_before": base_global, "global_loss_after": base_global, "accepted": False,
             "merged_uids": [v.uid for v in helpful],
@@ -455,6 +464,8 @@ class Evaluator:
             full = MERGES[self.settings.mechanism.merge](deltas, weights, self.shapes)
         for step in STEPS:
             update = full if step == 1.0 else scaled(full, step)
+            if recompress is not None:
+                update = recompress(update)
             self.set_params(master)
             apply_update(self.params, update)
             after = self.loss(global_seqs)

@@ -20,6 +20,28 @@ In the publisher's bucket (DESIGN.md "Master"):
 
 Every object is signed by the publisher's hotkey; followers refuse anything else. Catching up =
 the newest checkpoint at or below the target, then each update after it, then a hash check.
+
+What an update holds (`mechanism.master_codec`):
+
+- `same` (the default): the publisher re-compresses the merged update with the miners' codec, plus
+  an error-feedback residual of its own (`MasterCodec`): wire = encode(U_w + decay · e),
+  e ← U_w + decay · e − decode(wire). The object holds the codec's wire tensors and names the codec
+  and its parameters in the signed document, so it is one delta-sized object a window however many
+  uids were merged, and a follower bounds it by the codec's wire size before reading it. Every node,
+  the publisher included, applies θ_{w+1} = θ_w + decode(wire), so hashes agree bit for bit. The
+  acceptance test (a lower global loss) is taken on θ_w + decode(wire), what followers will hold.
+- `sparse`: the raw union of the merged deltas, int64 index + fp32 value an entry (12 B), or dense
+  fp32 for dense parts (`update_to_tensors`): up to 3× the checkpoint at large union fractions.
+
+The residual is publisher state: saved beside the validator's state after each published window and
+tagged with the hash of the master it was left at, so a restarted publisher keeps it. It is used only
+when the publisher steps from that very master: a validator that becomes the publisher after another
+one (or after others published while it was away) starts with an empty residual. The old publisher's
+residual is a dense fp32 tensor per parameter (the model's size), never published, so nobody else can
+read it; what is lost is what it had not sent yet (at most a few windows' worth of the merged deltas'
+small entries, most of it already decayed towards what later windows send). Given θ_w, the merged
+update and the residual, the wire is a deterministic function (the codecs use no global RNG), so any
+validator holding the same inputs recomputes the same object.
 """
 
 from __future__ import annotations
@@ -28,14 +50,19 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from . import protocol
-from .config import ProtocolSettings
+from .config import ProtocolSettings, Settings
 from .delta import Delta, Sparse, add_
+from .delta.codec import CODECS, BadTensors, Codec, CodecContext, Mixed, Shapes
 from .delta.signed import SignedObjectError, check_signed, pack_signed, tensor_views
 from .model import Params, model_hash
+from .statefile import write_tensors
 from .storage.base import NotFound, Store
 
 log = logging.getLogger("bistro.master")
@@ -118,6 +145,163 @@ def apply_update(params: Params, update: Delta) -> None:
         add_(params, update, 1.0)
 
 
+# --- the master's codec ---------------------------------------------------------------------------
+
+HEADER_SLACK = 1 << 20
+"""Bytes a signed update may hold beyond its wire tensors: safetensors header (a name, dtype and shape
+per tensor) and the signed document (hashes, merged uids, codec parameters)."""
+
+
+@dataclass(frozen=True)
+class MasterFormat:
+    """The codec updates travel in (`mechanism.master_codec same`): the miners' codec and parameters."""
+
+    codec: str
+    compression: float
+    chunk: int
+    value_bits: int
+    rank: int
+
+    @property
+    def impl(self) -> Codec:
+        return CODECS[self.codec]
+
+    def context(self, netuid: int, window: int, ef_decay: float = 1.0) -> CodecContext:
+        return CodecContext(
+            netuid=netuid, window=window, compression=self.compression, chunk=self.chunk,
+            value_bits=self.value_bits, rank=self.rank, ef_decay=ef_decay,
+        )  # fmt: skip
+
+    def doc(self, netuid: int) -> dict[str, Any]:
+        """`codec` and `codec_params` of the signed update document."""
+        return {"codec": self.codec, "codec_params": self.impl.params(self.context(netuid, 0))}
+
+    def wire_bytes(self, shapes: Shapes, netuid: int = 0) -> int:
+        """Bytes of the wire tensors for a model's shapes (whatever the number of merged uids)."""
+        spec = self.impl.wire_spec(dict(shapes), self.context(netuid, 0))
+        return sum(int(torch.Size(shape).numel()) * dtype.itemsize for shape, dtype in spec.values())
+
+    def max_update(self, shapes: Shapes) -> int:
+        """Largest update object a follower downloads: the wire plus `HEADER_SLACK`."""
+        return self.wire_bytes(shapes) + HEADER_SLACK
+
+
+def master_format(values: Settings | ProtocolSettings) -> MasterFormat | None:
+    """The update format `values` prescribe (None: `master_codec sparse`, the raw union)."""
+    if isinstance(values, ProtocolSettings):
+        d = values.as_dict()
+        get = lambda k: d.get(f"mechanism.{k}")  # noqa: E731
+    else:
+        get = lambda k: getattr(values.mechanism, k)  # noqa: E731
+    if (get("master_codec") or "sparse") != "same":
+        return None
+    return MasterFormat(
+        codec=str(get("codec")), compression=float(get("compression")), chunk=int(get("topk_chunk")),
+        value_bits=int(get("value_bits")), rank=int(get("rank")),
+    )  # fmt: skip
+
+
+def _dense(update: Delta, shapes: Shapes) -> dict[str, torch.Tensor]:
+    """Dense fp32 tensors of a merged update (zeros for a parameter it does not hold)."""
+    out = {}
+    for name, shape in shapes.items():
+        part = update.get(name)
+        if part is None:
+            out[name] = torch.zeros(shape)
+        elif isinstance(part, Sparse):
+            flat = torch.zeros(int(torch.Size(shape).numel()))
+            flat.index_add_(0, part.indices.cpu(), part.values.cpu().float())
+            out[name] = flat.view(shape)
+        elif isinstance(part, Mixed):
+            out[name] = part.full().cpu().float().reshape(shape)
+        else:
+            out[name] = part.detach().cpu().float().reshape(shape).clone()
+    return out
+
+
+class MasterCodec:
+    """The publisher's side of `master_codec same`: re-compresses merged updates with an
+    error-feedback residual of its own (what the wire has not carried yet).
+
+    `encode` is a proposal (the acceptance test may try several steps); `commit` makes the last one
+    the published update and its residual ours, `discard` forgets it."""
+
+    PREFIX = "residual/"
+
+    def __init__(self, fmt: MasterFormat, netuid: int, shapes: Shapes, decay: float = 1.0) -> None:
+        self.fmt, self.netuid, self.shapes, self.decay = fmt, netuid, dict(shapes), decay
+        self.residual: dict[str, torch.Tensor] = {}
+        self.base: str | None = None
+        """Hash of the master the residual was left at (None: no residual)."""
+        self._pending: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings, shapes: Shapes) -> MasterCodec | None:
+        fmt = master_format(settings)
+        if fmt is None:
+            return None
+        return cls(fmt, settings.chain.netuid, shapes, settings.mechanism.master_ef_decay)
+
+    def start(self, base_hash: str) -> None:
+        """Before stepping from the master `base_hash`: keep the residual only if it was left there
+        (a publisher that did not publish the previous update starts empty)."""
+        if self.base != base_hash:
+            if self.residual:
+                log.info("master residual was left at another master: starting empty")
+            self.residual, self.base = {}, base_hash
+        self._pending = None
+
+    def encode(self, update: Delta, window: int) -> Delta:
+        """The update followers will apply: decode(encode(U + decay · e)); pending until `commit`."""
+        target = _dense(update, self.shapes)
+        for name, e in self.residual.items():
+            target[name].add_(e, alpha=self.decay)
+        ctx = self.fmt.context(self.netuid, window)
+        wire = self.fmt.impl.encode(target, ctx)
+        sent = self.fmt.impl.decode(wire, ctx, self.shapes)
+        self._pending = (wire, target)
+        return sent
+
+    def commit(self, sent: Delta, result_hash: str) -> dict[str, torch.Tensor]:
+        """The pending proposal (`sent`: what `encode` returned) is published: e ← target − sent."""
+        if self._pending is None:
+            raise RuntimeError("no pending master update to commit")
+        wire, target = self._pending
+        for name, part in sent.items():
+            t = target[name]
+            if isinstance(part, Sparse):
+                t.view(-1).index_add_(0, part.indices, part.values, alpha=-1.0)
+            elif isinstance(part, Mixed):
+                t.sub_(part.full().view_as(t))
+            else:
+                t.sub_(part.view_as(t))
+        self.residual, self.base, self._pending = target, result_hash, None
+        return wire
+
+    def discard(self) -> None:
+        self._pending = None
+
+    def save(self, path: Path) -> None:
+        """The residual and the master it belongs to, atomically (safetensors)."""
+        tensors = {self.PREFIX + n: t for n, t in self.residual.items()}
+        write_tensors(path, tensors, {"base": self.base or ""})
+
+    def load(self, path: Path) -> bool:
+        """The residual saved at `path`, if any and if it fits the model; True when loaded."""
+        if not path.exists():
+            return False
+        with safe_open(str(path), framework="pt") as f:
+            base = (f.metadata() or {}).get("base") or None
+            residual = {k[len(self.PREFIX) :]: f.get_tensor(k).float() for k in f.keys()}
+        if set(residual) - set(self.shapes) or any(
+            tuple(t.shape) != tuple(self.shapes[n]) for n, t in residual.items()
+        ):
+            log.warning("%s does not fit the model: master residual starts empty", path)
+            return False
+        self.residual, self.base = residual, base
+        return True
+
+
 # --- publishing ----------------------------------------------------------------------------------
 
 
@@ -140,16 +324,32 @@ class Publisher:
         self.store.put(protocol.checkpoint_key(self.netuid, window), blob)
 
     def update(
-        self, window: int, update: Delta | None, base_hash: str, result_hash: str, **info: object
+        self,
+        window: int,
+        update: Delta | None,
+        base_hash: str,
+        result_hash: str,
+        wire: dict[str, torch.Tensor] | None = None,
+        fmt: MasterFormat | None = None,
+        **info: object,
     ) -> None:
-        """U_window (None: θ_{window+1} = θ_window)."""
-        tensors = update_to_tensors(update) if update else {}
+        """U_window (None: θ_{window+1} = θ_window). With `wire` (and its `fmt`), the object holds
+        the codec's wire tensors and names the codec in the document (`master_codec same`);
+        otherwise the raw union (`update_to_tensors`)."""
+        codec: dict[str, Any] = {}
+        if wire is not None and update is not None:
+            if fmt is None:
+                raise ValueError("an update as codec wire needs its format")
+            tensors, codec = wire, fmt.doc(self.netuid)
+        else:
+            tensors = update_to_tensors(update) if update else {}
         doc = self._doc(
             "update",
             window,
             base_hash=base_hash,
             result_hash=result_hash,
             accepted=update is not None,
+            **codec,
             **info,
         )
         self.store.put(protocol.update_key(self.netuid, window), pack_signed(tensors, doc, self.keypair))
@@ -197,13 +397,21 @@ class Follower:
         shapes: Mapping[str, tuple[int, ...]],
         param_bytes: int,
         settings: ProtocolSettings | None = None,
+        fmt: MasterFormat | None = None,
     ) -> None:
         self.netuid = netuid
         self.settings = settings
         """Our protocol settings: a LATEST.json signed with others raises ProtocolMismatch."""
         self.shapes = dict(shapes)
         self.max_checkpoint = int(param_bytes * 1.05) + (1 << 20)
-        self.max_update = 2 * self.max_checkpoint + (1 << 20)
+        self.fmt = fmt if fmt is not None else (master_format(settings) if settings is not None else None)
+        """The update format we expect (from our protocol settings): None accepts the raw union and
+        any codec an update names, bounded as the raw union is."""
+        self.max_update = (
+            self.fmt.max_update(self.shapes) if self.fmt is not None else 2 * self.max_checkpoint + (1 << 20)
+        )
+        """Largest update object read: the codec's wire plus header slack (`master_codec same`), else
+        the raw union's bound (2 checkpoints)."""
 
     def latest(self, store: Store, signer: str) -> dict | None:
         """The publisher's LATEST.json, if there is one signed by `signer`."""
@@ -282,6 +490,39 @@ class Follower:
             raise MasterError(f"checkpoint-{start} hash mismatch")
         return self._replay(store, signer, params, start, digest, target, latest)
 
+    def decode(self, doc: Mapping, tensors: dict[str, torch.Tensor], window: int) -> Delta:
+        """The update a signed update object stands for: codec wire (its `codec` named in the doc) or
+        the raw union. A follower that expects a codec refuses any other format or parameters."""
+        name = doc.get("codec")
+        if name is None:
+            if self.fmt is not None:
+                raise MasterError(f"update-{window} is a raw union; the protocol sends {self.fmt.codec} wire")
+            return update_from_tensors(tensors, self.shapes)
+        if self.fmt is not None and (name, doc.get("codec_params")) != tuple(
+            self.fmt.doc(self.netuid).values()
+        ):
+            raise MasterError(
+                f"update-{window}: codec {name} {doc.get('codec_params')} is not the protocol's"
+            )
+        params = doc.get("codec_params")
+        if name not in CODECS or not isinstance(params, dict):
+            raise MasterError(f"update-{window}: unknown codec {name!r}")
+        try:
+            fmt = self.fmt or MasterFormat(
+                codec=str(name), compression=float(params.get("compression", 1.0)),
+                chunk=int(params.get("chunk", 4096)), value_bits=int(params.get("value_bits", 2)),
+                rank=int(params.get("rank", 1)),
+            )  # fmt: skip
+            update = fmt.impl.decode(tensors, fmt.context(self.netuid, window), self.shapes)
+        except (BadTensors, ValueError, TypeError) as e:
+            raise MasterError(f"update-{window}: {e}") from None
+        for part in update.values():
+            values = [part.dense, part.sparse.values] if isinstance(part, Mixed) else [part]
+            values = [v.values if isinstance(v, Sparse) else v for v in values]
+            if not all(bool(torch.isfinite(v).all()) for v in values):
+                raise MasterError(f"update-{window} has non-finite values")
+        return update
+
     def _replay(
         self, store: Store, signer: str, params: Params, start: int, digest: str, target: int, latest: dict
     ) -> Position:
@@ -294,7 +535,7 @@ class Follower:
             if doc.get("base_hash") != digest:
                 raise MasterError(f"update-{window} does not start from the master we hold")
             if doc.get("accepted"):
-                apply_update(params, update_from_tensors(tensors, self.shapes))
+                apply_update(params, self.decode(doc, dict(tensors), window))
             digest = str(doc.get("result_hash"))
         if model_hash(params) != digest:
             raise MasterError(f"θ_{target} hash mismatch after catching up")

@@ -424,10 +424,12 @@ class Design:
     factored_lowrank: bool = False
     """Merge lowrank factors without densifying: θ_eval's low-rank part is one GEMM per matrix of
     inner dimension rank × uids; a uid's leave-one-out is its own rank-r term."""
-    follower_update: str = "union"
-    """What a follower downloads to reach θ_{w+1}: `union` (today: int64 index + fp32 value per
-    position of the merged deltas' union), `recompressed` (the publisher re-compresses the merge with
-    the codec: one delta-sized object) or `merge_set` (`merge_peers` deltas, merged by each node)."""
+    follower_update: str = ""
+    """What a follower downloads to reach θ_{w+1}: `union` (`mechanism.master_codec sparse`: int64
+    index + fp32 value per position of the merged deltas' union), `recompressed`
+    (`mechanism.master_codec same`: the publisher re-compresses the merge with the codec and a
+    residual of its own: one delta-sized object) or `merge_set` (`merge_peers` deltas, merged by each
+    node); empty: from `mechanism.master_codec`."""
     merge_peers: int = 20
     """`merge_set`: deltas merged a window (templar gathers ~20)."""
     fetch_concurrency: int = 0
@@ -491,9 +493,16 @@ def design_from(overrides: dict[str, Any], base: Design | None = None) -> Design
     design = dataclasses.replace(base or Design(), **values)
     if design.schedule not in SCHEDULES:
         raise ValueError(f"plan.schedule: must be one of {SCHEDULES}")
-    if design.follower_update not in FOLLOWER_UPDATES:
+    if design.follower_update and design.follower_update not in FOLLOWER_UPDATES:
         raise ValueError(f"plan.follower_update: must be one of {FOLLOWER_UPDATES}")
     return design
+
+
+def follower_update(settings: Settings, design: Design) -> str:
+    """The design's `follower_update`, or the one `mechanism.master_codec` prescribes."""
+    if design.follower_update:
+        return design.follower_update
+    return "recompressed" if settings.mechanism.master_codec == "same" else "union"
 
 
 def _gemm_ns(rates: Rates, width: int) -> float:
@@ -588,6 +597,7 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
     """Seconds, bytes and memory of one window for a validator and a miner on `hw`: the fields
     `make_plan` adds under `--hardware`."""
     design, rates = design or Design(), rates or Rates()
+    design = dataclasses.replace(design, follower_update=follower_update(settings, design))
     shapes = model_shapes(settings.model)
     n, m, cfg = _n(shapes), settings.mechanism, settings.model
     link = link_gbit * 1e9 / 8  # bytes a second
@@ -597,8 +607,10 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
     gpus = hw.gpus
     v_gpus = max(1, min(gpus, design.validator_gpus or gpus)) if gpus else 0
     merged = max(0, round(scored * design.merged_fraction))
-    if design.follower_update == "merge_set":
+    if follower_update(settings, design) == "merge_set":
         merged = min(merged, design.merge_peers)
+    if m.merge_peers:  # the protocol's merge set
+        merged = min(merged, m.merge_peers)
     seq_page = _sequences_per_page(settings, design)
     page_tokens = seq_page * cfg.sequence_length
     host_ns = 1e-9 / max(1, design.host_threads)
@@ -619,8 +631,8 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
         "union": union_sparse * 12 + union_dense * 4,
         "recompressed": wire,
         "merge_set": merged * wire,
-    }[design.follower_update]
-    published = follow if design.follower_update != "merge_set" else 0  # merge_set: a manifest
+    }[follower_update(settings, design)]
+    published = follow if follower_update(settings, design) != "merge_set" else 0  # merge_set: a manifest
     checkpoint = 4 * n
     every = design.checkpoint_every or m.checkpoint_every
 
@@ -649,6 +661,8 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
         v["copy_pairs"] = design.copy_group_uids * n * rates.decode_ns * host_ns if stream else 0.0
     v["forward"] = forward_s(fwd_tokens, v_gpus)
     v["apply_update"] = device_bytes_s(12 * n, 1) if gpus else n * rates.apply_update_ns * 1e-9
+    if follower_update(settings, design) == "recompressed":  # the publisher encodes U_w + its residual
+        v["recompress"] = device_bytes_s(40 * n, v_gpus) if gpus else n * rates.encode_ns * 1e-9
     v["hash"] = hash_s
     v["publish_update"] = published / link
     ckpt_upload = checkpoint / link
@@ -667,7 +681,7 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
     else:
         step_s = rates.train_factor * cpu_forward_seconds_per_token(cfg, rates) * batch_tokens
     mi: dict[str, float] = {"sync_download": follow / link}
-    if design.follower_update == "merge_set":
+    if follower_update(settings, design) == "merge_set":
         mi["sync_merge"] = (device_bytes_s(merged * design.device_bytes_per_param_uid * n, gpus) if gpus
                             else merged * n * (rates.decode_ns + rates.merge_mean_ns) * 1e-9)  # fmt: skip
     mi["sync_apply"] = device_bytes_s(12 * n, 1) if gpus else n * rates.apply_update_ns * 1e-9

@@ -60,7 +60,15 @@ from .chain.base import ChainError, Metagraph
 from .config import Settings
 from .delta.wire import DeltaRejected, decode_delta, expectation
 from .evaluator import Evaluator, Verdict
-from .master import MasterError, Position, ProtocolMismatch, Publisher, apply_update, load_params
+from .master import (
+    MasterCodec,
+    MasterError,
+    Position,
+    ProtocolMismatch,
+    Publisher,
+    apply_update,
+    load_params,
+)
 from .model import build_model, model_hash
 from .node import Node, NotRegistered, install_signals
 from .statefile import read_json, write_json
@@ -77,6 +85,8 @@ FETCH_SHARE = 0.25
 
 HASHES_KEPT = 16
 """Master hashes remembered (windows back): deltas name the master they were trained from."""
+MASTER_RESIDUAL = "master_residual.safetensors"
+"""The publisher's residual of `master_codec same` (in the validator's state directory)."""
 
 SEED_HASHES_KEPT = 128
 """Seed-block hashes remembered (the sample replays at most about 80 windows of them)."""
@@ -141,6 +151,10 @@ class Validator(Node):
         self.publisher = Publisher(self.store, self.keypair, self.netuid, self.protocol)
         self.model.eval()
         self.evaluator = Evaluator(settings, self.model, self.dataset)
+        self.master_codec = MasterCodec.for_settings(settings, self.shapes)
+        """The publisher's re-compression of U_w and its residual (`mechanism.master_codec same`)."""
+        if self.master_codec is not None:
+            self.master_codec.load(self.state_dir / MASTER_RESIDUAL)
         # signed like everything we publish (a public bucket holds nothing unsigned of ours)
         doc = {"kind": "canary", "netuid": self.netuid, "started": time.time()}
         self.canary = json.dumps(protocol.sign_document(self.keypair, doc)).encode()
@@ -292,12 +306,28 @@ class Validator(Node):
         """Step 8 and publication: θ_{window+1} = θ_window (+ U if it lowers the global loss); U
         merges the helpful deltas of the uids in `paid` (the weights' support), all if None."""
         pos = self.state.position
-        update, info = self.evaluator.propose_update(self.master, verdicts, base_global, global_seqs, paid)
+        codec = self.master_codec
+        recompress = None
+        if codec is not None:  # U as followers get it: the codec's wire, with our residual
+            codec.start(pos.hash)
+            recompress = lambda u: codec.encode(u, window)  # noqa: E731
+        update, info = self.evaluator.propose_update(
+            self.master, verdicts, base_global, global_seqs, paid, recompress
+        )
         if update is not None:
             self.state.position = None  # θ moves: until published, we hold no named master
             apply_update(self.master, update)
         digest = model_hash(self.master) if update is not None else pos.hash
-        self.publisher.update(window, update, pos.hash, digest, uids=info["merged_uids"])
+        wire = None
+        if codec is not None:
+            if update is not None:
+                wire = codec.commit(update, digest)
+            else:
+                codec.discard()
+            codec.save(self.state_dir / MASTER_RESIDUAL)
+        self.publisher.update(
+            window, update, pos.hash, digest, wire, codec.fmt if codec else None, uids=info["merged_uids"]
+        )
         if (window + 1) % self.settings.mechanism.checkpoint_every == 0:
             self.publisher.checkpoint(window + 1, self.master, digest)
             self.state.checkpoints = sorted({*self.state.checkpoints, window + 1})[-2:]

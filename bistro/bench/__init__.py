@@ -55,7 +55,11 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             log.error("no benchmark suite %r (have: %s)", name, ", ".join(_available()))
             return 2
         log.info("bench %s …", name)
-        extra = {"ablation": True} if getattr(args, "ablation", False) and name == "learning" else {}
+        extra: dict[str, Any] = {}
+        if name == "learning":
+            extra = {"ablation": bool(getattr(args, "ablation", False)),
+                     "bandwidth": bool(getattr(args, "bandwidth", False)),
+                     "windows": int(getattr(args, "windows", 0) or 0)}  # fmt: skip
         try:
             results[name] = importlib.import_module(f"bistro.bench.{name}").run(
                 settings, quick=args.quick, **extra

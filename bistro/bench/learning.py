@@ -51,7 +51,7 @@ from ..data import Dataset
 from ..data.pages import local_pages
 from ..delta import Delta, to_dense
 from ..evaluator import Evaluator
-from ..master import apply_update
+from ..master import MasterCodec, apply_update, update_to_tensors
 from ..model import Params, build_model, model_hash, state_tensors
 from ..training import Trainer
 from .common import Plan, SimMiner, block_hash, clone
@@ -91,6 +91,25 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 """Ablation rows: label -> the one setting (dotted path) or bench option it changes."""
 
 
+def bandwidth_arms(miners: int) -> dict[str, dict[str, Any]]:
+    """How θ_{w+1} reaches followers (`--bandwidth`), each with the bytes a follower downloads a
+    window beside its learning: the raw union of the merged deltas (int64 index + fp32 value an
+    entry), the merge re-compressed with the codec plus the publisher's error feedback (one
+    delta-sized object), and a bounded merge set (the top quarter of the paid uids by merge weight,
+    whose deltas followers fetch and merge themselves)."""
+    peers = max(1, miners // 4)
+    return {
+        "raw union": {"overrides": {"mechanism.master_codec": "sparse"}},
+        "recompressed": {"overrides": {"mechanism.master_codec": "same"}},
+        "recompressed, residual decay 0.95": {
+            "overrides": {"mechanism.master_codec": "same", "mechanism.master_ef_decay": 0.95}
+        },
+        f"merge set {peers} of {miners}": {
+            "overrides": {"mechanism.master_codec": "sparse", "mechanism.merge_peers": peers}
+        },
+    }
+
+
 @dataclass(frozen=True)
 class Arm:
     """One way of running the network: setting overrides plus bench-only options."""
@@ -104,6 +123,13 @@ class Arm:
     outer: tuple[float, float] | None = None
     """(lr, momentum) of a Nesterov outer step on the master (DiLoCo), applied to each accepted update
     U as to a negative pseudo-gradient: v <- mu v + U; θ <- θ + lr (U + mu v). Not production."""
+
+
+def plan_16(quick: bool, windows: int = 0) -> Plan:
+    """16 miners under the new rules (`--bandwidth`): the default plan's steps and batch a miner."""
+    if quick:
+        return Plan(miners=16, windows=windows or 2, steps=2, held_out=2, batch_size=2)
+    return Plan(miners=16, windows=windows or 12, steps=5, held_out=8, batch_size=2)
 
 
 def plan_for(settings: Settings, quick: bool) -> Plan:
@@ -193,6 +219,9 @@ def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor
     averages: dict[int, float] = {}
     curve = [_loss(evaluator, master, held)]
     wire, refused, refused_good = [], 0, 0
+    follower_bytes: list[int] = []
+    merged_uids: list[int] = []
+    master_codec = MasterCodec.for_settings(s, evaluator.shapes)
     momentum: Params = {}
     start = time.process_time()
     for w in range(plan.windows):
@@ -203,7 +232,24 @@ def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor
         target = following if arm.pipelined else master
         evaluator.drop_copies(verdicts, w, block_hash(w), target)
         base, global_seqs = evaluator.score(w, block_hash(w), target, verdicts, weights)
-        update, _ = evaluator.propose_update(target, verdicts, base, global_seqs)
+        recompress = None
+        if master_codec is not None:  # the bench's master is one lineage: the residual always holds
+            master_codec.start("bench")
+            recompress = lambda u, w=w: master_codec.encode(u, w)  # noqa: E731
+        update, info = evaluator.propose_update(target, verdicts, base, global_seqs, None, recompress)
+        merged_uids.append(len(info["merged_uids"]))
+        if master_codec is not None:
+            if update is not None:
+                sent = master_codec.commit(update, "bench")
+                follower_bytes.append(sum(t.numel() * t.element_size() for t in sent.values()))
+            else:
+                master_codec.discard()
+                follower_bytes.append(0)
+        elif m.merge_peers:  # followers fetch the merge set's deltas and merge them themselves
+            follower_bytes.append(sum(len(blobs[u][1]) for u in info["merged_uids"]) if update else 0)
+        else:  # the raw union, as `Publisher.update` writes it
+            tensors = update_to_tensors(update) if update is not None else {}
+            follower_bytes.append(sum(t.numel() * t.element_size() for t in tensors.values()))
         if update is None and evaluator.refused is not None:
             refused += 1
             trial = clone(target)
@@ -228,6 +274,12 @@ def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor
     return {
         "curve": curve, "wire_bytes": mean_bytes, "ratio": 4 * params / mean_bytes,
         "refused_updates": refused, "refused_good_updates": refused_good,
+        # tensor bytes a follower downloads a window to reach θ_{w+1} (mean over accepted windows;
+        # the signed object adds a header of a few KiB)
+        "follower_bytes_per_window": statistics.mean([b for b in follower_bytes if b] or [0]),
+        "follower_bytes_max": max(follower_bytes or [0]),
+        "merged_uids_per_window": statistics.mean(merged_uids or [0]),
+        "master_codec": m.master_codec, "merge_peers": m.merge_peers,
         "cpu_seconds": time.process_time() - start,
     }  # fmt: skip
 
@@ -353,12 +405,27 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run(settings: Settings, *, quick: bool, ablation: bool = False) -> dict:
+def run(
+    settings: Settings, *, quick: bool, ablation: bool = False, bandwidth: bool = False, windows: int = 0
+) -> dict:
+    """The suite. `bandwidth`: the arms of `bandwidth_arms` on the plan, then 16 miners (`plan_16`)
+    under the new rules (`learning_efficiency_ddp_16`) beside the raw union and a merge set; `windows`
+    overrides the plans' windows (a shorter run, say so when quoting it)."""
     plan = plan_for(settings, quick)
+    if windows:
+        plan = Plan(plan.miners, windows, plan.steps, plan.held_out, plan.batch_size)
     arms = [Arm("default")]
     if ablation:
         arms += [Arm(label, **spec) for label, spec in ABLATIONS.items()]
+    if bandwidth:
+        arms += [Arm(label, **spec) for label, spec in bandwidth_arms(plan.miners).items()]
     result = learning(settings, plan, arms)
+    sixteen = None
+    if bandwidth:
+        p16 = plan_16(quick, windows)
+        arms16 = {label: spec for label, spec in bandwidth_arms(16).items() if "decay" not in label}
+        sixteen = learning(settings, p16, [Arm(label, **spec) for label, spec in arms16.items()])
+        result["sixteen"] = sixteen
     name = "learning_ablation.png" if ablation else "learning.png"
     result["png"] = str(plot(result, settings.home / "bench" / name))
     default = result["arms"]["default"]
@@ -384,7 +451,24 @@ def run(settings: Settings, *, quick: bool, ablation: bool = False) -> dict:
         "baseline_ddp_tokens_efficiency": result["ddp_tokens_efficiency"],
         "learning_cpu_seconds": result["sequential"]["cpu_seconds"] + result["ddp"]["cpu_seconds"]
         + default["cpu_seconds"],
+        "follower_bytes_per_window": default["follower_bytes_per_window"],
     }  # fmt: skip
+    if sixteen is not None:
+        new_rules = sixteen["arms"]["recompressed"]
+        headline["learning_efficiency_ddp_16"] = new_rules["learning_efficiency_ddp_final"]
+        headline["learning_windows_16"] = sixteen["windows"]
+        headline["bandwidth"] = {
+            f"{n} miners, {label}": {
+                "learning_efficiency_ddp_final": arm["learning_efficiency_ddp_final"],
+                "learning_efficiency_ddp": arm["learning_efficiency_ddp"],
+                "follower_bytes_per_window": arm["follower_bytes_per_window"],
+                "merged_uids_per_window": arm["merged_uids_per_window"],
+            }
+            for n, res in ((plan.miners, result), (16, sixteen))
+            for label, arm in res["arms"].items()
+        }
+        for label, arm in sixteen["arms"].items():
+            rows += _arm_rows(f"{label} (16 miners)", arm, is_default=False)
     return {"rows": rows, "headline": headline, "learning": result, "quick": quick}
 
 
@@ -402,4 +486,5 @@ def _arm_rows(label: str, arm: dict[str, Any], is_default: bool) -> list[dict[st
         row("tokens_efficiency", "  tokens efficiency", arm["tokens_efficiency"]),
         row("compression_ratio", "  compression", arm["ratio"]),
         row("", "  refused updates", float(arm["refused_updates"]), "windows"),
+        row("", "  follower download", float(arm["follower_bytes_per_window"]), "bytes/window"),
     ]
