@@ -402,6 +402,8 @@ class Follower:
         self.netuid = netuid
         self.settings = settings
         """Our protocol settings: a LATEST.json signed with others raises ProtocolMismatch."""
+        self.own: str | None = None
+        """Our own hotkey (a validator's): its own LATEST.json is not checked against our settings."""
         self.shapes = dict(shapes)
         self.max_checkpoint = int(param_bytes * 1.05) + (1 << 20)
         self.fmt = fmt if fmt is not None else (master_format(settings) if settings is not None else None)
@@ -427,7 +429,8 @@ class Follower:
             raise MasterError(f"LATEST.json is not signed by the top validator {signer[:10]}…")
         if doc.get("netuid") != self.netuid or not isinstance(doc.get("window"), int):
             raise MasterError("LATEST.json is for another subnet or malformed")
-        self.check_protocol(doc)
+        if signer != self.own:  # our own earlier LATEST is not a publisher we follow
+            self.check_protocol(doc)
         return doc
 
     def check_protocol(self, latest: Mapping) -> None:

@@ -122,6 +122,7 @@ class Node:
         param_bytes = sum(v.numel() * v.element_size() for v in self.params.values())
         self.protocol = protocol_settings(settings)
         self.follower = Follower(self.netuid, self.shapes, param_bytes, self.protocol)
+        self.follower.own = self.hotkey  # a validator reads its own LATEST.json too
         self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
         """θ as published, kept apart from the model's own parameters (which train or hold θ_eval)."""
         self.uid = self._check_registered()

@@ -32,11 +32,11 @@ import torch
 
 from .. import protocol
 from ..chain.local import LocalChain
-from ..config import Settings, replace
+from ..config import Settings, protocol_settings, replace
 from ..data import Dataset
 from ..delta import Sparse, similarity
 from ..evaluator import Evaluator
-from ..master import Publisher, apply_update
+from ..master import MasterCodec, Publisher, apply_update
 from ..miner import Miner
 from ..model import build_model, model_hash, state_tensors
 from ..storage import open_store
@@ -204,18 +204,27 @@ def _publish_masters(settings: Settings, tmp: Path, chain: LocalChain, windows: 
     kp = keypair(100_000)
     _join(chain, kp, "bench-validator", stake=1000.0)
     publisher = Publisher(
-        open_store("bench-validator", settings.storage, root=tmp), kp, settings.chain.netuid
-    )
+        open_store("bench-validator", settings.storage, root=tmp), kp, settings.chain.netuid,
+        protocol_settings(settings),
+    )  # fmt: skip
     master = clone(state_tensors(build_model(settings.model, seed=settings.model.seed)))
+    shapes = {k: tuple(v.shape) for k, v in master.items()}
+    recode = MasterCodec.for_settings(settings, shapes)  # what the publisher sends (master_codec)
     digest = model_hash(master)
     publisher.checkpoint(0, master, digest)
     g = torch.Generator().manual_seed(0)
     density = 4 / settings.mechanism.compression  # four miners' top-k, merged
     for w in range(windows):
         update = _sparse_update(master, density, g)
+        if recode is not None:
+            recode.start(digest)
+            update = recode.encode(update, w)
         apply_update(master, update)
         new = model_hash(master)
-        publisher.update(w, update, digest, new)
+        if recode is not None:
+            publisher.update(w, update, digest, new, wire=recode.commit(update, new), fmt=recode.fmt)
+        else:
+            publisher.update(w, update, digest, new)
         digest = new
     publisher.latest(windows, digest, [0])
 
@@ -309,8 +318,8 @@ class TimedValidator(Validator):
         self.evaluator = TimedEvaluator(settings, self.model, self.dataset)
         self.evaluator.times = {}
 
-    def fetch(self, window, mg, uids):
-        return self.evaluator._timed("fetch", super().fetch, window, mg, uids)
+    def fetch(self, window, mg, uids, block_hash=""):
+        return self.evaluator._timed("fetch", super().fetch, window, mg, uids, block_hash)
 
 
 def _build_network(
