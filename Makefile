@@ -24,29 +24,29 @@ demo: $(STAMP)
 		--dir runs/demo
 	$(VENV)/bin/bistro report runs/demo
 
-# tests/test_report.py opens the report in headless Chromium (Debian's package).
+# tests/unit/test_report.py opens the report in headless Chromium (Debian's package).
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } || \
-		echo "tests/test_report.py needs chromium: sudo apt-get install chromium"
+		echo "tests/unit/test_report.py needs chromium: sudo apt-get install chromium"
 
-# tests/test_prometheus.py scrapes a localnet with a real Prometheus (Debian's package: prometheus, promtool).
+# tests/integration/test_prometheus.py scrapes a localnet with a real Prometheus (Debian's package: prometheus, promtool).
 prometheus:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && \
 		command -v apt-get >/dev/null && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } || \
-		echo "tests/test_prometheus.py needs prometheus: sudo apt-get install prometheus"
+		echo "tests/integration/test_prometheus.py needs prometheus: sudo apt-get install prometheus"
 
-# tests/test_supervision.py keeps a node alive with the real pm2 (npm), installed under ~/.cache
+# tests/integration/test_supervision.py keeps a node alive with the real pm2 (npm), installed under ~/.cache
 # (BISTRO_PM2), never into this repository.
 PM2_DIR ?= $(or $(BISTRO_PM2),$(HOME)/.cache/bistro/pm2)
 pm2:
 	@test -x $(PM2_DIR)/node_modules/.bin/pm2 || { command -v npm >/dev/null && \
 		npm install --silent --no-fund --no-audit --prefix $(PM2_DIR) pm2; } || \
-		echo "tests/test_supervision.py needs pm2: install nodejs and npm, then make pm2"
+		echo "tests/integration/test_supervision.py needs pm2: install nodejs and npm, then make pm2"
 
 # The installed bittensor SDK's source release: its test harness (FakeSubstrate, FakeNode, the
-# recorded runtime's metadata and value shapes) drives tests/test_chain_subtensor.py. A dependency,
+# recorded runtime's metadata and value shapes) drives tests/unit/test_chain_subtensor.py. A dependency,
 # unpacked under ~/.cache (BISTRO_SDK_SRC), never copied into this repository.
 SDK_SRC ?= $(or $(BISTRO_SDK_SRC),$(HOME)/.cache/bistro/sdk-src)
 sdk-src: $(STAMP)

@@ -16,7 +16,7 @@ Validator: θ_eval in the model (4), θ_w (4), and per uid its downloaded blob a
 every uid's), plus the merge's sums (dense fp32 per parameter while a pass runs) and the update.
 
 Activations were fitted on CPU fp32 to `measure_peak` of a training step over model shapes
-(`tests/test_plan.py` checks whole-plan peaks of `tiny` and `small` against measurement).
+(`tests/unit/test_plan.py` checks whole-plan peaks of `tiny` and `small` against measurement).
 """
 
 from __future__ import annotations

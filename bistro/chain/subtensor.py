@@ -3,7 +3,7 @@
 NOT RUN AGAINST A LIVE CHAIN: this machine has no network. The adapter is tested over a real
 `bittensor.SyncClient` whose only fake is the SDK's chain-access seam (the `FakeSubstrate` from the
 SDK's own source release), fed with runtime-API records encoded and decoded by the real runtime
-codec (tests/test_chain_subtensor.py). Check it on testnet (`--subtensor.network test --netuid
+codec (tests/unit/test_chain_subtensor.py). Check it on testnet (`--subtensor.network test --netuid
 212`, and `bistro doctor`) before relying on it.
 
 SDK calls used (all on one blocking `bittensor.SyncClient`, each bounded by `call_timeout`):

@@ -36,7 +36,7 @@ from bistro.storage.peer import PeerStore
 from bistro.storage.s3 import S3Store
 from bistro.verdicts import V, fetch_verdict
 
-from .support.hostile_server import BEHAVIOURS, HostileServer, tls_contexts
+from ..support.hostile_server import BEHAVIOURS, HostileServer, tls_contexts
 
 ALICE = bittensor_core.Keypair.create_from_uri("//Alice")
 BLOB = pack_signed({"w": torch.arange(512, dtype=torch.float32)}, {"kind": "delta"}, ALICE)

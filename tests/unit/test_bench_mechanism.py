@@ -2,7 +2,7 @@
 
 Behaviour, not timings: the run completes on the tiny preset, every headline key is there, and the
 real miner and validator windows did their work. The learning arms are `bistro bench learning`
-(tests/test_bench_learning.py).
+(tests/unit/test_bench_learning.py).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from bistro.config import LOCAL_MECHANISM, build_settings, protocol_settings, re
 from bistro.master import Follower, ProtocolMismatch, Publisher
 from bistro.storage import LocalStore
 
-from .support.reliability_kit import World, make_world
+from ..support.reliability_kit import World, make_world
 
 
 def test_protocol_settings_cover_what_nodes_must_agree_on_and_leave_local_choices_out() -> None:

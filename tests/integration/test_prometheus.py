@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "bistro.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"

@@ -62,7 +62,7 @@ def test_a_validator_that_becomes_top_continues_the_previous_publishers_master(
     from bistro.delta.signed import unpack_signed
     from bistro.validator import Validator
 
-    from .support.reliability_kit import LAST, honest_blob, make_miner, make_world
+    from ..support.reliability_kit import LAST, honest_blob, make_miner, make_world
 
     world = make_world(tmp_path, ["a"])
     world.put("a", LAST, honest_blob(make_miner(world, "a"), world, LAST))

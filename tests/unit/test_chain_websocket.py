@@ -36,7 +36,7 @@ from tests.support import bittensor_sdk
 from .test_chain_subtensor import HOTKEYS, NETUID, metagraph_record, neurons_lite
 
 HEAD, FINAL = 500, 497
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def block_hash(n: int) -> str:

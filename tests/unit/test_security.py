@@ -14,9 +14,9 @@ from bistro import protocol
 from bistro.delta.signed import unpack_signed
 from bistro.storage.base import StorageError
 
-from .support.reliability_kit import FIRST, LAST, honest_blob, make_miner, make_world, publish_master
+from ..support.reliability_kit import FIRST, LAST, honest_blob, make_miner, make_world, publish_master
 
-ROOT = Path(__file__).resolve().parents[1] / "bistro"
+ROOT = Path(__file__).resolve().parents[2] / "bistro"
 SENTINEL = "SENTINEL-secret-9f3c1e7a"
 
 # --- static guard ---------------------------------------------------------------------------------

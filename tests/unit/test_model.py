@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bistro.config import build_settings, param_count
 from bistro.model import build_model, evaluate, model_hash, sequence_losses, state_tensors
 
-GOLDEN = json.loads((Path(__file__).parent / "assets" / "tiny_init_hash.json").read_text())
+GOLDEN = json.loads((Path(__file__).parent.parent / "assets" / "tiny_init_hash.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_tiny_learns_along_its_golden_curve() -> None:
     """A few windows of the whole mechanism on `tiny` (tests/support/golden.py) repeat the committed
     held-out losses: a change that moves them is a protocol change, and regenerates the file on
     purpose in the same commit (`python -m tests.support.golden --write`)."""
-    from .support import golden
+    from ..support import golden
 
     want = json.loads(golden.PATH.read_text())
     got = golden.curve()

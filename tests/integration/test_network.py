@@ -14,7 +14,7 @@ import pytest
 from bistro.localnet.network import Observer
 from bistro.model import sequence_losses
 
-from .support.netutil import make_net, records, start, stop_all, wait_for
+from ..support.netutil import make_net, records, start, stop_all, wait_for
 
 pytestmark = pytest.mark.slow
 

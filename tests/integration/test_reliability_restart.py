@@ -22,9 +22,9 @@ import torch
 from bistro.config import replace
 from bistro.statefile import read_tensors
 
-from .support.reliability_kit import FIRST, LAST, World, base_settings, make_world
+from ..support.reliability_kit import FIRST, LAST, World, base_settings, make_world
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -175,7 +175,7 @@ def node_command(world: World, name: str, role: str) -> list[str]:
 def test_sigint_and_sigterm_stop_a_miner_and_a_validator_cleanly(tmp_path: Path) -> None:
     """The top validator (it publishes the initial master) and one miner run as real processes;
     once a window is scored, SIGTERM the miner and SIGINT the validator: both save and exit 0."""
-    from .test_security import SENTINEL, wallet_secrets
+    from ..unit.test_security import SENTINEL, wallet_secrets
 
     world = make_world(tmp_path, ["a"], publish=False, **{"chain.block_time": 0.2})
     env = {**ENV, "AWS_SECRET_ACCESS_KEY": SENTINEL, "AWS_ACCESS_KEY_ID": "AKIASENTINEL"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .support.netutil import make_net, records, start, stop_all, tail, wait_for
+from ..support.netutil import make_net, records, start, stop_all, tail, wait_for
 
 pytestmark = pytest.mark.slow
 

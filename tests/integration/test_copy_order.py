@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load as load_safetensors
 
-from .support.reliability_kit import FIRST, make_miner, make_world
+from ..support.reliability_kit import FIRST, make_miner, make_world
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["held", "streamed"])

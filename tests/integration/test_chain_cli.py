@@ -15,7 +15,7 @@ from bistro.chain.local import LocalChain
 from bistro.chain.retry import RetryingChain
 from bistro.config import ChainConfig, build_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def bistro(*argv: str) -> subprocess.CompletedProcess:

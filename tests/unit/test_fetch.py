@@ -266,7 +266,7 @@ def test_budget_spent_before_a_turn_is_unfetched(servers: list[PacedServer]) -> 
 
 @pytest.mark.parametrize("behaviour", sorted(EXPECTED))
 def test_every_hostile_behaviour_keeps_its_verdict(hostile: HostileServer, behaviour: str) -> None:
-    """The hostile servers of tests/test_peer_reads.py, read by the window's fetch beside an honest
+    """The hostile servers of tests/unit/test_peer_reads.py, read by the window's fetch beside an honest
     peer: each gets the verdict it gets there (trickle, hang and slow first byte: `timeout`), by
     the stall time or the budget, never `unfetched`."""
     name = behaviour.replace("_", "-")

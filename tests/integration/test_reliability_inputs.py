@@ -26,7 +26,7 @@ from bistro import protocol
 from bistro.delta.codec import CODECS, codec_context
 from bistro.delta.wire import encode_delta
 
-from .support.reliability_kit import FIRST, World, make_world
+from ..support.reliability_kit import FIRST, World, make_world
 
 W = FIRST
 MALLORY = bittensor_core.Keypair.create_from_mnemonic(

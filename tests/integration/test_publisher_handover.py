@@ -20,7 +20,7 @@ from bistro.delta.signed import unpack_signed
 from bistro.localnet.network import Observer, publisher_of, records
 from bistro.storage import open_store
 
-from .support.netutil import make_net, start, stop_all, wait_for
+from ..support.netutil import make_net, start, stop_all, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import pytest
 from bistro import sample
 from bistro.verdicts import PEER_FAULTS
 
-from .support.reliability_kit import FIRST, World, make_world, publish_master
+from ..support.reliability_kit import FIRST, World, make_world, publish_master
 
 MINERS = [f"m{i}" for i in range(6)]
 BUDGET = 1.0

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
 ECOSYSTEM = ROOT / "deploy" / "pm2" / "ecosystem.config.js"
 PM2 = (

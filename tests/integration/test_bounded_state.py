@@ -14,7 +14,7 @@ import pytest
 
 from bistro.config import replace
 
-from .support.reliability_kit import FIRST, LAST, World, make_world
+from ..support.reliability_kit import FIRST, LAST, World, make_world
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 from bistro.cli import build_parser, settings_from_args
 from bistro.config import PRESETS, ConfigError, build_settings, param_count, replace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SEED_MINER = (
     "--wallet.name A --wallet.hotkey B --subtensor.network test --netuid 212 --bucket X --device cpu"

@@ -19,9 +19,9 @@ from bistro.config import replace
 from bistro.metrics import Metrics, flatten
 from bistro.verdicts import V
 
-from .support.reliability_kit import FIRST, World, make_world
+from ..support.reliability_kit import FIRST, World, make_world
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 VALIDATOR = """

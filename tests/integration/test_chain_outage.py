@@ -16,7 +16,7 @@ import pytest
 from bistro.chain.base import Chain, ChainError
 from bistro.node import chain_backoff, pause
 
-from .support.reliability_kit import World, make_miner, make_world
+from ..support.reliability_kit import World, make_miner, make_world
 
 
 class OutageChain(Chain):

@@ -19,7 +19,7 @@ from bistro.chain.retry import RetryingChain
 from bistro.storage.base import Store
 from tests.support.faulty import FaultyStore
 
-from .support.reliability_kit import FIRST, LAST, World, make_miner, make_world
+from ..support.reliability_kit import FIRST, LAST, World, make_miner, make_world
 
 WINDOWS = range(FIRST, LAST + 1)
 

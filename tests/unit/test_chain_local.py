@@ -19,7 +19,7 @@ from bistro.chain.local import LocalChain
 from bistro.config import ChainConfig, WalletConfig
 from bistro.wallet import open_wallet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(**kw) -> ChainConfig:
