@@ -22,14 +22,12 @@ from .delta import (
     MERGES,
     SKETCH_WIDTH,
     Delta,
-    MeanMerge,
+    Merge,
     add_,
     apply_,
-    clip_to_median_norm,
     delta_norm,
     low_rank_part,
     low_rank_similarity,
-    merge_mean,
     restore_,
     scaled,
     similarity,
@@ -321,6 +319,14 @@ class Evaluator:
             evidence[uid] = help_own - help_other
         return evidence
 
+    def merge_rule(
+        self, deltas: Sequence[Delta], weights: Sequence[float], verdicts: Sequence[Verdict]
+    ) -> Merge:
+        """The protocol's merge rule (`mechanism.merge`) over `deltas`, with the norms `decode_delta`
+        measured (no pass over the deltas for them)."""
+        rule = MERGES[self.settings.mechanism.merge]
+        return rule(deltas, weights, self.shapes, norms=[v.measured_norm() for v in verdicts])
+
     def score(
         self,
         window: int,
@@ -349,13 +355,6 @@ class Evaluator:
     ) -> tuple[float, torch.Tensor]:
         valid = [uid for uid, v in sorted(verdicts.items()) if v.verdict == "ok"]
         weights = scoring.merge_weights(incentive, valid)
-        mean = self.settings.mechanism.merge == "mean"
-        if not mean:
-            # A delta far larger than its peers' (a poisoner's, amplified) would swamp θ_eval and with
-            # it the pooled help every uid's own-page test divides by: it counts at most the median
-            # norm. (The mean merge clips each delta's values to the median norm itself.)
-            norms = {uid: verdicts[uid].measured_norm() for uid in valid}
-            weights = clip_to_median_norm(weights, norms)
         global_seqs = self.global_sequences(window, block_hash)
         self.set_params(master)
         base_global = self.loss(global_seqs)
@@ -369,18 +368,12 @@ class Evaluator:
         for uid in valid:
             verdicts[uid].merge_weight = weights[uid]
         deltas = Deltas([verdicts[uid] for uid in valid])
-        if mean:  # θ_eval = θ + the per-index mean merge (what the master applies)
-            mm = MeanMerge(
-                deltas, [weights[uid] for uid in valid], self.shapes,
-                norms=[verdicts[uid].measured_norm() for uid in valid],
-            )  # fmt: skip
-            with torch.no_grad():
-                add_(self.params, mm.update, 1.0)
-        else:  # θ_eval = θ + Σ m_i Δ_i
-            with torch.no_grad():
-                for uid, delta in zip(valid, deltas, strict=True):
-                    add_(self.params, delta, weights[uid])
-                del delta
+        # Step 4: θ_eval = θ + the protocol's merge (what the master applies); the rule clips an
+        # amplified delta (a poisoner's) to the median norm, so it cannot swamp θ_eval and with it
+        # the pooled help every uid's own-page test divides by.
+        rule = self.merge_rule(deltas, [weights[uid] for uid in valid], [verdicts[uid] for uid in valid])
+        with torch.no_grad():
+            add_(self.params, rule.update, 1.0)
         # Every "with" loss shares θ_eval: one batched pass over all uids' pages and the global ones.
         losses = self.losses(torch.cat([pages[uid] for uid in valid] + [global_seqs]))
         with_global = float(losses[-len(global_seqs) :].mean())
@@ -394,14 +387,10 @@ class Evaluator:
             v.base_other = float(base[offset + n : offset + k].mean())
             offset += k
             delta = deltas[j]  # streamed: decoded again, the only one held now
-            with torch.no_grad():  # θ_eval without uid i: without its term (MeanMerge.term says why)
-                if mean:
-                    # Per unit of what uid i puts into θ_eval (its share of the means it is part
-                    # of), as the weighted sum divides by m_i: a delta nobody overlaps counts whole.
-                    share = mm.share(j, delta)
-                    saved = apply_(self.params, mm.term(j, delta), -1.0)
-                else:
-                    share, saved = v.merge_weight, apply_(self.params, delta, -v.merge_weight)
+            with torch.no_grad():  # step 5: θ_eval without uid i is θ_eval less its own term
+                # scored per unit of what uid i puts into θ_eval (`Merge.share`)
+                share = rule.share(j, delta)
+                saved = apply_(self.params, rule.term(j, delta), -1.0)
             del delta
             # The global pages are not part of the score (they paid copies in full): not measured.
             without = self.losses(pages[uid])
@@ -457,11 +446,7 @@ class Evaluator:
         self.refused: Delta | None = None  # the update refused last (the benchmarks measure refusals)
         if not helpful:
             return None, info
-        deltas, weights = Deltas(helpful), [v.merge_weight for v in helpful]
-        if self.settings.mechanism.merge == "mean":  # the norms `decode_delta` measured: no pass for them
-            full = merge_mean(deltas, weights, self.shapes, norms=[v.measured_norm() for v in helpful])
-        else:
-            full = MERGES[self.settings.mechanism.merge](deltas, weights, self.shapes)
+        full = self.merge_rule(Deltas(helpful), [v.merge_weight for v in helpful], helpful).update
         for step in STEPS:
             update = full if step == 1.0 else scaled(full, step)
             if recompress is not None:

@@ -14,7 +14,7 @@ from .codec import (
     Sparse,
     compress,
 )
-from .merge import MERGES, MeanMerge, clip_factors, clip_to_median_norm, merge, merge_mean
+from .merge import MERGES, MeanMerge, Merge, SumMerge, clip_factors, clip_to_median_norm, merge, merge_mean
 from .signed import Reason, SignedObjectError, pack_signed, unpack_signed
 from .similarity import SKETCH_WIDTH, low_rank_part, low_rank_similarity, similarity, sketch
 from .wire import DecodedDelta, DeltaRejected, Expectation, decode_delta, encode_delta
@@ -22,6 +22,8 @@ from .wire import DecodedDelta, DeltaRejected, Expectation, decode_delta, encode
 __all__ = [
     "MERGES",
     "MeanMerge",
+    "Merge",
+    "SumMerge",
     "clip_factors",
     "clip_to_median_norm",
     "merge_mean",

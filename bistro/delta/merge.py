@@ -1,23 +1,26 @@
 """Combine many decoded deltas into one update: the merge rules (design.md, mechanism step 4) and
 the median-norm clip they share.
 
-    sum    Σ w_i Δ_i (`merge`)
-    mean   per index, the weighted mean of the deltas that hold it, each first clipped to the median
-           norm (`merge_mean`, `MeanMerge`: the default)
+Every rule is a `Merge`: built from a window's deltas, their merge weights and (optionally) their
+norms, it holds the `update` and answers what the validator's leave-one-out needs of it, each
+delta's `share` (per unit of which it is scored) and its own `term` (what taking it out of θ_eval
+removes; the terms add up to the update). Clipping to the median norm happens inside.
 
-`MeanMerge` also answers what the validator's leave-one-out needs of the mean: uid i's share of it
-(`share`) and its own term (`term`), whose removal is "θ_eval without uid i".
+    sum    Σ w_i c_i Δ_i (`SumMerge`, over `merge`)
+    mean   per index, the weighted mean of the deltas that hold it, each first clipped to the median
+           norm (`MeanMerge`, over `merge_mean`: the default)
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
-from .apply import add_, delta_norm
+from .apply import add_, delta_norm, scaled
 from .codec import Delta, Mixed, Part, Shapes, Sparse, numel
 
 
@@ -211,7 +214,49 @@ class TwoMeans(NamedTuple):
         return mass, taken
 
 
-class MeanMerge:
+class Merge(ABC):
+    """A merge rule over one window's deltas (`deltas[i]` with merge weight `weights[i]`)."""
+
+    name: ClassVar[str]
+    update: Delta
+    """The merged update: θ_eval = θ + update."""
+
+    @abstractmethod
+    def share(self, i: int, delta: Delta | None = None) -> float:
+        """How much of delta i the update holds: its score is per unit of this. `delta`: delta i as
+        the caller holds it (a streaming caller has it decoded in hand)."""
+
+    @abstractmethod
+    def term(self, i: int, delta: Delta | None = None) -> Delta:
+        """Delta i's own part of the update: θ_eval less it is "θ_eval without uid i"."""
+
+
+class SumMerge(Merge):
+    """Σ w_i c_i Δ_i, c_i = `clip_factors` of the norms: one amplified delta counts at most the
+    median norm. A delta's term is its own weighted values; its share, its clipped weight."""
+
+    name = "sum"
+
+    def __init__(
+        self,
+        deltas: Sequence[Delta],
+        weights: Sequence[float],
+        shapes: Shapes,
+        norms: Sequence[float] | None = None,
+    ) -> None:
+        self.deltas, self.shapes = deltas, shapes
+        clip = clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+        self.weights = [float(w) * c for w, c in zip(weights, clip, strict=True)]
+        self.update: Delta = merge(deltas, self.weights, shapes)
+
+    def share(self, i: int, delta: Delta | None = None) -> float:
+        return self.weights[i]
+
+    def term(self, i: int, delta: Delta | None = None) -> Delta:
+        return scaled(self.deltas[i] if delta is None else delta, self.weights[i])
+
+
+class MeanMerge(Merge):
     """`merge_mean` of a window's deltas, and each one's exact leave-one-out.
 
     "Without uid i" for a merge that is not a weighted sum: θ_eval minus i's own term, `term(i)`:
@@ -228,6 +273,8 @@ class MeanMerge:
     (and once for the norms unless `norms` are given), and `share` / `term` take delta i as the
     caller has it in hand, so scoring every uid reads each delta once more, one at a time.
     """
+
+    name = "mean"
 
     def __init__(
         self,
@@ -319,5 +366,5 @@ class MeanMerge:
         return out
 
 
-MERGES = {"sum": merge, "mean": merge_mean}
+MERGES: dict[str, type[SumMerge] | type[MeanMerge]] = {r.name: r for r in (SumMerge, MeanMerge)}
 """Merge rules by the name `mechanism.merge` gives (part of the protocol: every node must agree)."""
