@@ -340,3 +340,25 @@ def verify_update(
     shadow.codec.commit(mine, str(doc.get("result_hash")))
     check.notes.append("wire re-encoded and matched")
     return check
+
+
+def follower_verifier(
+    get_delta: Callable[[int, int, str], tuple[Delta, float, str] | None], shapes, shadow: Shadow | None
+) -> Callable[..., None]:
+    """`Follower.verify` for `follow.verify`: `get_delta(window, uid, base_hash)` fetches and checks
+    one merged uid's delta from its miner's bucket (bounded by `max_delta_bytes`; None when it
+    cannot), giving (delta, norm, blob sha256). Tampered raises PublisherTampered; unverifiable
+    (a delta we could not fetch, no residual copy yet) lets the update through, as a cheap-checked one."""
+
+    def verify(signer: str, window: int, doc: Mapping[str, Any], tensors, update: Delta | None) -> None:
+        m = doc.get("manifest") or {}
+        deltas = {}
+        for uid in m.get("uids", []):
+            got = get_delta(window, int(uid), str(doc.get("base_hash")))
+            if got is not None:
+                deltas[int(uid)] = got
+        check = verify_update(Check(window, signer), doc, tensors, deltas, shapes, shadow)
+        if check.status == "tampered":
+            raise PublisherTampered(window, signer, check.reason)
+
+    return verify
