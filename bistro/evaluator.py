@@ -34,6 +34,7 @@ from .delta import (
     sketch,
 )
 from .delta.wire import DecodedDelta, DeltaRejected, Expectation, redecode
+from .manifest import delta_sha256
 from .master import apply_update
 from .model import Params, sequence_losses, state_tensors
 from .protocol import seed
@@ -442,11 +443,17 @@ class Evaluator:
         info: dict = {
             "global_loss_before": base_global, "global_loss_after": base_global, "accepted": False,
             "merged_uids": [v.uid for v in helpful],
+            # the manifest's inputs (bistro/manifest.py): every node recomputes U from them
+            "merged_weights": [v.merge_weight for v in helpful],
+            "merged_norms": [v.measured_norm() for v in helpful],
+            "valid_uids": [u for u, v in sorted(verdicts.items()) if v.verdict == "ok"],
+            "update_sha256": "",
         }  # fmt: skip
         self.refused: Delta | None = None  # the update refused last (the benchmarks measure refusals)
         if not helpful:
             return None, info
         full = self.merge_rule(Deltas(helpful), [v.merge_weight for v in helpful], helpful).update
+        info["update_sha256"] = delta_sha256(full)
         for step in STEPS:
             update = full if step == 1.0 else scaled(full, step)
             if recompress is not None:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from .config import ProtocolSettings, Settings
 from .delta import Delta, Sparse, add_
 from .delta.codec import CODECS, BadTensors, Codec, CodecContext, Mixed, Shapes
 from .delta.signed import SignedObjectError, check_signed, pack_signed, tensor_views
+from .manifest import cheap_check
 from .model import Params, model_hash
 from .statefile import write_tensors
 from .storage.base import NotFound, Store
@@ -281,6 +282,12 @@ class MasterCodec:
     def discard(self) -> None:
         self._pending = None
 
+    def pending_wire(self) -> dict[str, torch.Tensor]:
+        """The wire tensors of the pending proposal (what `commit` would publish)."""
+        if self._pending is None:
+            raise RuntimeError("no pending master update")
+        return self._pending[0]
+
     def save(self, path: Path) -> None:
         """The residual and the master it belongs to, atomically (safetensors)."""
         tensors = {self.PREFIX + n: t for n, t in self.residual.items()}
@@ -414,6 +421,14 @@ class Follower:
         )
         """Largest update object read: the codec's wire plus header slack (`master_codec same`), else
         the raw union's bound (2 checkpoints)."""
+        self.require_manifest = False
+        """Refuse an accepted update without a manifest (a node: True; test tooling publishes bare)."""
+        self.sample_of: Callable[[int], set[int] | None] = lambda window: None
+        """The window's drawn sample (from the chain's seed hashes), for the manifest's cheap check."""
+        self.verify: Callable[[str, int, Mapping, Mapping[str, torch.Tensor], Delta | None], None] | None = (
+            None
+        )
+        """`follow.verify`: recompute each update from the miners' deltas (raises PublisherTampered)."""
 
     def latest(self, store: Store, signer: str) -> dict | None:
         """The publisher's LATEST.json, if there is one signed by `signer`."""
@@ -526,6 +541,25 @@ class Follower:
                 raise MasterError(f"update-{window} has non-finite values")
         return update
 
+    def check(
+        self,
+        signer: str,
+        window: int,
+        doc: Mapping,
+        tensors: Mapping[str, torch.Tensor],
+        update: Delta | None,
+    ) -> None:
+        """The manifest's cheap check (and `verify`, when set) before an update is applied: raises
+        PublisherTampered, which no retry path swallows."""
+        values = self.settings.as_dict() if self.settings is not None else {}
+        max_norm = float(values.get("mechanism.max_delta_norm", 100.0))
+        max_uids = int(values.get("mechanism.max_uids_per_window", 256))
+        cheap_check(
+            doc, window, signer, self.sample_of(window), update, max_norm, max_uids, self.require_manifest
+        )
+        if self.verify is not None and doc.get("manifest") is not None:
+            self.verify(signer, window, doc, tensors, update)
+
     def _replay(
         self, store: Store, signer: str, params: Params, start: int, digest: str, target: int, latest: dict
     ) -> Position:
@@ -537,8 +571,10 @@ class Follower:
             )
             if doc.get("base_hash") != digest:
                 raise MasterError(f"update-{window} does not start from the master we hold")
-            if doc.get("accepted"):
-                apply_update(params, self.decode(doc, dict(tensors), window))
+            update = self.decode(doc, dict(tensors), window) if doc.get("accepted") else None
+            self.check(signer, window, doc, tensors, update)
+            if update is not None:
+                apply_update(params, update)
             digest = str(doc.get("result_hash"))
         if model_hash(params) != digest:
             raise MasterError(f"θ_{target} hash mismatch after catching up")

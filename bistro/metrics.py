@@ -118,6 +118,13 @@ class Metrics:
         self.c_canary = Counter(
             "canary_failures", "Validator: windows skipped, own bucket failed", namespace=ns, registry=r
         )
+        self.c_mismatch = Counter(
+            "master_mismatch", "Validator: publisher updates found tampered", namespace=ns, registry=r
+        )
+        self.c_checks = Counter(
+            "publisher_checks", "Validator: publisher updates checked, by outcome", ["status"],
+            namespace=ns, registry=r,
+        )  # fmt: skip
         # "since the start" until the first window: an alert on their age waits for the node
         self.g_window_time.set_to_current_time()
         self.g_weights_time.set_to_current_time()
@@ -161,6 +168,12 @@ class Metrics:
     def canary_failed(self) -> None:
         """Our own bucket failed the canary: the window is skipped for every uid."""
         self.c_canary.inc()
+
+    def publisher_check(self, status: str) -> None:
+        """One publisher update checked: ok, unverifiable or tampered (`bistro_master_mismatch_total`)."""
+        self.c_checks.labels(status).inc()
+        if status == "tampered":
+            self.c_mismatch.inc()
 
     def _master(self, window: int | None, digest: str | None) -> None:
         if window is not None:

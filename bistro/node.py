@@ -15,11 +15,12 @@ from collections.abc import Callable
 
 import torch
 
-from . import protocol
+from . import protocol, sample
 from .chain import open_chain
 from .chain.base import Chain, ChainError, Metagraph
 from .config import Settings, protocol_settings
 from .data import Dataset
+from .manifest import PublisherTampered
 from .master import Follower, MasterError, Position, ProtocolMismatch
 from .metrics import Metrics
 from .model import build_model, state_tensors
@@ -123,6 +124,8 @@ class Node:
         self.protocol = protocol_settings(settings)
         self.follower = Follower(self.netuid, self.shapes, param_bytes, self.protocol)
         self.follower.own = self.hotkey  # a validator reads its own LATEST.json too
+        self.follower.require_manifest = True  # every accepted update names what it merged
+        self.follower.sample_of = self._recent_sample
         self.master: dict[str, torch.Tensor] = {k: v.detach().clone() for k, v in self.params.items()}
         """θ as published, kept apart from the model's own parameters (which train or hold θ_eval)."""
         self.uid = self._check_registered()
@@ -327,6 +330,25 @@ class Node:
         store = self.bucket_of(signer, mg)
         return None if store is None else (store, signer)
 
+    def _recent_sample(self, window: int) -> set[int] | None:
+        """The drawn sample of a recent `window` (bistro/sample.py, from the chain's seed hashes),
+        for the manifest's cheap check; None (not checked) for an old window, whose registered uids
+        may have changed since, or when the chain cannot say."""
+        if window < self.window() - 2:
+            return None
+        try:
+            uids = [int(u) for u in self.chain.metagraph().uids]
+            limit = self.settings.mechanism.max_uids_per_window
+            if len(uids) <= limit:
+                return set(uids)
+            grace = self.settings.mechanism.upload_grace_blocks
+            hashes = sample.sample_hashes(
+                window, lambda w: self.chain.block_hash(protocol.seed_block(w, self.bpw, grace))
+            )
+            return set(sample.scored_sample(self.netuid, window, hashes, uids, limit))
+        except ChainError:
+            return None
+
     def sync_master(
         self, params: dict[str, torch.Tensor], have: Position | None, target: int | None, mg: Metagraph
     ) -> Position | None:
@@ -344,6 +366,9 @@ class Node:
             return None
         except ProtocolMismatch:
             raise
+        except PublisherTampered as e:  # not a wait: this publisher's master is not followed
+            log.error("NOT FOLLOWING %s…: %s (until another validator publishes)", signer[:10], e.reason)
+            return None
         except (StorageError, TooLarge, TimeoutError) as e:  # the publisher's bucket failed us: later
             log.warning("master θ_%s not available: %s", target, e)
             return None

@@ -55,7 +55,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import protocol, sample, scoring
+import torch
+
+from . import manifest, protocol, sample, scoring
 from .chain.base import ChainError, Metagraph
 from .config import Settings
 from .delta.wire import DeltaRejected, decode_delta, expectation
@@ -79,6 +81,15 @@ from .verdicts import NOT_JUDGED, PEER_FAULTS, V, fetch_verdict
 from .windowlog import WindowLog
 
 log = logging.getLogger("bistro.validator")
+
+
+NOT_HELD = frozenset({V.missing, V.timeout, V.peer_error, V.skip, V.unfetched})
+"""Verdicts that say we hold no delta, not that the delta is bad: a merged uid with one of these
+makes the window unverifiable for us, never tampered."""
+
+SCORE_TOLERANCE = 0.05
+"""A merged uid whose score here is below -SCORE_TOLERANCE hurt its own pages here: merging it is
+`tampered`. Scores nearer zero can change sign with the hardware's rounding."""
 
 FETCH_SHARE = 0.25
 """The largest share of a window the fetch deadline may take (the rest is for scoring)."""
@@ -112,6 +123,9 @@ class State:
     """Judged windows in a row that were each uid's fault (`scoring.drop_inactive`)."""
     checkpoints: list[int] = field(default_factory=list)
     """Windows of the master checkpoints we publish and keep (publisher only)."""
+    distrusted: dict[str, int] = field(default_factory=dict)
+    """Publishers caught with a tampered update -> its window w (θ_w is the last master of theirs
+    we verified): we never continue from their masters after it."""
 
     def to_json(self) -> dict:
         return {
@@ -122,6 +136,7 @@ class State:
             "checkpoints": self.checkpoints,
             "last_valid": {str(k): v for k, v in self.last_valid.items()},
             "fault_streaks": {str(k): v for k, v in self.fault_streaks.items()},
+            "distrusted": dict(self.distrusted),
         }
 
     @classmethod
@@ -135,6 +150,7 @@ class State:
             checkpoints=[int(c) for c in d.get("checkpoints", [])],
             last_valid={int(k): int(v) for k, v in d.get("last_valid", {}).items()},
             fault_streaks={int(k): int(v) for k, v in d.get("fault_streaks", {}).items()},
+            distrusted={str(k): int(v) for k, v in d.get("distrusted", {}).items()},
         )
 
 
@@ -155,6 +171,13 @@ class Validator(Node):
         """The publisher's re-compression of U_w and its residual (`mechanism.master_codec same`)."""
         if self.master_codec is not None:
             self.master_codec.load(self.state_dir / MASTER_RESIDUAL)
+        shadow_codec = MasterCodec.for_settings(settings, self.shapes)
+        self.shadow = manifest.Shadow(shadow_codec) if shadow_codec is not None else None
+        """Our copy of the current publisher's residual (reset when the publisher changes)."""
+        self.blob_hashes: dict[int, str] = {}
+        """sha256 of each delta object the last `fetch` verified (the manifest lists the publisher's)."""
+        self._pending_check: dict | None = None
+        """The window we scored whose update was not published yet: checked at the next window."""
         # signed like everything we publish (a public bucket holds nothing unsigned of ours)
         doc = {"kind": "canary", "netuid": self.netuid, "started": time.time()}
         self.canary = json.dumps(protocol.sign_document(self.keypair, doc)).encode()
@@ -257,7 +280,9 @@ class Validator(Node):
             try:
                 if self.follower.latest(store, signer) is None:
                     continue  # nothing ever published there
-                return signer, self.follower.sync(store, signer, self.master, self.state.position, window)
+                # a publisher caught tampering: from θ_w, the last master of theirs we verified
+                target = min(window, self.state.distrusted.get(signer, window))
+                return signer, self.follower.sync(store, signer, self.master, self.state.position, target)
             except (StorageError, TooLarge, TimeoutError) as e:
                 log.warning("θ_%d not available from %s…: %s", window, signer[:10], e)
                 self.state.position = None
@@ -308,8 +333,10 @@ class Validator(Node):
         pos = self.state.position
         codec = self.master_codec
         recompress = None
+        residual = manifest.EMPTY
         if codec is not None:  # U as followers get it: the codec's wire, with our residual
             codec.start(pos.hash)
+            residual = manifest.residual_sha256(codec.residual)
             recompress = lambda u: codec.encode(u, window)  # noqa: E731
         update, info = self.evaluator.propose_update(
             self.master, verdicts, base_global, global_seqs, paid, recompress
@@ -325,9 +352,11 @@ class Validator(Node):
             else:
                 codec.discard()
             codec.save(self.state_dir / MASTER_RESIDUAL)
+        signed = manifest.build(info, self.blob_hashes, self.settings.mechanism.merge, residual)
         self.publisher.update(
-            window, update, pos.hash, digest, wire, codec.fmt if codec else None, uids=info["merged_uids"]
-        )
+            window, update, pos.hash, digest, wire, codec.fmt if codec else None,
+            uids=info["merged_uids"], manifest=signed,
+        )  # fmt: skip
         if (window + 1) % self.settings.mechanism.checkpoint_every == 0:
             self.publisher.checkpoint(window + 1, self.master, digest)
             self.state.checkpoints = sorted({*self.state.checkpoints, window + 1})[-2:]
@@ -335,6 +364,147 @@ class Validator(Node):
         self._hold(Position(window + 1, digest))
         self.publisher.latest(window + 1, digest, self.state.checkpoints)
         return info
+
+    # --- checking the publisher ---------------------------------------------------------------------
+
+    def _check_pending(self, mg: Metagraph) -> manifest.Check | None:
+        """Check the update of the window we scored last (`_pending_check`) if its publisher has
+        published it; None while it has not (we try again at the next window, θ_w still held)."""
+        ctx = self._pending_check
+        if ctx is None:
+            return None
+        window = ctx["window"]
+        pos = self.state.position
+        if pos is None or pos.window != window or pos.hash != ctx["hash"]:
+            self._pending_check = None  # θ_w is gone (we moved on without it): nothing to check with
+            return None
+        publisher = self.publisher_of(window, mg)
+        store = self.bucket_of(publisher, mg) if publisher else None
+        if publisher is None or store is None or publisher == self.hotkey:
+            self._pending_check = None
+            return None
+        try:
+            doc, tensors = self.follower._get(
+                store, protocol.update_key(self.netuid, window), publisher, self.follower.max_update,
+                "update", window,
+            )  # fmt: skip
+        except MasterError as e:
+            if "missing" in str(e):
+                return None  # not published yet
+            check = manifest.Check(window, publisher).unverifiable(f"update unreadable: {e}")
+        except (StorageError, TooLarge, TimeoutError) as e:
+            return manifest.Check(window, publisher).unverifiable(f"publisher's bucket: {e}")
+        else:
+            try:
+                check = self.check_update(ctx, publisher, doc, dict(tensors))
+            except Exception as e:  # noqa: BLE001 -- a bug of ours on the publisher's bytes: loud, no verdict
+                log.exception("checking update-%d of %s… failed", window, publisher[:10])
+                check = manifest.Check(window, publisher).unverifiable(f"our check failed: {e}")
+        self._pending_check = None
+        self._report(check)
+        return check
+
+    def check_update(
+        self, ctx: dict, publisher: str, doc: dict, tensors: dict[str, torch.Tensor]
+    ) -> manifest.Check:
+        """Our verification of `publisher`'s update-{w} against the window w we scored (`ctx`):
+        the manifest's cheap check, its merged set and weights against our verdicts and the chain,
+        then U, the step decision (within manifest.LOSS_TOLERANCE) and the wire (`manifest.verify_update`)."""
+        window, verdicts = ctx["window"], ctx["verdicts"]
+        check = manifest.Check(window, publisher)
+        if doc.get("base_hash") != ctx["hash"]:
+            return check.unverifiable("the update starts from another θ_w than ours")
+        m = self.settings.mechanism
+        try:
+            sent = self.follower.decode(doc, tensors, window) if doc.get("accepted") else None
+            manifest.cheap_check(
+                doc, window, publisher, ctx["sample"], sent, m.max_delta_norm, m.max_uids_per_window
+            )
+        except manifest.PublisherTampered as e:
+            return check.tampered(e.reason)
+        except MasterError as e:
+            return check.tampered(str(e))
+        man = doc.get("manifest")
+        if man is None:
+            check.notes.append("a no-op without a manifest")
+            return check
+        uids = [int(u) for u in man["uids"]]
+        for uid in uids:
+            v = verdicts.get(uid)
+            if v is not None and v.verdict not in NOT_HELD and v.verdict != V.ok:
+                return check.tampered(f"merged uid {uid}, whose delta is {v.verdict} here")
+            if v is not None and v.verdict == V.ok and v.score < -SCORE_TOLERANCE:
+                return check.tampered(f"merged uid {uid}, whose delta hurt here (score {v.score:.4g})")
+        # the weights: normalize(max(I_i, 1/|V|)) over the publisher's V, from the chain's incentive
+        expected = scoring.merge_weights(ctx["incentive"], [int(u) for u in man.get("valid", [])])
+        for uid, w in zip(uids, man["weights"], strict=True):
+            if abs(expected.get(uid, 0.0) - float(w)) > 1e-9 * max(abs(float(w)), 1e-12):
+                return check.tampered(
+                    f"merge weight {w} of uid {uid}: the chain's incentive gives {expected.get(uid)}"
+                )
+        ours = self._expected_merge(verdicts, ctx["paid"], man)
+        if set(ours) != set(uids):  # who is paid follows each validator's history: disputed, not proof
+            check.unverifiable(
+                f"merged {sorted(set(uids) - set(ours))} that we do not pay, left out {sorted(set(ours) - set(uids))}"
+            )
+        held = {
+            u: (verdicts[u].delta, verdicts[u].measured_norm(), self.blob_hashes.get(u, ""))
+            for u in uids if u in verdicts and verdicts[u].verdict == V.ok
+        }  # fmt: skip
+        hashes = self._pending_blob_hashes(ctx)
+        held = {u: (d, n, hashes.get(u, sha)) for u, (d, n, sha) in held.items()}
+
+        def loss_of(update) -> float:
+            self.evaluator.set_params(self.master)
+            if update is not None:
+                apply_update(self.evaluator.params, update)
+            return self.evaluator.loss(ctx["global_seqs"])
+
+        return manifest.verify_update(
+            check, doc, tensors, held, self.shapes, self.shadow, sent, loss_of, ctx["base_global"]
+        )
+
+    def _pending_blob_hashes(self, ctx: dict) -> dict[int, str]:
+        return ctx.get("blob_hashes") or self.blob_hashes
+
+    def _expected_merge(self, verdicts: dict, paid: set[int], man: dict) -> list[int]:
+        """The merged set our own scores and weights give: paid, helpful (score above the tolerance),
+        capped at `merge_peers` by the manifest's weights (the chain's), as the publisher caps it."""
+        ours = [
+            u
+            for u, v in sorted(verdicts.items())
+            if v.verdict == V.ok and v.score > SCORE_TOLERANCE and u in paid
+        ]
+        near = {u for u, v in verdicts.items() if v.verdict == V.ok and abs(v.score) <= SCORE_TOLERANCE}
+        listed = [int(u) for u in man["uids"]]
+        ours = sorted(set(ours) | (near & set(listed)))  # a score within the tolerance goes either way
+        peers = self.settings.mechanism.merge_peers
+        if peers and len(ours) > peers:
+            w = {u: verdicts[u].merge_weight for u in ours}
+            ours = sorted(sorted(ours, key=lambda u: (-w[u], u))[:peers])
+        return ours
+
+    def _report(self, check: manifest.Check) -> None:
+        """Log (loud when tampered), metric, and on `tampered` distrust the publisher."""
+        self.metrics.publisher_check(check.status)
+        if check.status == "tampered":
+            log.error(
+                "PUBLISHER TAMPERED: update-%d of %s…: %s. We keep scoring (the miners did nothing wrong) "
+                "and never continue from its masters after θ_%d", check.window, check.publisher[:10],
+                check.reason, check.window,
+            )  # fmt: skip
+            known = self.state.distrusted.get(check.publisher)
+            self.state.distrusted[check.publisher] = min(
+                check.window, known if known is not None else check.window
+            )
+        elif check.status == "unverifiable":
+            log.warning(
+                "update-%d of %s…: unverifiable: %s", check.window, check.publisher[:10], check.reason
+            )
+        else:
+            log.info(
+                "update-%d of %s…: verified (%s)", check.window, check.publisher[:10], "; ".join(check.notes)
+            )
 
     # --- evaluation -------------------------------------------------------------------------------
 
@@ -360,6 +530,7 @@ class Validator(Node):
         self.io_seconds = 0.0  # the gather's seconds, for the record's fetch_seconds
         commitments = self.chain.commitments()
         verdicts = {uid: Verdict(uid) for uid in uids}
+        self.blob_hashes = {}
         items: list[tuple[Store, str]] = [(self.store, canary_key(self.netuid))]
         owners: list[tuple[int, str]] = []
         for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
@@ -440,6 +611,7 @@ class Validator(Node):
             blob = bytes(result)  # `bytes` is immutable: what redecode reads later is what was verified
             exp = expectation(self.settings, window, hotkey, master, self.shapes)
             v.accept(decode_delta(blob, exp), blob, exp, stream=self.settings.mechanism.stream_deltas)
+            self.blob_hashes[uid] = manifest.blob_sha256(blob)
         except DeltaRejected as e:
             log.info("uid %d: rejected (%s): %s", uid, e.reason.value, e)
             v.verdict = fetch_verdict(e)
@@ -453,6 +625,7 @@ class Validator(Node):
         m = self.settings.mechanism
         start = time.perf_counter()
         mg = self.chain.metagraph()
+        deferred = self._check_pending(mg)  # the previous window's update, with θ of then still held
         # The deltas of window w were trained from θ_w: score them on it and merge them into it.
         if not self.ensure_master(window, mg):
             log.warning("window %d: master θ_%d not available: not scored", window, window)
@@ -460,6 +633,7 @@ class Validator(Node):
         everyone = [int(u) for u in mg.uids if int(u) != self.uid]
         block_hash = self.seed_hash(window)
         uids = everyone
+        drawn: list[int] | None = None
         if len(everyone) > m.max_uids_per_window:
             # drawn over every uid, ours included, so that every validator draws the same sample
             hashes = {w: self.seed_hash(w) for w in sample.hash_windows(window)}
@@ -507,12 +681,25 @@ class Validator(Node):
         # in one window by chance would enter the master at full strength.
         paid = {u for u, w in weights.items() if w > 0}
         master_info = self._publish(window, mg, verdicts, base_global, global_seqs, paid)
+        if not master_info:  # another validator publishes update-{window}: check it against ours
+            self._pending_check = {
+                "window": window, "verdicts": verdicts, "base_global": base_global,
+                "global_seqs": global_seqs, "paid": paid, "incentive": incentive,
+                "sample": set(drawn) if drawn is not None else {int(u) for u in mg.uids}, "hash": self.state.hashes.get(window),
+                "blob_hashes": dict(self.blob_hashes),
+            }  # fmt: skip
+            check = self._check_pending(mg)
+        else:
+            check = None
         if window % m.weights_every == 0 or self.state.weights_pending:
             self.state.weights_pending = not self.set_weights(weights)
         self.state.last_window = window
         record = self._window_record(window, verdicts, weights, master_info, time.perf_counter() - start)
         record.update({k: round(v, 3) for k, v in timings.items()}, bytes_fetched=self.fetched_bytes)
         record.update(sampled=len(uids), registered=len(everyone))  # the window's scored sample
+        for key, done in (("publisher_check", check), ("publisher_check_deferred", deferred)):
+            if done is not None:
+                record[key] = done.as_record()
         self._record(record)
         self._save_state()
         self._log_window(window, verdicts, weights, master_info, time.perf_counter() - start)

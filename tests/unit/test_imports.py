@@ -116,7 +116,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bistro.delta", "bistro.data", "bistro.chain", "bistro.storage", "bistro.model", "bistro.training",
      "bistro.wallet"),
     # 2: the roles and the mechanism they run
-    ("bistro.node", "bistro.miner", "bistro.validator", "bistro.master", "bistro.evaluator",
+    ("bistro.node", "bistro.miner", "bistro.validator", "bistro.master", "bistro.manifest", "bistro.evaluator",
      "bistro.scoring", "bistro.sample", "bistro.verdicts", "bistro.metrics", "bistro.distributed", "bistro.export",
      "bistro.doctor", "bistro.plan", "bistro.report", "bistro.lmeval", "bistro.chain.commands", "bistro.data.commands"),
     # 3: research and test tooling, and the entry point
