@@ -27,7 +27,8 @@ def test_short_localnet_summary(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     for key, kind in [("windows_completed", int), ("master_loss", list), ("uids", list),
-                      ("honest_incentive_share", float), ("wall_seconds", float)]:  # fmt: skip
+                      ("honest_incentive_share", float), ("honest_paid_share", float),
+                      ("wall_seconds", float)]:  # fmt: skip
         assert isinstance(summary[key], kind), key
     assert summary["windows_completed"] == WINDOWS
     assert summary["crashed"] == []
@@ -35,7 +36,7 @@ def test_short_localnet_summary(tmp_path: Path) -> None:
     assert len(losses) >= 3 and losses[-1] < losses[0]
     by_persona: dict[str, list[dict]] = {}
     for u in summary["uids"]:
-        assert set(u) >= {"uid", "hotkey", "persona", "incentive", "weight", "rejections"}
+        assert set(u) >= {"uid", "hotkey", "persona", "incentive", "paid", "weight", "rejections"}
         assert all(isinstance(n, int) and n > 0 for n in u["rejections"].values())
         by_persona.setdefault(u["persona"], []).append(u)
     honest = by_persona["honest"]
@@ -45,13 +46,14 @@ def test_short_localnet_summary(tmp_path: Path) -> None:
     history = summary["incentive_history"]
 
     def earned(u: dict) -> float:
-        return sum(h["incentive"].get(str(u["uid"]), 0.0) for h in history)
+        assert u["paid"] == pytest.approx(sum(h["incentive"].get(str(u["uid"]), 0.0) for h in history))
+        return u["paid"]
 
     lowest_honest = min(earned(u) for u in honest)
     assert lowest_honest > 0
     for persona in ("freeloader", "poison"):
         assert earned(by_persona[persona][0]) < lowest_honest, persona
-    assert summary["honest_incentive_share"] >= 0.9
+    assert summary["honest_paid_share"] >= 0.9
     (validator,) = summary["validators"]
     assert set(validator) >= {"uid", "hotkey", "validator_trust"}
     assert validator["validator_trust"] > 0.9  # a lone validator agrees with itself
