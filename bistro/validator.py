@@ -91,6 +91,8 @@ class State:
     """Last window in which each uid's delta was valid (or skipped because our own side failed)."""
     checkpoints: list[int] = field(default_factory=list)
     """Windows of the master checkpoints we publish and keep (publisher only)."""
+    recent: dict[int, list[float]] = field(default_factory=dict)
+    """Each uid's scores of its last `consistent_windows` scored windows (scoring.consistent)."""
 
     def to_json(self) -> dict:
         return {
@@ -100,6 +102,7 @@ class State:
             "weights_pending": self.weights_pending,
             "checkpoints": self.checkpoints,
             "last_valid": {str(k): v for k, v in self.last_valid.items()},
+            "recent": {str(k): v for k, v in self.recent.items()},
         }
 
     @classmethod
@@ -112,6 +115,7 @@ class State:
             weights_pending=bool(d.get("weights_pending", False)),
             checkpoints=[int(c) for c in d.get("checkpoints", [])],
             last_valid={int(k): int(v) for k, v in d.get("last_valid", {}).items()},
+            recent={int(k): [float(x) for x in v] for k, v in d.get("recent", {}).items()},
         )
 
 
@@ -429,7 +433,11 @@ class Validator(Node):
             if v.verdict in (V.ok, V.skip):
                 self.state.last_valid[uid] = window
         self.state.last_valid = {u: w for u, w in self.state.last_valid.items() if u in keep}
-        weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility)
+        # Paid only when consistently positive: one lucky window of a copy pays nothing.
+        recent = scoring.remember_scores(self.state.recent, scores, m.consistent_windows)
+        self.state.recent = {u: xs for u, xs in recent.items() if u in keep}
+        consistent = scoring.consistent(self.state.recent, m.consistent_windows)
+        weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility, consistent)
         weights = scoring.drop_inactive(weights, self.state.last_valid, window, m.inactive_windows)
         weights = scoring.drop_faulted(weights, (u for u, v in verdicts.items() if v.verdict in PEER_FAULTS))
         # The master takes only the deltas of uids the weights pay: under the mean merge a delta
@@ -493,6 +501,8 @@ class Validator(Node):
                     "base_local": v.base_local,
                     "base_other": v.base_other,
                     "score": v.score,
+                    "control_score": v.control_score,
+                    "close_to": v.close_to,
                     "copy_of": v.copy_of,
                     "moving_average": self.state.averages.get(uid, 0.0),
                     "weight": weights.get(uid, 0.0),
