@@ -4,6 +4,7 @@ personas), and what keeps them unpaid (docs/mechanism.md "Shaped copies")."""
 from __future__ import annotations
 
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -118,3 +119,157 @@ def test_the_shaped_finetune_starts_from_a_shaped_copy_and_trains_a_fifth_of_a_w
     )
     assert 0.5 < float(torch.nn.functional.cosine_similarity(*flat, dim=0)) < 0.85
     assert finetune.fraction == 0.2
+
+
+# --- the own-page test against shaped copies, on real training ---------------------------------------
+
+
+def shaped_separation(windows: int, overrides: dict | None = None) -> dict:
+    """Four honest miners train for real (bench's SimMiner: the miner's own training, compression and
+    signing); beside them the four shaped personas' deltas, forged by the personas' own code: a
+    0.7 copy of uid 0 (uid 4), a 0.5 copy of uid 1 (uid 5), a 0.7 copy of uid `w mod 4` (uid 6) and
+    a 0.7 copy of uid 2 plus a fifth of a window's training on its own pages (uid 7). The validator's
+    steps: the copy screen, then the scores. Returns per kind the windows' `score` (against the
+    random control pages and the close uids' pages), `control_score` (random control pages alone),
+    `close_to`, copy verdicts and the seconds `Evaluator.score` took."""
+    import hashlib
+
+    from safetensors.torch import load as load_safetensors
+
+    from bistro.bench.common import SimMiner, clone, keypair
+    from bistro.bench.mechanism import decode_all
+    from bistro.data import Dataset
+    from bistro.data.pages import local_pages
+    from bistro.delta.wire import encode_delta
+    from bistro.evaluator import Evaluator
+    from bistro.localnet.personas import PERSONAS
+    from bistro.master import apply_update
+    from bistro.model import build_model, model_hash
+
+    s = build_settings("tiny", overrides={"train.threads": 1, **(overrides or {})})
+    dataset = Dataset.open(s)
+    evaluator = Evaluator(s, build_model(s.model, seed=s.model.seed).eval(), dataset)
+    master = clone(evaluator.params)
+    honest = [SimMiner(s, dataset, uid) for uid in range(4)]
+    finetuner = SimMiner(s, dataset, 7)
+    codec = CODECS[s.mechanism.codec]
+    kinds = {4: "shaped_copier", 5: "shaped_copier_05", 6: "rotating_copier", 7: "shaped_finetune"}
+    out: dict = {k: {"score": [], "control_score": [], "close_to": [], "verdict": []}
+                 for k in ["honest", *kinds.values()]}  # fmt: skip
+    out["score_seconds"] = []
+
+    def sign(uid: int, window: int, wire: dict, digest: str) -> tuple[str, bytes]:
+        ctx = codec_context(s, window)
+        blob = encode_delta(wire, keypair=keypair(uid), netuid=s.chain.netuid, uid=uid, window=window,
+                            codec=codec.name, codec_params=codec.params(ctx), master_window=window,
+                            master_hash=digest)  # fmt: skip
+        return keypair(uid).ss58_address, blob
+
+    for w in range(windows):
+        digest = model_hash(master)
+        block_hash = hashlib.sha256(f"test-seed-block-{w}".encode()).hexdigest()
+        blobs = {m.uid: (m.keypair.ss58_address, m.produce(w, master, digest)) for m in honest}
+        decoded = decode_all(s, evaluator.shapes, w, digest, dict(blobs))
+        for uid, source in ((4, 0), (5, 1), (6, w % 4), (7, 2)):
+            ctx = codec_context(s, w)
+            miner = SimpleNamespace(
+                uid=uid, codec=codec, shapes=evaluator.shapes, ctx=partial(codec_context, s)
+            )
+            miner.encode = lambda window, tensors: tensors
+            stolen = [(dict(load_safetensors(blobs[source][1])), decoded[source].delta)]
+            wire = PERSONAS[kinds[uid]](miner).forge(w, stolen) if uid != 7 else None
+            if uid == 7:  # shaped_finetune: its shaped copy, then a fifth of a window's steps
+                copied = PERSONAS["shaped_finetune"](miner).copied(w, stolen)
+                with torch.no_grad():
+                    for name, p in finetuner.params.items():
+                        p.copy_(master[name] + copied[name])
+                pages = local_pages(s.chain.netuid, uid, w, dataset.page_settings)
+                finetuner.trainer.train(dataset.sequences(pages), max(1, s.train.steps_per_window // 5))
+                with torch.no_grad():
+                    delta = {name: p.detach() - master[name] for name, p in finetuner.params.items()}
+                wire = compress(delta, codec, ctx, None)
+            blobs[uid] = sign(uid, w, wire, digest)
+        verdicts = decode_all(s, evaluator.shapes, w, digest, blobs)
+        evaluator.drop_copies(verdicts, w, block_hash, master)
+        started = time.perf_counter()
+        base, global_seqs = evaluator.score(w, block_hash, master, verdicts, {})
+        out["score_seconds"].append(time.perf_counter() - started)
+        for uid, v in verdicts.items():
+            kind = out[kinds.get(uid, "honest")]
+            kind["score"].append(v.score)
+            kind["control_score"].append(v.control_score)
+            kind["close_to"].append(list(v.close_to))
+            kind["verdict"].append(str(v.verdict))
+        update, _ = evaluator.propose_update(master, verdicts, base, global_seqs,
+                                             paid=[u for u in range(4) if verdicts[u].score > 0])  # fmt: skip
+        if update is not None:
+            apply_update(master, update)
+    return out
+
+
+def test_the_close_controls_sink_every_shaped_copy_and_never_touch_an_honest_uid() -> None:
+    """Measured on real training (the figures in docs/mechanism.md "Shaped copies"): against its
+    source's pages every shaped copy scores below 0 in every window where its source was scored,
+    while no honest uid has another honest uid as a close uid, and honest miners
+    score above 0. The symmetric side: a copy's source has the copy as its close uid, and the
+    copier's pages are just other pages to it; honest deltas are never close to each other."""
+    got = shaped_separation(windows=3)
+    print({k: {f: v[f] for f in ("score", "control_score", "close_to")} if isinstance(v, dict) else v
+           for k, v in got.items()})  # fmt: skip
+    honest = got["honest"]
+    assert all(u >= 4 for c in honest["close_to"] for u in c), honest["close_to"]
+    assert sum(x > 0 for x in honest["score"]) >= len(honest["score"]) - 1, honest["score"]
+    assert "copy" not in honest["verdict"]
+    for kind in ("shaped_copier", "shaped_copier_05", "rotating_copier", "shaped_finetune"):
+        k = got[kind]
+        assert all(c for c in k["close_to"]), (kind, k["close_to"])  # its source is a close uid
+        assert all(x < 0 for x in k["score"]), (kind, k["score"])
+        assert max(k["score"]) < min(honest["score"]), (kind, k["score"], honest["score"])
+
+
+COPIERS = ("shaped_copier", "shaped_copier_05", "rotating_copier", "shaped_finetune")
+
+
+def check_copiers_run(run) -> dict:
+    """The figures of a local network of 4 honest miners and the four shaped copiers, and its
+    contract: every copier under 1% of the run's pay, honest miners at least 95%, no honest uid ever
+    judged a copy (docs/mechanism.md "Shaped copies" quotes three such runs)."""
+    import json
+
+    summary = json.loads((run / "summary.json").read_text())
+    records = [json.loads(line) for line in
+               (run / "nodes/validator-0/validator/windows.jsonl").read_text().splitlines()]  # fmt: skip
+    by_persona: dict[str, list[dict]] = {}
+    for u in summary["uids"]:
+        by_persona.setdefault(u["persona"], []).append(u)
+    honest = {str(u["uid"]) for u in by_persona["honest"]}
+    copy_verdicts = sum(r["uids"].get(uid, {}).get("verdict") == "copy" for r in records for uid in honest)
+    figures = {
+        "honest_paid_share": summary["honest_paid_share"],
+        **{p: by_persona[p][0]["paid_share"] for p in COPIERS},
+        "honest_copy_verdicts": copy_verdicts,
+        "windows": summary["windows_completed"],
+    }
+    assert summary["crashed"] == [], summary["crashed"]
+    assert summary["honest_paid_share"] >= 0.95, figures
+    for p in COPIERS:
+        assert by_persona[p][0]["paid_share"] < 0.01, (p, figures)
+    assert copy_verdicts == 0, figures
+    return figures
+
+
+@pytest.mark.slow
+def test_shaped_copiers_beside_honest_miners_earn_under_one_percent_each(tmp_path) -> None:
+    """A local network of 4 honest miners and the four shaped copiers, 12 windows of `tiny`."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "net"
+    out = subprocess.run(
+        [sys.executable, "-m", "bistro.cli", "localnet", "--preset", "tiny", "--miners", "8",
+         "--validators", "1", "--windows", "12", "--block-time", "3",
+         "--personas", ",".join(["honest"] * 4 + list(COPIERS)), "--dir", str(run)],
+        capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    print(check_copiers_run(run))

@@ -547,7 +547,8 @@ def _print_summary(summary: dict, net: LocalNet) -> None:
         drop = (losses[0] - losses[-1]) / losses[0] * 100
         console.print(f"master loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.1f}% lower)")
     console.print(
-        f"honest share of the run's pay {summary['honest_paid_share']:.3f} "
+        f"honest share of the run's pay {summary['honest_paid_share']:.3f}, every other persona together "
+        f"{1 - summary['honest_paid_share'] if summary['honest_paid_share'] > 0 else 0:.3f} "
         f"(last window's incentive {summary['honest_incentive_share']:.3f}); "
         f"{summary['windows_completed']} windows in {summary['wall_seconds']:.0f}s; "
         f"crashed: {summary['crashed'] or 'none'}"
