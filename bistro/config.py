@@ -202,9 +202,9 @@ class MechanismConfig:
     """At most this many close uids' pages per scored uid (`close_control_cosine`): each costs one
     more leave-one-out pass over `eval_pages` pages for that uid."""
     consistent_windows: int = 2
-    """A uid is eligible for weight only if each of its last this many scored windows scored above 0
-    (a fault counts as scored, with its negative score): a copy whose own-page test comes out
-    positive by luck in one window is not paid for it. An honest newcomer is paid from its
+    """A uid is eligible for weight only if each of its last this many scored deltas (`ok` verdicts:
+    faults already cost it through `fault_penalty`) scored above 0: a copy whose own-page test comes
+    out positive by luck in one window is not paid for it. An honest newcomer is paid from its
     second scored window (docs/mechanism.md "Shaped copies"); 1: the moving average alone."""
     checkpoint_every: int = 5
     """The master publishes a full checkpoint every this many windows."""

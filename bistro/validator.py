@@ -434,7 +434,10 @@ class Validator(Node):
                 self.state.last_valid[uid] = window
         self.state.last_valid = {u: w for u, w in self.state.last_valid.items() if u in keep}
         # Paid only when consistently positive: one lucky window of a copy pays nothing.
-        recent = scoring.remember_scores(self.state.recent, scores, m.consistent_windows)
+        # Of windows it delivered a scored delta in: faults already cost it (fault_penalty, drop_faulted),
+        # and a window every uid missed (our load, or the whole network's) must not reset them all.
+        delivered = {uid: v.score for uid, v in verdicts.items() if v.verdict == V.ok}
+        recent = scoring.remember_scores(self.state.recent, delivered, m.consistent_windows)
         self.state.recent = {u: xs for u, xs in recent.items() if u in keep}
         consistent = scoring.consistent(self.state.recent, m.consistent_windows)
         weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility, consistent)
