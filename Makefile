@@ -19,8 +19,8 @@ setup: $(STAMP)
 # The main job: a whole network on this machine: 4 honest miners, one of each cheat, a validator,
 # 20 windows of 30 s (about 11 minutes on 2 cores).
 demo: $(STAMP)
-	$(VENV)/bin/bistro localnet --preset tiny --miners 14 --validators 1 --windows 20 --block-time 3 \
-		--personas honest,honest,honest,honest,idle,freeloader,noise,copycat,poison,stale,backdater,noisy_copier,blender,copy_finetune \
+	$(VENV)/bin/bistro localnet --preset tiny --miners 15 --validators 1 --windows 20 --block-time 3 \
+		--personas honest,honest,honest,honest,idle,freeloader,noise,copycat,poison,stale,backdater,noisy_copier,blender,copy_finetune,shaped_copier \
 		--dir runs/demo
 	$(VENV)/bin/bistro report runs/demo
 

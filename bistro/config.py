@@ -209,6 +209,22 @@ class MechanismConfig:
     group too: measured on `tiny` (4 SimMiners, windows 0-4, 5 and 10 steps) honest pairs 0.24-0.76,
     a copy of one's low-rank part under its own top-k values 1.0. `copy_threshold` compares the
     sparse values, which such a copy makes its own."""
+    close_control_cosine: float = 0.3
+    """A scored uid's own-page test also uses as control pages the eval pages of the other scored uids
+    whose deltas' sketched cosine (`similarity`, the copy screen's sketch) to its delta is at least
+    this, the `close_controls` nearest: its score is the least of its test against its random
+    control pages and against each such uid's pages (a copy helps its source's pages more than its
+    own). Honest deltas of one window sit at 0.01-0.18 (tiny, lowrank and topk2) and are never
+    compared so; a shaped copy at 0.5-0.7 to its source is (docs/mechanism.md "Shaped copies").
+    1 turns it off."""
+    close_controls: int = 2
+    """At most this many close uids' pages per scored uid (`close_control_cosine`): each costs one
+    more leave-one-out pass over `eval_pages` pages for that uid."""
+    consistent_windows: int = 2
+    """A uid is eligible for weight only if each of its last this many scored deltas (`ok` verdicts:
+    faults already cost it through `fault_penalty`) scored above 0: a copy whose own-page test comes
+    out positive by luck in one window is not paid for it. An honest newcomer is paid from its
+    second scored window (docs/mechanism.md "Shaped copies"); 1: the moving average alone."""
     checkpoint_every: int = 5
     """The master publishes a full checkpoint every this many windows."""
     max_uids_per_window: int = 256
@@ -246,6 +262,7 @@ class MechanismConfig:
             "fetch_concurrency",
             "topk_chunk",
             "inactive_windows",
+            "consistent_windows",
         ):
             _check(getattr(self, name) > 0, f"mechanism.{name}", "must be positive")
         _check(self.fault_penalty >= 0, "mechanism.fault_penalty", "must be >= 0")
@@ -285,6 +302,8 @@ class MechanismConfig:
         _check(self.link_bytes_per_second >= 0, "mechanism.link_bytes_per_second", "must be >= 0")
         _check(self.fetch_stall_seconds > 0, "mechanism.fetch_stall_seconds", "must be positive")
         _check(0 <= self.fetch_slow_fraction < 1, "mechanism.fetch_slow_fraction", "must be in [0, 1)")
+        _check(0 < self.close_control_cosine <= 1, "mechanism.close_control_cosine", "must be in (0, 1]")
+        _check(self.close_controls >= 0, "mechanism.close_controls", "must be >= 0")
 
 
 LOCAL_MECHANISM = frozenset(

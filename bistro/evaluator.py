@@ -74,6 +74,12 @@ class Verdict:
     """Loss of θ alone (no delta) on the eval pages: with `with_local`, the pooled help."""
     base_other: float | None = None
     score: float = 0.0
+    control_score: float | None = None
+    """The own-page test against the random control pages alone (`score` is the least of it and
+    the test against each close uid's pages, `close_to`)."""
+    close_to: list[int] = field(default_factory=list)
+    """The scored uids whose deltas are closest to this one (`mechanism.close_control_cosine`): their
+    eval pages were control pages of this uid's own-page test too."""
     uploaded: float = float("inf")
     """Upload order for copies (the validator no longer reads it from a miner's server: inf)."""
     copy_of: int | None = None
@@ -161,6 +167,8 @@ class Evaluator:
         self.netuid = settings.chain.netuid
         self.params: Params = state_tensors(model)
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+        self.sketches: tuple[int, dict[int, torch.Tensor]] = (-1, {})
+        """(window, uid → sketch of its delta): the copy screen's, reused by the close controls."""
 
     def set_params(self, source: Params) -> None:
         with torch.no_grad():
@@ -236,6 +244,7 @@ class Evaluator:
             sketches.append(sketch(delta, self.shapes))
             low_sketches.append(sketch(delta, self.shapes, low_rank=True) if low_rank_part(delta) else None)
         del delta  # else it is a third decoded delta beside an exact pair's two
+        self.sketches = (window, dict(zip(ok, sketches, strict=True)))
         has_low = any(s is not None for s in low_sketches)
         zeros = torch.zeros(SKETCH_WIDTH, dtype=torch.float64)  # what `sketch` gives an absent part
         low_sketches = [zeros if s is None else s for s in low_sketches] if has_low else []
@@ -328,6 +337,29 @@ class Evaluator:
         rule = MERGES[self.settings.mechanism.merge]
         return rule(deltas, weights, self.shapes, norms=[v.measured_norm() for v in verdicts])
 
+    def close_controls(self, valid: list[int], window: int, verdicts: dict[int, Verdict]) -> dict[int, list[int]]:  # fmt: skip
+        """For each scored uid, the other scored uids whose deltas are closest to its own
+        (`scoring.close_uids` on the sketched cosine: the copy screen's sketches of this window,
+        made here for any uid it did not sketch): their eval pages are control pages of its test.
+        Only uids scored in this window can be: a source that was not fetched or scored leaves its
+        copy with the random control pages alone (and `consistent_windows`)."""
+        m = self.settings.mechanism
+        if m.close_controls == 0 or m.close_control_cosine >= 1.0 or len(valid) < 2:
+            return {uid: [] for uid in valid}
+        at, known = self.sketches
+        known = known if at == window else {}
+        rows = {
+            uid: known[uid] if uid in known else sketch(verdicts[uid].delta, self.shapes) for uid in valid
+        }
+        stacked = torch.stack([rows[uid] for uid in valid])
+        gram = stacked @ stacked.T
+        return {
+            uid: scoring.close_uids(
+                uid, {u: float(gram[i, j]) for j, u in enumerate(valid)}, m.close_control_cosine, m.close_controls
+            )
+            for i, uid in enumerate(valid)
+        }  # fmt: skip
+
     def score(
         self,
         window: int,
@@ -378,6 +410,10 @@ class Evaluator:
         # Every "with" loss shares θ_eval: one batched pass over all uids' pages and the global ones.
         losses = self.losses(torch.cat([pages[uid] for uid in valid] + [global_seqs]))
         with_global = float(losses[-len(global_seqs) :].mean())
+        starts, at = {}, 0
+        for uid in valid:
+            starts[uid], at = at, at + len(pages[uid])
+        close = self.close_controls(valid, window, verdicts)
         offset = 0
         for j, uid in enumerate(valid):
             v, n, k = verdicts[uid], len(own[uid]), len(pages[uid])
@@ -394,14 +430,27 @@ class Evaluator:
                 saved = apply_(self.params, rule.term(j, delta), -1.0)
             del delta
             # The global pages are not part of the score (they paid copies in full): not measured.
-            without = self.losses(pages[uid])
+            # The close uids' eval pages too (their "with" and base losses are in the batched pass).
+            v.close_to = close[uid]
+            without = self.losses(torch.cat([pages[uid]] + [own[c] for c in v.close_to]))
             with torch.no_grad():
                 restore_(self.params, saved)  # back to θ_eval, bit for bit
-            v.without_local, v.without_other = float(without[:n].mean()), float(without[n:].mean())
-            v.score = scoring.score(
+            v.without_local, v.without_other = float(without[:n].mean()), float(without[n:k].mean())
+            v.control_score = scoring.score(
                 v.with_local, v.without_local, v.with_other, v.without_other, share,
                 v.base_local, v.base_other,
             )  # fmt: skip
+            controls = [(v.without_other - v.with_other, v.base_other - v.with_other)]
+            at = k
+            for c in v.close_to:
+                size, start = len(own[c]), starts[c]
+                with_c = float(losses[start : start + size].mean())
+                controls.append((float(without[at : at + size].mean()) - with_c,
+                                 float(base[start : start + size].mean()) - with_c))  # fmt: skip
+                at += size
+            v.score = scoring.own_page_test_against(
+                v.without_local - v.with_local, v.base_local - v.with_local, controls, share
+            )
         return base_global, global_seqs
 
     def propose_update(

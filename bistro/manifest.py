@@ -290,7 +290,9 @@ def verify_update(
     if [float(c) for c in m.get("clip", [])] != clip_factors(ours):
         return lose() if check.tampered("clip factors are not those of the deltas' norms") else check
     if uids and m.get("merge") not in MERGES:
-        return lose() if check.tampered(f"merge rule {m.get('merge')!r} is no rule of the protocol") else check
+        return (
+            lose() if check.tampered(f"merge rule {m.get('merge')!r} is no rule of the protocol") else check
+        )
     update = recompute(m, [deltas[u][0] for u in uids], ours, shapes) if uids else None
     got = "" if update is None else delta_sha256(update)
     if got != m.get("update_sha256", ""):

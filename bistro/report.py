@@ -198,12 +198,26 @@ def _table(head: list[str], rows: list[list[Any]], cls: str) -> str:
     return f'<table class="{cls}"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _paid(summary: dict) -> dict[int, float]:
+    """Each uid's pay over the run: `paid` (summary.json), else its `incentive_history` summed."""
+    history = summary.get("incentive_history", [])
+    return {
+        u["uid"]: float(u["paid"]) if "paid" in u
+        else sum(h["incentive"].get(str(u["uid"]), 0.0) for h in history)
+        for u in summary["uids"]
+    }  # fmt: skip
+
+
 def _summary_table(run: Run) -> str:
     if run.summary and run.summary.get("uids"):
-        rows = [[u["uid"], u.get("persona", ""), u.get("incentive", 0.0), u.get("weight", 0.0),
+        paid = _paid(run.summary)
+        total = sum(paid.values())
+        rows = [[u["uid"], u.get("persona", ""), round(paid[u["uid"]] / total, 4) if total > 0 else 0.0,
+                 round(paid[u["uid"]], 4), u.get("incentive", 0.0), u.get("weight", 0.0),
                  u.get("moving_average", 0.0), u.get("rejections", {})]
-                for u in sorted(run.summary["uids"], key=lambda u: -u.get("incentive", 0.0))]  # fmt: skip
-        return _table(["uid", "persona", "incentive", "weight", "moving avg", "rejections"], rows, "summary")
+                for u in sorted(run.summary["uids"], key=lambda u: (-paid[u["uid"]], -u.get("incentive", 0.0)))]  # fmt: skip
+        return _table(["uid", "persona", "share of run's pay", "paid", "last incentive", "weight", "moving avg",
+                       "rejections"], rows, "summary")  # fmt: skip
     if not run.records:
         return '<p class="empty">no windows</p>'
     counts: dict[int, dict[str, int]] = {}
@@ -278,7 +292,11 @@ def render(run: Run) -> str:
     s = run.summary or {}
     facts = [f"{len(run.records)} windows scored"]
     if s:
-        facts += [f"honest incentive share {s.get('honest_incentive_share', 0):.3f}",
+        paid = _paid(s) if s.get("uids") else {}
+        total = sum(paid.values())
+        honest = sum(paid[u["uid"]] for u in s.get("uids", []) if u.get("persona") == "honest")
+        share = s.get("honest_paid_share", honest / total if total > 0 else 0.0)
+        facts += [f"honest share of the run's pay {share:.3f}",
                   f"{s.get('wall_seconds', 0):.0f} s", f"crashed: {', '.join(s.get('crashed') or []) or 'none'}"]  # fmt: skip
     if s.get("model"):
         facts.append(f"model θ_{s['model']['window']} exported to {s['model']['dir']}")

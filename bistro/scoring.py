@@ -50,7 +50,7 @@ No chain, store, clock or device here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 
 def merge_weights(incentive: Mapping[int, float], valid: Iterable[int]) -> dict[int, float]:
@@ -87,6 +87,48 @@ def own_page_test(
     if pooled_own - help_own <= tolerance and pooled_other - help_other <= tolerance:
         return (help_own - help_other) / merge_weight
     return relative_margin(help_own, help_other, pooled_own, pooled_other) / merge_weight
+
+
+def own_page_test_against(
+    help_own: float,
+    pooled_own: float,
+    controls: Sequence[tuple[float, float]],
+    merge_weight: float = 1.0,
+) -> float:
+    """`own_page_test` against each control page set in `controls` ((help, pooled help) pairs: the
+    random control pages first, then the eval pages of the uids whose deltas are closest to this
+    one), and the least of them: the delta must help its own pages more than every control set. A
+    copy helps its source's pages more than its own, whatever luck its random controls bring."""
+    if not controls:
+        raise ValueError("own_page_test_against needs at least one control page set")
+    return min(own_page_test(help_own, h, pooled_own, p, merge_weight) for h, p in controls)
+
+
+def close_uids(uid: int, cosines: Mapping[int, float], threshold: float, limit: int) -> list[int]:
+    """The other uids whose deltas' cosine to `uid`'s (`cosines`: uid → cosine) reaches `threshold`,
+    nearest first, at most `limit` (ties by uid): whose pages are `uid`'s close controls."""
+    near = [u for u, c in cosines.items() if u != uid and c >= threshold]
+    return sorted(near, key=lambda u: (-cosines[u], u))[:limit]
+
+
+def consistent(recent: Mapping[int, Sequence[float]], windows: int) -> set[int]:
+    """Uids whose last `windows` scored windows (`recent`: uid → its scores, oldest first) all
+    scored above 0. A uid with fewer scored windows than that is not consistent yet."""
+    return {
+        uid for uid, scores in recent.items()
+        if len(scores) >= windows and all(x > 0.0 and math.isfinite(x) for x in scores[-windows:])
+    }  # fmt: skip
+
+
+def remember_scores(
+    recent: Mapping[int, Sequence[float]], scores: Mapping[int, float], windows: int
+) -> dict[int, list[float]]:
+    """`recent` with this window's `scores` appended (the last `windows` kept); uids without a score
+    this window (not scored, or skipped for our own fault) keep theirs unchanged."""
+    out = {uid: list(xs) for uid, xs in recent.items()}
+    for uid, x in scores.items():
+        out[uid] = (out.get(uid, []) + [float(x)])[-windows:]
+    return out
 
 
 def relative_margin(help_own: float, help_other: float, ref_own: float, ref_other: float) -> float:
@@ -146,7 +188,10 @@ def fault_score(averages: Mapping[int, float], penalty: float) -> float:
 
 
 def weights_from_averages(
-    averages: Mapping[int, float], temperature: float, eligibility: float = 0.0
+    averages: Mapping[int, float],
+    temperature: float,
+    eligibility: float = 0.0,
+    consistent: Collection[int] | None = None,
 ) -> dict[int, float]:
     """Step 7: softmax(T · avg / scale) over eligible averages; every other uid gets 0.
 
@@ -159,7 +204,11 @@ def weights_from_averages(
     if not positive:
         return weights
     bar = eligibility * sum(positive.values()) / len(positive)
-    positive = {uid: v for uid, v in positive.items() if v > bar}
+    positive = {
+        uid: v for uid, v in positive.items() if v > bar and (consistent is None or uid in consistent)
+    }
+    if not positive:
+        return weights
     scale = sum(positive.values()) / len(positive)
     logits = {uid: temperature * v / scale for uid, v in positive.items()}
     top = max(logits.values())

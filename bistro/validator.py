@@ -126,6 +126,8 @@ class State:
     distrusted: dict[str, int] = field(default_factory=dict)
     """Publishers caught with a tampered update -> its window w (θ_w is the last master of theirs
     we verified): we never continue from their masters after it."""
+    recent: dict[int, list[float]] = field(default_factory=dict)
+    """Each uid's scores of its last `consistent_windows` scored windows (scoring.consistent)."""
 
     def to_json(self) -> dict:
         return {
@@ -137,6 +139,7 @@ class State:
             "last_valid": {str(k): v for k, v in self.last_valid.items()},
             "fault_streaks": {str(k): v for k, v in self.fault_streaks.items()},
             "distrusted": dict(self.distrusted),
+            "recent": {str(k): v for k, v in self.recent.items()},
         }
 
     @classmethod
@@ -151,6 +154,7 @@ class State:
             last_valid={int(k): int(v) for k, v in d.get("last_valid", {}).items()},
             fault_streaks={int(k): int(v) for k, v in d.get("fault_streaks", {}).items()},
             distrusted={str(k): int(v) for k, v in d.get("distrusted", {}).items()},
+            recent={int(k): [float(x) for x in v] for k, v in d.get("recent", {}).items()},
         )
 
 
@@ -673,7 +677,14 @@ class Validator(Node):
         self.state.last_valid = {u: w for u, w in self.state.last_valid.items() if u in keep}
         judged = {u: verdicts[u].verdict == V.ok for u in evaluated}
         self.state.fault_streaks = scoring.update_fault_streaks(self.state.fault_streaks, judged, keep)
-        weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility)
+        # Paid only when consistently positive: one lucky window of a copy pays nothing.
+        # Of windows it delivered a scored delta in: faults already cost it (fault_penalty, drop_faulted),
+        # and a window every uid missed (our load, or the whole network's) must not reset them all.
+        delivered = {uid: v.score for uid, v in verdicts.items() if v.verdict == V.ok}
+        recent = scoring.remember_scores(self.state.recent, delivered, m.consistent_windows)
+        self.state.recent = {u: xs for u, xs in recent.items() if u in keep}
+        consistent = scoring.consistent(self.state.recent, m.consistent_windows)
+        weights = scoring.weights_from_averages(self.state.averages, m.temperature, m.eligibility, consistent)
         weights = scoring.drop_inactive(weights, self.state.fault_streaks, m.inactive_windows)
         weights = scoring.drop_faulted(weights, (u for u, v in verdicts.items() if v.verdict in PEER_FAULTS))
         # The master takes only the deltas of uids the weights pay: under the mean merge a delta
@@ -751,6 +762,8 @@ class Validator(Node):
                     "base_local": v.base_local,
                     "base_other": v.base_other,
                     "score": v.score,
+                    "control_score": v.control_score,
+                    "close_to": v.close_to,
                     "copy_of": v.copy_of,
                     "moving_average": self.state.averages.get(uid, 0.0),
                     "weight": weights.get(uid, 0.0),

@@ -379,6 +379,7 @@ def _print_window(net: LocalNet, record: dict, master_loss: float | None) -> Non
 def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: float) -> dict:
     mg = net.chain.metagraph()
     last = records[-1] if records else {"uids": {}}
+    history = getattr(net, "incentive_history", [])
     uids = []
     for m in net.members:
         if m.role != "miner":
@@ -390,6 +391,7 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
                 rejections[verdict] = rejections.get(verdict, 0) + 1
         uids.append({
             "uid": m.uid, "hotkey": m.hotkey, "persona": m.persona, "incentive": mg.incentive_of(m.uid),
+            "paid": paid_over_run(history, m.uid),
             "weight": last["uids"].get(str(m.uid), {}).get("weight", 0.0),
             "moving_average": last["uids"].get(str(m.uid), {}).get("moving_average", 0.0),
             "rejections": rejections,
@@ -402,6 +404,9 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
     ]
     total = sum(u["incentive"] for u in uids)
     honest = sum(u["incentive"] for u in uids if u["persona"] == "honest")
+    run_total = sum(u["paid"] for u in uids)
+    for u in uids:
+        u["paid_share"] = u["paid"] / run_total if run_total > 0 else 0.0
     losses = [observer.losses[w] for w in sorted(observer.losses)]
     return {
         "windows_completed": len(records),
@@ -410,9 +415,12 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
         "uids": uids,
         "validators": validators,
         "honest_incentive_share": honest / total if total > 0 else 0.0,
+        "honest_paid_share": sum(u["paid"] for u in uids if u["persona"] == "honest") / run_total
+        if run_total > 0
+        else 0.0,
         "wall_seconds": round(wall, 1),
         "crashed": net.crashed(),
-        "incentive_history": getattr(net, "incentive_history", []),
+        "incentive_history": history,
         "settings": {
             "preset": net.settings.preset,
             "miners": net.args.miners,
@@ -424,6 +432,13 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
             "fsdp": net.settings.train.fsdp,
         },  # fmt: skip
     }
+
+
+def paid_over_run(history: list[dict], uid: int) -> float:
+    """What `uid` was paid over the run: its incentive summed over every window of
+    `incentive_history` (a miner is paid every window; the last window's incentive alone missed a
+    copier paid in three windows of fourteen)."""
+    return float(sum(h["incentive"].get(str(uid), 0.0) for h in history))
 
 
 def plot(net: LocalNet, summary: dict) -> None:
@@ -518,10 +533,12 @@ def _print_summary(summary: dict, net: LocalNet) -> None:
     from rich.table import Table
 
     table = Table(title="localnet summary")
-    for col in ("uid", "persona", "incentive", "weight", "moving avg", "rejections"):
+    for col in ("uid", "persona", "share of run's pay", "paid", "last incentive", "weight", "moving avg",
+                "rejections"):  # fmt: skip
         table.add_column(col)
-    for u in sorted(summary["uids"], key=lambda u: -u["incentive"]):
-        table.add_row(str(u["uid"]), u["persona"], f"{u['incentive']:.3f}", f"{u['weight']:.3f}",
+    for u in sorted(summary["uids"], key=lambda u: (-u["paid"], -u["incentive"])):
+        table.add_row(str(u["uid"]), u["persona"], f"{u['paid_share']:.3f}", f"{u['paid']:.3f}",
+                      f"{u['incentive']:.3f}", f"{u['weight']:.3f}",
                       f"{u['moving_average']:+.5f}", json.dumps(u["rejections"]))  # fmt: skip
     console = Console()
     console.print(table)
@@ -530,7 +547,9 @@ def _print_summary(summary: dict, net: LocalNet) -> None:
         drop = (losses[0] - losses[-1]) / losses[0] * 100
         console.print(f"master loss {losses[0]:.4f} -> {losses[-1]:.4f} ({drop:.1f}% lower)")
     console.print(
-        f"honest incentive share {summary['honest_incentive_share']:.3f}; "
+        f"honest share of the run's pay {summary['honest_paid_share']:.3f}, every other persona together "
+        f"{1 - summary['honest_paid_share'] if summary['honest_paid_share'] > 0 else 0:.3f} "
+        f"(last window's incentive {summary['honest_incentive_share']:.3f}); "
         f"{summary['windows_completed']} windows in {summary['wall_seconds']:.0f}s; "
         f"crashed: {summary['crashed'] or 'none'}"
     )

@@ -13,6 +13,13 @@
                 the original (the old copy_threshold 0.98 missed it, 0.8 catches it)
     blender     the mean of two other miners' deltas, re-encoded (cosine about 0.5-0.7 to each)
     copy_finetune  a copy plus a few training steps (a fifth of a window's) on its own pages
+    shaped_copier  a copy of one paid miner's delta plus noise shaped like it (a random rank-1
+                matrix on each matrix's low-rank part, Gaussian noise on the sparse values), sized
+                so the decoded cosine to the source is about 0.7 both as whole vectors and in the
+                low-rank factors: under both copy screens (0.8, 0.9)
+    shaped_copier_05  the same at cosine about 0.5
+    rotating_copier  a shaped copier (0.7) that copies a different paid miner each window
+    shaped_finetune  a shaped copy (0.7) plus a fifth of a window's training on its own pages
     hostile:B   trains, signs and uploads honestly, but commits its own loopback HTTP server
                 (`bistro.localnet.hostile`), which serves its bucket with misbehaviour B
                 (`no_last_modified`, `content_range_star`, `status_500`, `trickle`,
@@ -32,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -41,7 +50,7 @@ from safetensors.torch import load as load_safetensors
 from .. import protocol
 from ..config import ConfigError, Settings
 from ..data.pages import local_pages
-from ..delta import Delta, delta_norm, similarity
+from ..delta import Delta, delta_norm, low_rank_part, low_rank_similarity, similarity
 from ..delta.codec import Mixed, Sparse, compress, densify
 from ..delta.wire import DeltaRejected, decode_delta, expectation
 from ..miner import Miner
@@ -156,11 +165,17 @@ class Copycat(Persona):
             time.sleep(0.5)
         return None
 
+    def ranked(
+        self, window: int, commitments: object, incentive_of: Callable[[int], float]
+    ) -> list[tuple[int, str]]:
+        """Whom to try first: the best-paid miners (that is whose work is worth stealing); the
+        paid ones must come before the unpaid ones (`_steal` stops at the first unpaid one)."""
+        return sorted(commitments, key=lambda kv: (-incentive_of(kv[0]), kv[0]))
+
     def _steal(self, window: int, paid_only: bool = False) -> list[tuple[dict[str, torch.Tensor], Delta]]:
         m = self.miner
         mg = m.chain.metagraph()
-        # The best-paid miners first: that is whose work is worth stealing.
-        ranked = sorted(m.chain.commitments().items(), key=lambda kv: (-mg.incentive_of(kv[0]), kv[0]))
+        ranked = self.ranked(window, m.chain.commitments().items(), mg.incentive_of)
         anyone_paid = any(mg.incentive_of(uid) > 0 for uid, _ in ranked)
         stolen = []
         for uid, commitment in ranked:
@@ -263,9 +278,13 @@ class CopyFinetune(Copycat):
     fraction = 0.2
     """Of a window's training steps, how many it spends."""
 
+    def copied(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> dict[str, torch.Tensor]:  # fmt: skip
+        """The copied part, dense: the stolen delta as decoded."""
+        return densify(stolen[0][1], self.miner.shapes)
+
     def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
         m = self.miner
-        copied = densify(stolen[0][1], m.shapes)
+        copied = self.copied(window, stolen)
         with torch.no_grad():
             for name, p in m.params.items():
                 p.copy_(m.master[name] + copied[name].to(p.device))
@@ -274,6 +293,118 @@ class CopyFinetune(Copycat):
         with torch.no_grad():
             delta = {name: p.detach() - m.master[name] for name, p in m.params.items()}
         return self.compress_plain(window, delta)
+
+
+def shaped_noise(
+    original: Delta, shapes: dict[str, tuple[int, ...]], g: torch.Generator
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Unit-free noise shaped like a decoded delta, as two dense parts (each of the same norm as the
+    delta's matching part, so a copy plus `s` times it has cosine about 1/sqrt(1 + s²) to the
+    original): on each low-rank part (a `Mixed` part's dense term) a random rank-1 matrix that
+    keeps one of its factors (the left or the right, by a seeded coin) and draws the other at random,
+    so the sum is rank 1 again and its factors are a rotation of the original's; on every sparse
+    value (or every value of a dense part) Gaussian noise, at the original's positions."""
+    low, rest = {}, {}
+    for name, part in original.items():
+        shape = shapes[name]
+        low[name] = torch.zeros(shape)
+        if isinstance(part, Mixed) and part.dense.dim() == 2 and float(part.dense.norm()) > 0:
+            dense = part.dense.float()
+            left = bool(torch.randint(0, 2, (1,), generator=g))
+            kept = dense[:, dense.norm(dim=0).argmax()] if left else dense[dense.norm(dim=1).argmax()]
+            kept = kept / kept.norm()
+            other = dense.T @ kept if left else dense @ kept  # the original's other factor
+            other = other / other.norm()
+            drawn = torch.randn(other.shape, generator=g)
+            drawn = drawn - (drawn @ other) * other  # orthogonal to it: the noise adds no signal
+            matrix = torch.outer(kept, drawn) if left else torch.outer(drawn, kept)
+            low[name] = matrix * (float(dense.norm()) / float(matrix.norm()))
+        values = part.sparse if isinstance(part, Mixed) else part
+        flat = torch.zeros(math.prod(shape))
+        if isinstance(values, Sparse):
+            if values.values.numel():
+                noise = torch.randn(values.values.shape, generator=g)
+                flat[values.indices] = noise * (float(values.values.norm()) / float(noise.norm()))
+        else:
+            noise = torch.randn(flat.shape, generator=g)
+            flat = noise * (float(values.norm()) / float(noise.norm()))
+        rest[name] = flat.view(shape)
+    return low, rest
+
+
+class ShapedCopier(Copycat):
+    """A copy of one paid miner's delta plus noise shaped like it (`shaped_noise`), re-encoded with
+    the codec and signed as its own: trains nothing. Sized by bisection on the decoded result (the
+    codec re-quantises) so that its cosine to the source is about `cosine` both as whole vectors
+    (`similarity`, the copy screen's) and in the low-rank parts (`low_rank_similarity`, the second
+    screen's): 0.7 sits under both thresholds (0.8, 0.9), with noise about as large as the delta."""
+
+    name = "shaped_copier"
+    cosine = 0.7
+
+    def shaped(self, window: int, original: Delta) -> dict[str, torch.Tensor]:
+        """The forged wire tensors (unsigned)."""
+        m = self.miner
+        g = torch.Generator().manual_seed(protocol.seed(self.name, m.uid, window))
+        dense = densify(original, m.shapes)
+        low, rest = shaped_noise(original, m.shapes, g)
+        has_low = bool(low_rank_part(original))
+        ctx = m.ctx(window)
+
+        def wire_at(a: float, b: float) -> dict[str, torch.Tensor]:
+            return compress({n: dense[n] + a * low[n] + b * rest[n] for n in dense}, m.codec, ctx, None)
+
+        start = math.sqrt(1.0 / self.cosine**2 - 1.0)  # the size that gives `cosine` before the codec
+        brackets = [[0.0, 4.0 * start], [0.0, 4.0 * start]]  # low-rank noise, the rest's
+        for _ in range(8):
+            a, b = (sum(brackets[0]) / 2, sum(brackets[1]) / 2)
+            decoded = m.codec.decode(wire_at(a, b), ctx, m.shapes)
+            got = (
+                low_rank_similarity(original, decoded) if has_low else self.cosine,
+                similarity(original, decoded),
+            )
+            for bracket, size, cosine in zip(brackets, (a, b), got, strict=True):
+                bracket[:] = [size, bracket[1]] if cosine > self.cosine else [bracket[0], size]
+        return wire_at(sum(brackets[0]) / 2, sum(brackets[1]) / 2)
+
+    def forge(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> bytes:
+        return self.miner.encode(window, self.shaped(window, stolen[0][1]))
+
+
+class ShapedCopier05(ShapedCopier):
+    """`shaped_copier` at cosine about 0.5 to its source."""
+
+    name = "shaped_copier_05"
+    cosine = 0.5
+
+
+class RotatingCopier(ShapedCopier):
+    """A shaped copier (cosine about 0.7) that copies a different paid miner each window: the paid
+    uids in uid order, starting at the window's turn, so no one source's pages are helped twice in a
+    row."""
+
+    name = "rotating_copier"
+
+    def ranked(
+        self, window: int, commitments: object, incentive_of: Callable[[int], float]
+    ) -> list[tuple[int, str]]:
+        items = sorted(commitments, key=lambda kv: kv[0])
+        paid = [kv for kv in items if incentive_of(kv[0]) > 0 and kv[0] != self.miner.uid]
+        unpaid = [kv for kv in items if kv not in paid]
+        turn = window % len(paid) if paid else 0
+        return paid[turn:] + paid[:turn] + unpaid
+
+
+class ShapedFinetune(CopyFinetune):
+    """A shaped copy (`shaped_copier`, cosine about 0.7) plus a fifth of a window's training steps
+    on its own pages: only what those steps add to its own pages may earn anything."""
+
+    name = "shaped_finetune"
+
+    def copied(self, window: int, stolen: list[tuple[dict[str, torch.Tensor], Delta]]) -> dict[str, torch.Tensor]:  # fmt: skip
+        m = self.miner
+        shaped = ShapedCopier(m).shaped(window, stolen[0][1])
+        return densify(m.codec.decode(shaped, m.ctx(window), m.shapes), m.shapes)
 
 
 class Hostile(Persona):
@@ -365,6 +496,10 @@ PERSONAS = {  # fmt: skip
         NoisyCopier,
         Blender,
         CopyFinetune,
+        ShapedCopier,
+        ShapedCopier05,
+        RotatingCopier,
+        ShapedFinetune,
         OneInThree,
         BadCommitmentPersona,
     )

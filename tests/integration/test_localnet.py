@@ -1,64 +1,56 @@
-"""Issue 7: a short `bistro localnet` (3 honest and 2 adversarial miners) and its summary.json."""
+"""A short `bistro localnet` (the shared incentive network: honest miners and cheats) and its
+summary.json."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from .conftest import INCENTIVE_PERSONAS, INCENTIVE_WINDOWS
+
 pytestmark = pytest.mark.slow
 
-WINDOWS = 6
 
-
-def test_short_localnet_summary(tmp_path: Path) -> None:
-    config = tmp_path / "fast.toml"
-    config.write_text("[train]\nsteps_per_window = 6\n")
-    run = tmp_path / "net"
-    out = subprocess.run(
-        [sys.executable, "-m", "bistro.cli", "localnet", "--miners", "5", "--validators", "1",
-         "--windows", str(WINDOWS), "--block-time", "1", "--personas", "honest,honest,honest,freeloader,poison",
-         "--dir", str(run), "--config", str(config), "--json"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def test_short_localnet_summary(incentive_net: Path) -> None:
+    run = incentive_net
     summary = json.loads((run / "summary.json").read_text())
     for key, kind in [("windows_completed", int), ("master_loss", list), ("uids", list),
-                      ("honest_incentive_share", float), ("wall_seconds", float)]:  # fmt: skip
+                      ("honest_incentive_share", float), ("honest_paid_share", float),
+                      ("wall_seconds", float)]:  # fmt: skip
         assert isinstance(summary[key], kind), key
-    assert summary["windows_completed"] == WINDOWS
+    assert summary["windows_completed"] == INCENTIVE_WINDOWS
     assert summary["crashed"] == []
     losses = summary["master_loss"]
     assert len(losses) >= 3 and losses[-1] < losses[0]
     by_persona: dict[str, list[dict]] = {}
     for u in summary["uids"]:
-        assert set(u) >= {"uid", "hotkey", "persona", "incentive", "weight", "rejections"}
+        assert set(u) >= {"uid", "hotkey", "persona", "incentive", "paid", "weight", "rejections"}
         assert all(isinstance(n, int) and n > 0 for n in u["rejections"].values())
         by_persona.setdefault(u["persona"], []).append(u)
     honest = by_persona["honest"]
-    assert len(honest) == 3
+    assert len(honest) == INCENTIVE_PERSONAS.count("honest")
     # Summed over the run: a window pays for the work in it, and an honest miner on a busy 2-core box
     # may miss the last window's deadline (then its final incentive is 0, and rightly so).
     history = summary["incentive_history"]
 
     def earned(u: dict) -> float:
-        return sum(h["incentive"].get(str(u["uid"]), 0.0) for h in history)
+        assert u["paid"] == pytest.approx(sum(h["incentive"].get(str(u["uid"]), 0.0) for h in history))
+        return u["paid"]
 
     lowest_honest = min(earned(u) for u in honest)
     assert lowest_honest > 0
     for persona in ("freeloader", "poison"):
         assert earned(by_persona[persona][0]) < lowest_honest, persona
-    assert summary["honest_incentive_share"] >= 0.9
+    assert summary["honest_paid_share"] >= 0.9
     (validator,) = summary["validators"]
     assert set(validator) >= {"uid", "hotkey", "validator_trust"}
     assert validator["validator_trust"] > 0.9  # a lone validator agrees with itself
     network = json.loads((run / "network.json").read_text())
     assert {"netuid", "block_time", "blocks_per_window", "uids"} <= set(network)
     roles = sorted(u["role"] for u in network["uids"])
-    assert roles == ["miner"] * 5 + ["validator"]
+    assert roles == ["miner"] * len(INCENTIVE_PERSONAS) + ["validator"]
     for u in network["uids"]:
         assert {"uid", "hotkey", "persona", "role", "bucket", "bucket_dir"} <= set(u)
     assert (run / "master_loss.png").stat().st_size > 0 and (run / "incentive.png").stat().st_size > 0

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bistro.cli import main as cli
-from bistro.report import PALETTE, REJECTED, VERDICT_COLOURS
+from bistro.report import PALETTE, REJECTED, VERDICT_COLOURS, _summary_table, load_run
 
 WINDOWS = 6
 PERSONAS = {2: "honest", 3: "honest", 4: "poison"}
@@ -69,6 +69,7 @@ def localnet_dir(tmp: Path) -> Path:
     summary = {
         "windows_completed": WINDOWS, "master_windows": list(range(WINDOWS + 1)),
         "master_loss": [8.4 - 0.2 * w for w in range(WINDOWS + 1)], "honest_incentive_share": 0.987,
+        "honest_paid_share": 0.912,
         "wall_seconds": 321.0, "crashed": [],
         "incentive_history": [{"window": w, "incentive": {"0": 0.0, "2": 0.1 * w, "3": 0.09 * w, "4": 0.0}}
                               for w in range(WINDOWS)],
@@ -112,7 +113,7 @@ def test_report_of_a_localnet_dir_renders_in_chromium(tmp_path: Path) -> None:
     assert len(cells) == len(PERSONAS) * WINDOWS  # the half-written last line is left out
     assert sum('data-verdict="non_finite"' in c for c in cells) == WINDOWS // 2
     assert sum('data-verdict="ok"' in c for c in cells) == 2 * (WINDOWS - 1)
-    assert html.count("<tr>") == 1 + len(PERSONAS) and "honest incentive share 0.987" in html
+    assert html.count("<tr>") == 1 + len(PERSONAS) and "honest share of the run's pay 0.912" in html
     shot = tmp_path / "shot.png"
     out = browse(page, tmp_path, f"--screenshot={shot}")
     assert out.returncode == 0 and shot.stat().st_size > 0, out.stderr[-2000:]
@@ -146,3 +147,14 @@ def test_report_of_a_validators_windows_file(tmp_path: Path) -> None:
 def test_report_of_nothing_is_an_error(tmp_path: Path) -> None:
     assert cli(["report", str(tmp_path)]) == 1
     assert cli(["report", str(tmp_path / "absent")]) == 1
+
+
+def test_the_summary_table_quotes_shares_of_the_runs_pay(tmp_path: Path) -> None:
+    """Each uid's share is of its incentive summed over every window, not of the last window's."""
+    run = load_run(localnet_dir(tmp_path))
+    table = _summary_table(run)
+    windows = sum(range(WINDOWS))
+    share = {2: 0.1 * windows / (0.19 * windows), 3: 0.09 * windows / (0.19 * windows)}
+    for uid, expected in share.items():
+        assert f"<td>{round(expected, 4)}</td>" in table, (uid, table)
+    assert "share of the run&#x27;s pay" in table or "share of run&#x27;s pay" in table, table

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from bistro import scoring
+from bistro.config import MechanismConfig
 from bistro.delta.merge import clip_factors, clip_to_median_norm
 
 
@@ -181,3 +182,67 @@ def test_a_window_is_paid_for_the_work_in_it() -> None:
     assert scoring.drop_faulted(weights, [2]) == pytest.approx({1: 0.5 / 0.7, 2: 0.0, 3: 0.2 / 0.7})
     assert scoring.drop_faulted(weights, []) == pytest.approx(weights)
     assert scoring.drop_faulted(weights, [1, 2, 3]) == {1: 0.0, 2: 0.0, 3: 0.0}
+
+
+# --- shaped copies: close controls and the consistency rule (docs/mechanism.md "Shaped copies") -----
+
+
+def test_a_copy_is_tested_against_its_sources_pages_too() -> None:
+    """A copy's random control pages may come out below its own by luck (here +0.1); its source's
+    pages, which the copied part was trained on, it helps far more than its own: the least of the
+    tests is negative. An honest delta helps a copier's pages (random text to it) no more than its
+    control pages: with one control set the test is exactly `own_page_test`."""
+    copy = scoring.own_page_test_against(0.02, 0.1, [(0.01, 0.1), (0.08, 0.2)])
+    assert scoring.own_page_test(0.02, 0.01, 0.1, 0.1) > 0 > copy
+    assert copy == pytest.approx(0.02 / 0.1 - 0.08 / 0.2)
+    honest = scoring.own_page_test_against(0.06, 0.1, [(0.01, 0.1), (0.012, 0.1)], merge_weight=0.5)
+    assert honest > 0 and honest == pytest.approx(scoring.own_page_test(0.06, 0.012, 0.1, 0.1, 0.5))
+    assert scoring.own_page_test_against(0.06, 0.1, [(0.01, 0.1)]) == scoring.own_page_test(
+        0.06, 0.01, 0.1, 0.1
+    )
+    with pytest.raises(ValueError):
+        scoring.own_page_test_against(0.06, 0.1, [])
+
+
+def test_close_uids_are_the_nearest_over_the_threshold() -> None:
+    cosines = {1: 1.0, 2: 0.7, 3: 0.12, 4: 0.5, 5: 0.7, 6: 0.3}
+    assert scoring.close_uids(1, cosines, 0.3, 2) == [2, 5]  # itself never; ties by uid
+    assert scoring.close_uids(1, cosines, 0.3, 10) == [2, 5, 4, 6]
+    assert scoring.close_uids(1, cosines, 0.8, 2) == [] and scoring.close_uids(1, cosines, 0.3, 0) == []
+
+
+def test_consistent_needs_every_one_of_the_last_scored_windows_positive() -> None:
+    recent = {1: [0.2, 0.3], 2: [-0.1, 0.5], 3: [0.4], 4: [0.1, float("nan")], 5: [-1.0, 0.2, 0.3]}
+    assert scoring.consistent(recent, 2) == {1, 5}
+    assert scoring.consistent(recent, 1) == {1, 2, 3, 5}
+    kept = scoring.remember_scores({1: [0.2, 0.3], 7: [0.5]}, {1: -0.4, 8: 0.1}, 2)
+    assert kept == {1: [0.3, -0.4], 7: [0.5], 8: [0.1]}  # uid 7 was not scored: unchanged
+
+
+def _pay(scores_by_window: list[dict[int, float]], consistent_windows: int) -> list[dict[int, float]]:
+    """The validator's steps 6-7 (moving average, recent scores, weights) over windows of scores."""
+    m = MechanismConfig()
+    averages: dict[int, float] = {}
+    recent: dict[int, list[float]] = {}
+    out = []
+    for scores in scores_by_window:
+        averages = scoring.update_averages(averages, scores, set(averages) | set(scores), m.ma_alpha)
+        recent = scoring.remember_scores(recent, scores, consistent_windows)
+        ok = scoring.consistent(recent, consistent_windows)
+        out.append(scoring.weights_from_averages(averages, m.temperature, m.eligibility, ok))
+    return out
+
+
+def test_a_lucky_window_of_a_copy_pays_nothing_and_an_honest_newcomer_is_paid_from_its_second() -> None:
+    """Three honest uids score +0.3 each window. A copier (uid 9) scores like the copier measured on
+    the tiny localnet before the close controls: one window in two positive, and up to 16x an honest
+    score (its average crossed the eligibility bar and it was paid in 3 windows of 14). A newcomer
+    (uid 5) joins at window 4 and scores +0.3."""
+    copier = [-0.5, 4.8, -0.6, 2.0, -0.4, 1.5, -0.3, 3.0]
+    windows = [{1: 0.3, 2: 0.3, 3: 0.3, 9: copier[w], **({5: 0.3} if w >= 4 else {})} for w in range(8)]
+    plain = _pay(windows, consistent_windows=1)
+    assert any(w[9] > 0 for w in plain)  # the moving average alone pays the copier's lucky windows
+    paid = _pay(windows, MechanismConfig().consistent_windows)
+    assert all(w[9] == 0.0 for w in paid), [w[9] for w in paid]
+    assert paid[4][5] == 0.0 and paid[5][5] > 0.0  # the newcomer: paid from its second scored window
+    assert all(sum(w.values()) == pytest.approx(1.0) for w in paid[1:])
