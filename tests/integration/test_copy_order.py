@@ -23,7 +23,10 @@ def test_a_backdated_copy_is_the_copy_and_its_author_is_paid(
     """Also with `mechanism.stream_deltas` (issue 18): the real Validator's fetch keeps the blobs."""
     from bistro.validator import Validator
 
-    world = make_world(tmp_path, ["a", "b", "c"], **{"mechanism.stream_deltas": stream})
+    # consistent_windows 1: the author is paid from this one window (its second would do otherwise)
+    world = make_world(
+        tmp_path, ["a", "b", "c"], **{"mechanism.stream_deltas": stream, "mechanism.consistent_windows": 1}
+    )
     blob = honest_blobs.get(world, "a", FIRST)
     world.put("a", FIRST, blob)
     world.put("c", FIRST, honest_blobs.get(world, "c", FIRST))  # a second author: the test's ratios apply
