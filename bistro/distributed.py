@@ -138,7 +138,7 @@ def aligned(shape: tuple[int, ...], world: int, chunk: int) -> bool:
 class Shards:
     """What every rank of an FSDP2 miner does in a window: load θ_w into its shards, train, and
     encode its part of the delta; rank 0 ends up with the whole wire, encoded exactly as one
-    process would encode the same delta (DESIGN.md "Deltas on the wire": top-k per chunk of the
+    process would encode the same delta (docs/design.md "Deltas on the wire": top-k per chunk of the
     whole flattened tensor).
 
     Memory: every rank keeps its parameter, gradient, AdamW and residual shards and a copy of its

@@ -1,4 +1,4 @@
-"""Scoring one window's deltas against a master, and the master step (DESIGN.md "Mechanism" 3-5, 8).
+"""Scoring one window's deltas against a master, and the master step (docs/design.md "Mechanism" 3-5, 8).
 
 The validator wraps this with the chain and the buckets; the benchmarks and tests call it directly,
 so everyone measures the same code. Nothing here reads a clock, a chain or a store.

@@ -3,7 +3,7 @@
 Masters are numbered by the window in which miners train from them: θ_w. Right after window w's
 upload deadline, the validator scores the deltas of window w on θ_w (the master they were trained
 from) and computes θ_{w+1} = θ_w + U_w, where U_w is the merged update of the deltas that helped,
-kept only if it lowers the global loss (DESIGN.md "Mechanism" step 8). Miners of window w+1 wait for
+kept only if it lowers the global loss (docs/design.md "Mechanism" step 8). Miners of window w+1 wait for
 θ_{w+1} before they train.
 
 Why not pipeline (train window w+1 from θ_w while the validator works, and apply those deltas to
@@ -12,7 +12,7 @@ direction the previous update already took; from window 10 on honest deltas scor
 half the windows, the master step was refused, and the weights went to noise. Waiting costs the
 miner the grace period plus the validator's scoring time at the start of each window.
 
-In the publisher's bucket (DESIGN.md "Master"):
+In the publisher's bucket (docs/design.md "Master"):
 
     bistro/{netuid}/master/checkpoint-{w}.safetensors   θ_w in full, every `checkpoint_every` windows
     bistro/{netuid}/master/update-{w}.safetensors       U_w, turning θ_w into θ_{w+1}, every window

@@ -1,4 +1,4 @@
-"""The miner (DESIGN.md "Miner loop").
+"""The miner (docs/design.md "Miner loop").
 
 Each window w: catch up to θ_w; train on the window's local pages (AdamW whose state stays from
 window to window); Δ = trained − θ_w; compress with the codec, keeping the error-feedback residual;

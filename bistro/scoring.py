@@ -1,10 +1,10 @@
-"""Scores, moving averages and weights: numbers in, numbers out (DESIGN.md "Mechanism").
+"""Scores, moving averages and weights: numbers in, numbers out (docs/design.md "Mechanism").
 
 The validator of window w, for the valid set V of deltas:
 
     3. m_i = normalize(max(I_i, 1/|V|))          merge weights with a bootstrap floor
     4. θ_eval = θ + Σ_{i∈V} m_i Δ_i
-    5. the own-page test (issue 14): s_i = [h_own / P_own − h_other / P_other] / m_i, where
+    5. the own-page test: s_i = [h_own / P_own − h_other / P_other] / m_i, where
        h = L(θ_eval − m_i Δ_i) − L(θ_eval) is uid i's help (under the mean merge, θ_eval less i's own
        term, `MeanMerge.term`: never the mean of the others, which paid a zero delta for
        un-diluting them) and P = L(θ) − L(θ_eval) the pooled help

@@ -1,6 +1,6 @@
 """The miner's inner loop: AdamW on its pages, with optimizer state kept from window to window.
 
-DESIGN.md ("Miner loop"; measured: keeping the optimizer state lifts learning efficiency from 0.81
+docs/design.md ("Miner loop"; measured: keeping the optimizer state lifts learning efficiency from 0.81
 to 0.89). One `Trainer` lives as long as the miner: its AdamW moments and its step count survive
 every window, the learning rate warms up linearly over the first `warmup_steps` steps it ever takes,
 and `state_dict()` / `load_state_dict()` carry all of that through a restart as tensors + JSON.

@@ -1,4 +1,4 @@
-"""The validator (DESIGN.md "Mechanism", one validator, window w; the maths is in scoring.py).
+"""The validator (docs/design.md "Mechanism", one validator, window w; the maths is in scoring.py).
 
 While window w+1 runs, after window w's upload deadline:
 

@@ -68,7 +68,7 @@ TARGETS = {"learning_efficiency": 0.8, "learning_efficiency_ddp": 0.95, "tokens_
            "compression_ratio": 146.0}  # fmt: skip
 
 ABLATIONS: dict[str, dict[str, Any]] = {
-    "topk2 64/4096 (session 5 default)": {
+    "topk2 64/4096 (the large presets' codec)": {
         "overrides": {"mechanism.codec": "topk2", "mechanism.compression": 64.0}
     },
     "lowrank rank 2": {"overrides": {"mechanism.rank": 2}},
@@ -139,7 +139,7 @@ def plan_for(settings: Settings, quick: bool) -> Plan:
     # step, as one sequential step is. At the preset's 8 a miner (32 a step together) the data-parallel
     # baseline itself reaches only 0.46 of the sequential baseline's tokens at the read-out: the
     # combined batch is above what early training can use, and `tokens_efficiency` would measure
-    # that, not the mechanism (docs/performance.md, "Session 7"). CPU: see docs/performance.md.
+    # that, not the mechanism (docs/performance.md, "The learning plan's batch"). CPU: see docs/performance.md.
     return Plan(miners=4, windows=48, steps=5, held_out=8, batch_size=2)
 
 

@@ -4,7 +4,7 @@
    kept here (`batches`, `held_out_pages`, `decode_all`) against a sequential and a data-parallel
    baseline.
 3. Validator overhead: `Evaluator.score` for 8 uids over the bare `sequence_losses` passes that its
-   scoring rule needs (issue 14's rule: every uid's eval pages and as many control pages, at θ, at
+   scoring rule needs (the own-page rule: every uid's eval pages and as many control pages, at θ, at
    θ_eval and at θ_eval without the uid; the global pages at θ and θ_eval), on the same model and
    sequences, interleaved, medians. The ratio is what the merge, the leave-one-out and the
    bookkeeping cost on top of the forward passes.

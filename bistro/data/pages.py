@@ -1,4 +1,4 @@
-"""Which pages a miner trains on and a validator checks (DESIGN.md, "Data pages").
+"""Which pages a miner trains on and a validator checks (docs/design.md, "Pages").
 
 Pure functions of integers and a block hash: every draw is `bistro.protocol.seed(...)` (sha256) of
 its inputs, so any process on any machine computes the same ids, never `hash()` or a global RNG.

@@ -1,6 +1,6 @@
 """Apply, remove and combine decoded deltas, in place on the model's own tensors.
 
-DESIGN.md "Mechanism", steps 4-5, one validator, window w:
+docs/design.md "Mechanism", steps 4-5, one validator, window w:
 
     4. θ_eval = θ_w + Σ_{i∈V} m_i Δ_i
     5. for each i in V: L_with = L(θ_eval); remove m_i Δ_i; L_without = L(θ_eval − m_i Δ_i);

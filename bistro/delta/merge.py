@@ -1,4 +1,4 @@
-"""Combine many decoded deltas into one update: the merge rules (design.md, mechanism step 4) and
+"""Combine many decoded deltas into one update: the merge rules (docs/design.md, step 4) and
 the median-norm clip they share.
 
 Every rule is a `Merge`: built from a window's deltas, their merge weights and (optionally) their
@@ -333,15 +333,14 @@ class MeanMerge(Merge):
     def term(self, i: int, delta: Delta | None = None) -> Delta:
         """Delta i's own term in the update: at each position it sends, its value times its share
         w_i c_i / Σ w of the mean there, every denominator kept. `θ_eval − term(i)` is "θ_eval
-        without uid i" as the validator scores it (issue 16 asks to define it for a merge that is
-        not a weighted sum): what i's *values* put into θ_eval, and nothing else.
+        without uid i" as the validator scores it (docs/design.md, mechanism step 5) for a merge
+        that is not a weighted sum: what i's *values* put into θ_eval, and nothing else.
 
-        Not the mean of the others (until session 8): taking i out of a mean also un-dilutes
+        Not the mean of the others: taking i out of a mean also un-dilutes
         everyone else's values there, and that is not i's work. A freeloader's all-zero upload sits
         in every dense mean (a low-rank part is everyone's), so the mean of the others scaled the
         whole update up by 1 / (1 − its weight); where the update overshot, that "help" paid it:
-        its summed incentive beat an honest miner's in a 6-window localnet (a fresh-clone CI of
-        session 7). Its term is exactly 0, so its help is exactly 0. `delta` as for `share`."""
+        its summed incentive beat an honest miner's in a 6-window localnet. Its term is exactly 0, so its help is exactly 0. `delta` as for `share`."""
         out: Delta = {}
         w, c = self.weights[i], self.clip[i]
         for name, p in (self.deltas[i] if delta is None else delta).items():

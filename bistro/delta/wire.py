@@ -1,10 +1,10 @@
 """A miner's delta on the wire: signed safetensors, and the validator's strict decoding of it.
 
-The header metadata holds one JSON document (DESIGN.md "Deltas on the wire"): format version,
+The header metadata holds one JSON document (docs/design.md "Deltas on the wire"): format version,
 netuid, uid, hotkey, window, codec and its parameters, the master it was trained from (window and
 hash), `tensors_sha256`, and the hotkey's sr25519 signature over the canonical JSON of the rest.
 
-`decode_delta` accepts only what DESIGN.md lists; anything else raises `DeltaRejected(reason)`.
+`decode_delta` accepts only what docs/design.md lists; anything else raises `DeltaRejected(reason)`.
 Checks run cheapest and most basic first, and every tensor entry is checked against the codec's
 promise before a byte of tensor data is loaded (see `signed.py`), so memory stays a small multiple
 of the blob's size whatever the header claims.
