@@ -176,7 +176,13 @@ def check_run(run: Path) -> None:
     history = summary["incentive_history"]
     for u in paid:  # honest bytes: ok whenever it uploaded in time (a busy box may miss a window)
         v = verdicts[u["persona"] if u["persona"] != "honest" else u["uid"]]
-        assert u["paid"] > 0 and set(v) <= {"ok", "missing"} and v.count("ok") >= WINDOWS // 2, (u, v)
+        delivered = [r["uids"][str(u["uid"])]["score"] for r in records[:WINDOWS]
+                     if r["uids"][str(u["uid"])]["verdict"] == "ok"]  # fmt: skip
+        # paid once two delivered windows in a row scored above 0 (`consistent_windows`): on 2 + 2
+        # pages an honest score is below 0 now and then, and in 3 delivered windows that can leave
+        # none paid; the honest share above still holds
+        assert u["paid"] > 0 or any(x <= 0 for x in delivered), (u, delivered)
+        assert set(v) <= {"ok", "missing"} and v.count("ok") >= WINDOWS // 2, (u, v)
 
     for persona, expected in UNPAID.items():
         u, v = by_persona[persona], verdicts[persona]
