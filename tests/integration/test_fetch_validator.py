@@ -51,6 +51,7 @@ def test_our_slow_link_costs_no_honest_uid_anything(world: World) -> None:
     validator = validator_at(world, "slow-link", **{"mechanism.link_bytes_per_second": rate})
     uids = [world.members[n].uid for n in MINERS]
     validator.state.averages = dict.fromkeys(uids, START)
+    validator.state.recent = {u: [START] for u in uids}  # and consistently positive when scored
     validator.evaluate(FIRST)
     got = records(validator)[-1]["uids"]
     assert set(uids) <= {int(u) for u in got}  # (the other validator, uploading nothing, is missing)
@@ -64,15 +65,9 @@ def test_our_slow_link_costs_no_honest_uid_anything(world: World) -> None:
         assert got[str(uid)]["moving_average"] == START
         assert got[str(uid)]["weight"] > 0.0
         assert validator.state.fault_streaks.get(uid, 0) == 0
-    # the fetched ones are the first in the window's seeded order (objects finish one by one)
-    order = [
-        u
-        for u in sample.fetch_order(
-            validator.netuid, FIRST, validator.seed_hash(FIRST), [int(u) for u in got]
-        )
-        if u in uids
-    ]
-    assert set(order[: len(ok)]) == set(ok), (order, ok)
+    # Which ones: with a local bucket the link is charged after each whole read, so the threads
+    # that charge first win, not strictly the first in the seeded order (over HTTP it is charged per
+    # network read, in order: tests/unit/test_fetch.py). Here only the count is the contract.
 
 
 def test_only_the_sample_is_fetched_and_judged(world: World) -> None:

@@ -102,6 +102,8 @@ def base_settings(tmp: Path, **overrides) -> Settings:
         "mechanism.ma_alpha": 0.5,
         "mechanism.eval_pages": 1,
         "mechanism.global_pages": 1,
+        # one window is a whole scenario here: a uid is paid from its first scored window
+        "mechanism.consistent_windows": 1,
         **overrides,
     }
     return build_settings("tiny", None, flags)
