@@ -34,8 +34,9 @@ from .. import protocol
 from ..chain.local import LocalChain
 from ..config import Settings, protocol_settings, replace
 from ..data import Dataset
-from ..delta import Sparse, similarity
+from ..delta import Sparse, delta_norm, similarity
 from ..evaluator import Evaluator
+from ..manifest import delta_sha256
 from ..master import MasterCodec, Publisher, apply_update
 from ..miner import Miner
 from ..model import build_model, model_hash, state_tensors
@@ -221,10 +222,17 @@ def _publish_masters(settings: Settings, tmp: Path, chain: LocalChain, windows: 
             update = recode.encode(update, w)
         apply_update(master, update)
         new = model_hash(master)
+        # what a follower checks before applying it: the publisher's own uid (0, in every drawn
+        # sample of this small network) stands for the merged miners
+        norm = delta_norm(update)
+        manifest = {"merge": settings.mechanism.merge, "uids": [0], "blobs": [""], "weights": [1.0],
+                    "norms": [norm], "clip": [1.0], "valid": [0], "step": 1.0,
+                    "update_sha256": delta_sha256(update), "residual_sha256": ""}  # fmt: skip
         if recode is not None:
-            publisher.update(w, update, digest, new, wire=recode.commit(update, new), fmt=recode.fmt)
+            wire = recode.commit(update, new)
+            publisher.update(w, update, digest, new, wire=wire, fmt=recode.fmt, manifest=manifest)
         else:
-            publisher.update(w, update, digest, new)
+            publisher.update(w, update, digest, new, manifest=manifest)
         digest = new
     publisher.latest(windows, digest, [0])
 
