@@ -58,7 +58,7 @@ test: $(STAMP) browser prometheus pm2 sdk-src
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-# The inner loop: every test except those that start processes (marked slow); under 2 minutes.
+# The inner loop: every test except those that start processes (marked slow); about ten minutes on 2 cores.
 test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -m "not slow"
 
