@@ -34,6 +34,12 @@ def clip_factors(norms: Sequence[float]) -> list[float]:
     return [min(1.0, median / n) if n > 0 else 1.0 for n in norms]
 
 
+def deltas_clip(deltas: Sequence[Delta], norms: Sequence[float] | None) -> list[float]:
+    """`clip_factors` of the deltas' norms: `norms` when the caller has them (`decode_delta`
+    measured them), else one pass over `deltas`."""
+    return clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+
+
 def clip_to_median_norm(weights: Mapping[int, float], norms: Mapping[int, float]) -> dict[int, float]:
     """Merge weights with each delta's norm clipped to the median norm of the valid set (templar
     clips peers to the median norm before merging): m_i · min(1, median / ‖Δ_i‖). One amplified
@@ -85,7 +91,7 @@ def merge_mean(
     them a first pass over `deltas` computes them; the sums take one more (`mean_sums`)."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
-    clip = clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+    clip = deltas_clip(deltas, norms)
     sums = mean_sums(deltas, weights, clip, shapes)
     return {name: sums[name].mean().view(shape) if sums[name].kind != "sparse" else sums[name].sparse_mean()
             for name, shape in shapes.items() if name in sums}  # fmt: skip
@@ -245,7 +251,7 @@ class SumMerge(Merge):
         norms: Sequence[float] | None = None,
     ) -> None:
         self.deltas, self.shapes = deltas, shapes
-        clip = clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+        clip = deltas_clip(deltas, norms)
         self.weights = [float(w) * c for w, c in zip(weights, clip, strict=True)]
         self.update: Delta = merge(deltas, self.weights, shapes)
 
@@ -284,7 +290,7 @@ class MeanMerge(Merge):
         norms: Sequence[float] | None = None,
     ) -> None:
         self.deltas, self.weights, self.shapes = deltas, [float(w) for w in weights], shapes
-        self.clip = clip_factors(list(norms) if norms is not None else [delta_norm(d) for d in deltas])
+        self.clip = deltas_clip(deltas, norms)
         sums = mean_sums(deltas, self.weights, self.clip, shapes)
         self.update: Delta = {}
         # Per parameter: the update's flat positions (None: dense), and Σ w c v and Σ w over the
