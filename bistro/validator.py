@@ -528,14 +528,13 @@ class Validator(Node):
         `mechanism.fetch_concurrency` at a time, all within the fetch budget: what our own link could
         not fetch by then is `unfetched`, what a peer was slow with is `timeout` (`fetch_ordered`).
 
-        Our canary is read first, in the same fetch: if it does not come back intact, every uid is
-        `skip`."""
+        Our canary is read first, on its own: if it does not come back intact, every uid is `skip`."""
         m = self.settings.mechanism
         self.io_seconds = 0.0  # the gather's seconds, for the record's fetch_seconds
         commitments = self.chain.commitments()
         verdicts = {uid: Verdict(uid) for uid in uids}
         self.blob_hashes = {}
-        items: list[tuple[Store, str]] = [(self.store, canary_key(self.netuid))]
+        items: list[tuple[Store, str]] = []
         owners: list[tuple[int, str]] = []
         for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
             commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
@@ -550,13 +549,16 @@ class Validator(Node):
         if not self._write_canary():
             return self._skip_all(verdicts, "cannot write our canary")
         io_start = time.perf_counter()
+        deadline = time.monotonic() + self.fetch_budget()
+        # The canary alone first, outside our link's rate limit: with the peers in the same fetch, a
+        # read that charged the link first could leave our own canary `unfetched` and skip the window.
+        (canary,) = fetch_ordered([(self.store, canary_key(self.netuid))], max_bytes=m.max_delta_bytes,
+                                  deadline=deadline, concurrency=1, stall=m.fetch_stall_seconds)  # fmt: skip
         results = fetch_ordered(
-            items, max_bytes=m.max_delta_bytes, deadline=time.monotonic() + self.fetch_budget(),
-            concurrency=m.fetch_concurrency, link=self.link, stall=m.fetch_stall_seconds,
-            slow_fraction=m.fetch_slow_fraction,
-        )  # fmt: skip
+            items, max_bytes=m.max_delta_bytes, deadline=deadline, concurrency=m.fetch_concurrency,
+            link=self.link, stall=m.fetch_stall_seconds, slow_fraction=m.fetch_slow_fraction,
+        ) if canary == self.canary else []  # fmt: skip
         self.io_seconds = time.perf_counter() - io_start
-        canary, results = results[0], results[1:]
         self.fetched_bytes = sum(len(r) for r in results if isinstance(r, bytes | bytearray))
         if canary != self.canary:
             self._canary_written = False  # write it again next window (it may be gone)
