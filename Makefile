@@ -52,15 +52,19 @@ SDK_SRC ?= $(or $(BISTRO_SDK_SRC),$(HOME)/.cache/bistro/sdk-src)
 sdk-src: $(STAMP)
 	BISTRO_SDK_SRC=$(SDK_SRC) $(PY) -c "from tests.support.bittensor_sdk import fetch_source; print(fetch_source())"
 
+# Tests run on two pytest-xdist workers, one torch thread each (tests/conftest.py); modules that share
+# one local network are one xdist_group, so it runs once. PYTEST_WORKERS= runs them in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
+
 # Lint, format check and the whole test suite.
 test: $(STAMP) browser prometheus pm2 sdk-src
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 # The inner loop: every test except those that start processes (marked slow); about ten minutes on 2 cores.
 test-fast: $(STAMP) browser
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_WORKERS) -m "not slow"
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

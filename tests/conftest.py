@@ -11,6 +11,13 @@ import pytest
 
 from bistro.config import StorageConfig
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on two cores: one torch thread each, since two OpenMP
+    # threads per process on a shared core wait on each other and run many times slower.
+    import torch
+
+    torch.set_num_threads(1)
+
 TEST_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import INCENTIVE_PERSONAS, INCENTIVE_WINDOWS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("incentive_net")]  # one network, one worker
 
 
 def test_short_localnet_summary(incentive_net: Path) -> None:

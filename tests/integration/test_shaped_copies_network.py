@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("incentive_net")]  # one network, one worker
 
 COPIERS = ("shaped_copier", "shaped_copier_05", "rotating_copier", "shaped_finetune")
 

@@ -241,6 +241,7 @@ def serve(node, stop: threading.Event) -> int:
     return ready["port"]
 
 
+@pytest.mark.slow
 def test_miner_py_and_validator_py_start_and_run_a_window_on_a_loopback_node(tmp_path: Path) -> None:
     from bistro.config import WalletConfig
     from bistro.node import default_bucket

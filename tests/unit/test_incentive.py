@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bistro import protocol
 from bistro.data.pages import PageSettings, eval_pages, global_pages, local_pages, other_pages
 
@@ -114,6 +116,7 @@ def _separation(windows: int) -> tuple[dict[str, list[float]], list[dict[int, in
     return scores, copies
 
 
+@pytest.mark.slow
 def test_near_copy_screen_catches_a_jittered_copy_and_never_groups_honest_deltas() -> None:
     """Four honest miners train for real for two windows (the second with error feedback); beside
     them the `noisy_copier` persona's copy of uid 0. Honest deltas train on different pages: their
@@ -171,6 +174,7 @@ def test_near_copy_screen_catches_a_jittered_copy_and_never_groups_honest_deltas
         master = {k: v + sum(d[k] for d in dense) / len(dense) for k, v in master.items()}
 
 
+@pytest.mark.slow
 def test_own_page_test_separates_honest_miners_from_copiers_and_blenders() -> None:
     scores, copies = _separation(windows=3)
     # the exact copy is caught, and the honest author is the original, every window; a blend that

@@ -74,6 +74,7 @@ def test_scores_parses_lm_evals_results() -> None:
     assert got == {"t": {"acc": 0.5, "exact/strict": 1.0}}
 
 
+@pytest.mark.slow
 def test_bistro_eval_matches_a_hand_count(exported: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval.json"
     p = subprocess.run(

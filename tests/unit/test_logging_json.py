@@ -59,6 +59,7 @@ def test_a_real_logger_writes_one_object_a_line(capsys, restore_logging) -> None
     assert third["window"] == 8 and "ValueError: boom" in third["exc"]
 
 
+@pytest.mark.slow
 def test_a_node_process_logs_json_lines(tmp_path: Path) -> None:
     """A real `bistro validator` process that cannot start (no wallet registered on a fresh embedded
     chain) says so as JSON lines, and nothing else on stdout."""

@@ -75,7 +75,7 @@ def test_miner_plan_matches_measured_peak(preset: str) -> None:
     assert 1 / FACTOR <= planned / peak <= FACTOR, (planned, peak)
 
 
-@pytest.mark.parametrize(("preset", "uids"), [("tiny", 8), ("small", 3)])
+@pytest.mark.parametrize(("preset", "uids"), [("tiny", 8), pytest.param("small", 3, marks=pytest.mark.slow)])
 def test_validator_plan_matches_measured_peak(preset: str, uids: int) -> None:
     """`small` at 3 uids: every uid costs a forward pass over its pages on one thread (8 took 149 s
     of the suite), and the plan is compared at the same uid count."""

@@ -207,6 +207,7 @@ def shaped_separation(windows: int, overrides: dict | None = None) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_the_close_controls_sink_every_shaped_copy_and_never_touch_an_honest_uid() -> None:
     """Measured on real training (the figures in docs/mechanism.md "Shaped copies"): against its
     source's pages every shaped copy scores below 0 in every window where its source was scored,

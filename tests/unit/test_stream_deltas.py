@@ -114,7 +114,10 @@ def assert_same_delta(a: Delta, b: Delta) -> None:
             assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize(("codec", "merge"), [("lowrank", "mean"), ("topk2", "mean"), ("topk2", "sum")])
+@pytest.mark.parametrize(
+    ("codec", "merge"),
+    [pytest.param("lowrank", "mean", marks=pytest.mark.slow), ("topk2", "mean"), ("topk2", "sum")],
+)
 def test_streaming_gives_the_same_bits_and_holds_two_deltas(codec: str, merge: str) -> None:
     settings, evaluator, master, blobs = world(codec, merge)
     held = verdicts_of(settings, evaluator, blobs, stream=False)
