@@ -45,12 +45,12 @@ from typing import Any
 
 import torch
 
-from .. import scoring
+from .. import sample, scoring
 from ..config import Settings, replace
 from ..data import Dataset
 from ..data.pages import local_pages
 from ..delta import Delta, to_dense
-from ..evaluator import Evaluator
+from ..evaluator import Evaluator, Verdict
 from ..master import MasterCodec, apply_update, update_to_tensors
 from ..model import Params, build_model, model_hash, state_tensors
 from ..training import Trainer
@@ -120,9 +120,32 @@ class Arm:
     """Apply the proposed update even when the acceptance test refuses it."""
     pipelined: bool = False
     """Score and merge the deltas of window w into θ_{w+1} (miners never wait; not production)."""
+    merge_paid: bool = False
+    """With a sample smaller than the network (`mechanism.max_uids_per_window`): merge the delta of
+    every paid uid (weight > 0) each window, scored in it or not, at its merge weight; an unscored one
+    counts with its moving average as its score. What sampling alone throws away (not production)."""
     outer: tuple[float, float] | None = None
     """(lr, momentum) of a Nesterov outer step on the master (DiLoCo), applied to each accepted update
     U as to a negative pseudo-gradient: v <- mu v + U; θ <- θ + lr (U + mu v). Not production."""
+
+
+SAMPLE_16 = 4
+"""Uids scored a window in the 16-miner arm: 4 of 16 keeps a subnet's ratio of uids to scored
+slots (48 miners with 12 scored, 256 with 64)."""
+NEW_RULES = f"sampled {SAMPLE_16} of 16, recompressed"
+"""The 16-miner arm of `learning_efficiency_ddp_16`: sampled scoring and the bounded update."""
+
+
+def sixteen_arms() -> list[Arm]:
+    """16 miners: every bandwidth design with every uid scored, then the new rules (a sample of
+    `SAMPLE_16` scored and merged a window, the recompressed update), then the same sample with
+    every paid uid merged (`Arm.merge_paid`)."""
+    arms = [Arm(label, **spec) for label, spec in bandwidth_arms(16).items() if "decay" not in label]
+    sampled = {"mechanism.master_codec": "same", "mechanism.max_uids_per_window": SAMPLE_16}
+    arms.append(Arm(NEW_RULES, overrides=sampled))
+    arms.append(Arm(f"sampled {SAMPLE_16} of 16, every paid uid merged (not production)", overrides=sampled,
+                    merge_paid=True))  # fmt: skip
+    return arms
 
 
 def plan_16(quick: bool, windows: int = 0) -> Plan:
@@ -228,10 +251,14 @@ def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor
         digest = model_hash(master)
         blobs = {mi.uid: (mi.keypair.ss58_address, mi.produce(w, master, digest)) for mi in miners}
         wire += [len(b) for _, b in blobs.values()]
-        verdicts = decode_all(s, evaluator.shapes, w, digest, blobs)
+        drawn = scored_uids(s, w, sorted(blobs))
+        verdicts = decode_all(s, evaluator.shapes, w, digest, {u: blobs[u] for u in drawn})
         target = following if arm.pipelined else master
         evaluator.drop_copies(verdicts, w, block_hash(w), target)
         base, global_seqs = evaluator.score(w, block_hash(w), target, verdicts, weights)
+        scores = {uid: v.score for uid, v in verdicts.items()}
+        if arm.merge_paid:
+            merge_paid_uids(s, evaluator, w, digest, blobs, verdicts, weights, averages)
         recompress = None
         if master_codec is not None:  # the bench's master is one lineage: the residual always holds
             master_codec.start("bench")
@@ -263,8 +290,8 @@ def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor
             update = outer_step(update, momentum, evaluator.shapes, *arm.outer)
         if update is not None:
             apply_update(target, update)
-        scores = {uid: v.score for uid, v in verdicts.items()}
-        averages = scoring.update_averages(averages, scores, scores, m.ma_alpha)
+        # a uid is judged in the windows it is drawn in; the others keep their averages
+        averages = {**averages, **scoring.update_averages(averages, scores, scores, m.ma_alpha)}
         weights = scoring.weights_from_averages(averages, m.temperature, m.eligibility)
         curve.append(_loss(evaluator, target, held))  # the master holding every update so far
         log.info("%s window %d/%d: held-out loss %.4f, update %s", arm.label, w + 1, plan.windows, curve[-1],
@@ -279,9 +306,36 @@ def network(settings: Settings, dataset: Dataset, plan: Plan, held: torch.Tensor
         "follower_bytes_per_window": statistics.mean([b for b in follower_bytes if b] or [0]),
         "follower_bytes_max": max(follower_bytes or [0]),
         "merged_uids_per_window": statistics.mean(merged_uids or [0]),
+        "scored_uids_per_window": min(m.max_uids_per_window, plan.miners),
         "master_codec": m.master_codec, "merge_peers": m.merge_peers,
         "cpu_seconds": time.process_time() - start,
     }  # fmt: skip
+
+
+def scored_uids(settings: Settings, window: int, uids: list[int]) -> list[int]:
+    """The window's scored sample (`sample.scored_sample`, as the validator draws it, on the
+    bench's stand-in seed hashes); every uid when the network is no larger than the sample."""
+    size = settings.mechanism.max_uids_per_window
+    if len(uids) <= size:
+        return uids
+    hashes = {x: block_hash(x) for x in sample.hash_windows(window)}
+    return sample.scored_sample(settings.chain.netuid, window, hashes, uids, size)
+
+
+def merge_paid_uids(
+    settings: Settings, evaluator: Evaluator, window: int, digest: str, blobs: dict[int, tuple[str, bytes]],
+    verdicts: dict[int, Verdict], weights: dict[int, float], averages: dict[int, float],
+) -> None:  # fmt: skip
+    """`Arm.merge_paid`: the paid uids the sample left out join `verdicts` as `ok`, their moving
+    average as their score; every merge weight is then taken again over the larger set."""
+    extra = {u: blobs[u] for u in blobs if u not in verdicts and weights.get(u, 0.0) > 0}
+    for uid, v in decode_all(settings, evaluator.shapes, window, digest, extra).items():
+        if v.verdict == "ok":
+            v.score = float(averages.get(uid, 0.0))
+            verdicts[uid] = v
+    valid = [u for u, v in verdicts.items() if v.verdict == "ok"]
+    for uid, m in scoring.merge_weights(weights, valid).items():
+        verdicts[uid].merge_weight = m
 
 
 def outer_step(update: Delta, momentum: Params, shapes: dict, lr: float, mu: float) -> Delta:
@@ -423,8 +477,7 @@ def run(
     sixteen = None
     if bandwidth:
         p16 = plan_16(quick, windows)
-        arms16 = {label: spec for label, spec in bandwidth_arms(16).items() if "decay" not in label}
-        sixteen = learning(settings, p16, [Arm(label, **spec) for label, spec in arms16.items()])
+        sixteen = learning(settings, p16, sixteen_arms())
         result["sixteen"] = sixteen
     name = "learning_ablation.png" if ablation else "learning.png"
     result["png"] = str(plot(result, settings.home / "bench" / name))
@@ -454,7 +507,7 @@ def run(
         "follower_bytes_per_window": default["follower_bytes_per_window"],
     }  # fmt: skip
     if sixteen is not None:
-        new_rules = sixteen["arms"]["recompressed"]
+        new_rules = sixteen["arms"][NEW_RULES]
         headline["learning_efficiency_ddp_16"] = new_rules["learning_efficiency_ddp_final"]
         headline["learning_windows_16"] = sixteen["windows"]
         headline["bandwidth"] = {
