@@ -635,6 +635,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 # fmt: on
 
+SCORED_PER_WINDOW = {"tiny": 256, "small": 64, "150M": 32, "1B": 32, "7B": 32}
+"""`mechanism.max_uids_per_window` of each preset (protocol). 32 of a subnet's 256 uids is what the
+validator's window fits at 150M-7B on each preset's reference hardware (`bistro plan --preset P
+--uids 256 --hardware 8xH100 --design new`), and the sample still reaches every uid within 10
+windows (`sample.MAX_GAP`; 32 a window covers 256 uids in 8 on average). `tiny` and `small` are
+run on one machine with a few dozen uids: every uid every window there unless a run sets less."""
+for _preset, _size in SCORED_PER_WINDOW.items():
+    PRESETS[_preset]["mechanism"]["max_uids_per_window"] = _size
+
 # The seed's flags, and other short names, mapped onto dotted setting paths.
 ALIASES: dict[str, str] = {
     "netuid": "chain.netuid",

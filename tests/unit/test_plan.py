@@ -137,10 +137,12 @@ NEW_KEYS = {
 }
 
 
-def _timed(preset: str, uids: int = 256, hardware: str = "8xH100", **knobs) -> dict:
+def _timed(
+    preset: str, uids: int = 256, hardware: str = "8xH100", flags: dict | None = None, **knobs
+) -> dict:
     from bistro.plan import design_from
 
-    return make_plan(build_settings(preset), uids=uids, hardware=hardware, link_gbit=1.0,
+    return make_plan(build_settings(preset, None, flags or {}), uids=uids, hardware=hardware, link_gbit=1.0,
                      design=design_from(knobs))  # fmt: skip
 
 
@@ -155,7 +157,8 @@ def test_time_plan_keeps_todays_fields_and_adds_the_named_ones(capsys: pytest.Ca
             assert isinstance(value, int | float) and math.isfinite(value) and value >= 0, (role, key, value)
     for key in ("peak_bytes_per_rank", "bytes_per_param", "items", "delta_wire_bytes"):  # today's
         assert key in doc["validator"] and key in doc["miner"]
-    assert doc["validator"]["scored_uids_per_window"] == 256
+    # the 7B preset's sample (`SCORED_PER_WINDOW`) reaches every uid within 10 windows
+    assert doc["validator"]["scored_uids_per_window"] == 32 and 256 / 32 <= 10
     for role in ("validator", "miner"):
         assert set(doc["breakdown"][role]) and all(v >= 0 for v in doc["breakdown"][role].values())
     assert {"validator", "miner", "critical_path"} <= set(doc["fits"])
@@ -172,7 +175,8 @@ def test_time_plan_keeps_todays_fields_and_adds_the_named_ones(capsys: pytest.Ca
 
 
 def test_time_plan_grows_with_uids() -> None:
-    small, large = _timed("150M", uids=64), _timed("150M", uids=128)
+    every = {"mechanism.max_uids_per_window": 256}  # every uid scored, not the preset's sample of 32
+    small, large = _timed("150M", uids=64, flags=every), _timed("150M", uids=128, flags=every)
     for key in ("seconds_per_window", "download_per_window_bytes"):
         assert large["validator"][key] > small["validator"][key], key
     assert large["validator"]["breakdown_s"]["forward"] > small["validator"]["breakdown_s"]["forward"]
