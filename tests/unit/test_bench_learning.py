@@ -81,3 +81,23 @@ def test_efficiencies_on_known_curves() -> None:
     assert learning.efficiency(net, base, 4) == pytest.approx(0.5)
     assert learning.tokens_efficiency(net, base, 4) == pytest.approx(0.5)  # base hit 6.0 at window 2
     assert learning.tokens_efficiency([8.0, 3.0], [8.0, 7.0], 1) is None  # baseline never got there
+
+
+def test_the_sampled_arm_scores_and_merges_only_the_validators_sample() -> None:
+    from bistro import sample
+    from bistro.bench.common import Plan, block_hash
+
+    settings = build_settings("tiny", overrides={"train.threads": 1, "mechanism.max_uids_per_window": 2})
+    uids = list(range(6))
+    drawn = [learning.scored_uids(settings, w, uids) for w in range(12)]
+    for w, got in enumerate(drawn):  # the validator's draw, on the bench's stand-in seed hashes
+        hashes = {x: block_hash(x) for x in sample.hash_windows(w)}
+        assert got == sample.scored_sample(settings.chain.netuid, w, hashes, uids, 2) and len(got) >= 2
+    assert set().union(*drawn[:10]) == set(uids)  # every uid within 10 windows
+    assert learning.scored_uids(settings, 0, [0, 1]) == [0, 1]
+
+    plan = Plan(miners=4, windows=2, steps=1, held_out=1, batch_size=2)
+    sampled = {"mechanism.max_uids_per_window": 1}
+    result = learning.learning(settings, plan, [learning.Arm("sampled", overrides=sampled)])
+    arm = result["arms"]["sampled"]
+    assert arm["scored_uids_per_window"] == 1 and arm["merged_uids_per_window"] <= 1
