@@ -535,7 +535,7 @@ class Follower:
         except (BadTensors, ValueError, TypeError) as e:
             raise MasterError(f"update-{window}: {e}") from None
         for part in update.values():
-            values = [part.dense, part.sparse.values] if isinstance(part, Mixed) else [part]
+            values = [part.low.p, part.low.q, part.sparse.values] if isinstance(part, Mixed) else [part]
             values = [v.values if isinstance(v, Sparse) else v for v in values]
             if not all(bool(torch.isfinite(v).all()) for v in values):
                 raise MasterError(f"update-{window} has non-finite values")
