@@ -100,9 +100,17 @@ def wire_bytes(settings: Settings, shapes: Shapes) -> int:
 
 
 def _dense(settings: Settings, shape: tuple[int, ...]) -> bool:
-    """Whether a decoded delta holds this parameter dense (dense; lowrank's 2-D parts)."""
-    codec = settings.mechanism.codec
-    return codec == "dense" or (codec == "lowrank" and len(shape) == 2)
+    """Whether a decoded delta holds this parameter dense (the `dense` codec; lowrank's matrices are
+    factors plus sparse values)."""
+    return settings.mechanism.codec == "dense"
+
+
+def factor_bytes(settings: Settings, shapes: Shapes) -> int:
+    """fp32 factors one decoded delta holds: lowrank's P [m, rank] and Q [n, rank] of each matrix."""
+    m = settings.mechanism
+    if m.codec != "lowrank":
+        return 0
+    return sum(4 * m.rank * (s[0] + s[1]) for s in shapes.values() if len(s) == 2)
 
 
 def kept_entries(settings: Settings, shapes: Shapes) -> int:
@@ -121,8 +129,12 @@ def kept_entries(settings: Settings, shapes: Shapes) -> int:
 
 
 def decoded_bytes(settings: Settings, shapes: Shapes) -> int:
-    """Bytes of one decoded delta: 4 an entry of a dense part, 12 (int64 index, fp32 value) a sparse one."""
-    return sum((4 if _dense(settings, s) else 12) * kept_entries(settings, {n: s}) for n, s in shapes.items())
+    """Bytes of one decoded delta: 4 an entry of a dense part, 12 (int64 index, fp32 value) a sparse
+    one, and lowrank's fp32 factors."""
+    entries = sum(
+        (4 if _dense(settings, s) else 12) * kept_entries(settings, {n: s}) for n, s in shapes.items()
+    )
+    return entries + factor_bytes(settings, shapes)
 
 
 def miner_items(settings: Settings, shapes: Shapes, nproc: int, rank: int = 0) -> dict[str, list[Item]]:
@@ -188,24 +200,28 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
         Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results (stream_deltas: Verdict.source)"),
         Item("sketches", uids * 8 * (1 << 16), "drop_copies"),
     ]  # fmt: skip
-    update = Item("merged update", union * 12 + dense * 4, "union of positions and values; dense parts")
-    if m.merge != "mean":  # `merge`: one fp32 sum and a held-position flag per parameter
-        sums = Item("merge inputs", 5 * n, "merge: Σ w Δ and positions held, dense per parameter")
+    # The merges hold sparse parts on the union of positions and lowrank's low-rank parts as the
+    # deltas' factors stacked (P̃, Q̃: `uids` deltas' factors), never a parameter-sized sum.
+    factors = uids * factor_bytes(settings, shapes)
+    update = Item("merged update", union * 12 + dense * 4 + factors,
+                  "union of positions and values; stacked factors; dense parts")  # fmt: skip
+    # `_Parts`, one pass delta by delta: the folded union (int64 position, Σ w c v, Σ w), parts
+    # waiting to fold (at most as many entries, 12 B), one parameter's fold (its sort, ~80 B a
+    # union entry), the factors; a plain dense part (the `dense` codec) three dense fp32 sums.
+    largest = max((min(math.prod(s), uids * kept_entries(settings, {k: s})) for k, s in shapes.items()
+                   if not _dense(settings, s)), default=0)  # fmt: skip
+    accumulators = 12 * dense + 28 * union + 80 * largest + factors
+    if m.merge != "mean":
+        sums = Item("merge inputs", accumulators, "merge's _Parts: the union, its fold, stacked factors")
         return {"score": [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")],
                 "merge": [*state, sums, update]}  # fmt: skip
-    # `mean_sums`, one pass delta by delta: a Mixed part's parameter (lowrank's matrices) keeps
-    # three fp32 sums (dense parts, sparse values, their weights), a sparse one two and a bool.
-    accumulators = 12 * dense + 9 * (n - dense)
-    mean_merge = Item("mean-merge sums", 16 * dense + 20 * union,
-                      "MeanMerge: TwoMeans' three sums and the update; Σ w c v, Σ w, the update at the union")  # fmt: skip
+    mean_merge = Item("mean-merge sums", 16 * dense + 20 * union + factors,
+                      "MeanMerge: Σ w c v, Σ w and the update's means at the union; stacked factors")  # fmt: skip
     score = [*state, mean_merge, Item("activations", act, "one eval_batch_size forward (inference mode)")]
-    build = [
-        *state,
-        Item("mean-merge accumulators", accumulators, "mean_sums while MeanMerge reads the deltas"),
-    ]
+    build = [*state, Item("mean-merge accumulators", accumulators, "_Parts while MeanMerge reads the deltas")]
     merge = [
         *state,
-        Item("merge inputs", accumulators, "mean_sums of merge_mean: dense fp32 per parameter"),
+        Item("merge inputs", accumulators, "_Parts of merge_mean: the union, its fold, factors"),
         update,
     ]
     return {"score": score, "theta_eval": build, "merge": merge}
