@@ -205,18 +205,21 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
     factors = uids * factor_bytes(settings, shapes)
     update = Item("merged update", union * 12 + dense * 4 + factors,
                   "union of positions and values; stacked factors; dense parts")  # fmt: skip
-    # `_Parts`, one pass delta by delta: the folded union (int64 position, Σ w c v, Σ w), parts
-    # waiting to fold (at most as many entries, 12 B), one parameter's fold (its sort, ~80 B a
-    # union entry), the factors; a plain dense part (the `dense` codec) three dense fp32 sums.
-    largest = max((min(math.prod(s), uids * kept_entries(settings, {k: s})) for k, s in shapes.items()
-                   if not _dense(settings, s)), default=0)  # fmt: skip
-    accumulators = 12 * dense + 28 * union + 80 * largest + factors
+    # `_Parts`, one pass delta by delta (`delta/merge.py`): per parameter the folded union (int64
+    # position, Σ w c v, Σ w) and parts waiting to fold (at most as many, 12 B an entry), or, once
+    # they reach half the parameter, dense slots (9 B a position); one parameter's fold at a time
+    # (its sort, ~80 B an entry); the factors; a plain dense part (the `dense` codec) dense sums.
+    covered = [(math.prod(s), min(math.prod(s), uids * kept_entries(settings, {k: s})))
+               for k, s in shapes.items() if not _dense(settings, s)]  # fmt: skip
+    sums = sum(9 * size if u >= size / 2 else 28 * u for size, u in covered)
+    fold = 80 * max((min(u, size // 2) for size, u in covered), default=0)
+    accumulators = 12 * dense + sums + fold + factors
     if m.merge != "mean":
-        sums = Item("merge inputs", accumulators, "merge's _Parts: the union, its fold, stacked factors")
+        inputs = Item("merge inputs", accumulators, "merge's _Parts: the union, its fold, stacked factors")
         return {"score": [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")],
-                "merge": [*state, sums, update]}  # fmt: skip
-    mean_merge = Item("mean-merge sums", 16 * dense + 20 * union + factors,
-                      "MeanMerge: Σ w c v, Σ w and the update's means at the union; stacked factors")  # fmt: skip
+                "merge": [*state, inputs, update]}  # fmt: skip
+    mean_merge = Item("mean-merge sums", 16 * dense + 16 * union + factors,
+                      "MeanMerge: Σ w and the update's means at the union; stacked factors")  # fmt: skip
     score = [*state, mean_merge, Item("activations", act, "one eval_batch_size forward (inference mode)")]
     build = [*state, Item("mean-merge accumulators", accumulators, "_Parts while MeanMerge reads the deltas")]
     merge = [

@@ -207,3 +207,21 @@ def test_norms_and_low_rank_cosines_come_from_the_factors() -> None:
     assert low_rank_similarity(a, b) == pytest.approx(cosine, abs=1e-6)
     assert low_rank_similarity(a, a) == pytest.approx(1.0, abs=1e-9)
     assert all(isinstance(p, Factored) for p in low_rank_part(a).values())
+
+
+def test_sums_on_the_union_and_in_dense_slots_give_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many senders cover most of a parameter: the sums go on in dense slots, with the bits the
+    union would have given (every position adds its values in the deltas' order either way)."""
+    from bistro.delta.merge import _Parts
+
+    deltas = random_deltas(SHAPES, 12, seed=5, density=8)
+    weights = [1 / 12] * 12
+    runs = []
+    for dense_at, fold_min in ((2.0, 1 << 20), (2.0, 1), (0.5, 1), (0.0, 1)):  # never, folds, midway, at once
+        monkeypatch.setattr(_Parts, "DENSE_AT", dense_at)
+        monkeypatch.setattr(_Parts, "FOLD_MIN", fold_min)
+        mm = MeanMerge(deltas, weights, SHAPES)
+        runs.append((to_dense(mm.update, SHAPES), [to_dense(mm.term(i), SHAPES) for i in range(12)]))
+    for update, terms in runs[1:]:
+        assert all(torch.equal(update[n], runs[0][0][n]) for n in SHAPES)
+        assert all(torch.equal(t[n], r[n]) for t, r in zip(terms, runs[0][1], strict=True) for n in SHAPES)
