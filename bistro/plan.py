@@ -381,8 +381,9 @@ class Rates:
     """Host rates, one thread, and the CPU forward model; ns per parameter per uid unless named
     otherwise. Fitted on `tiny` by `bistro bench scale` (`rates` in its JSON; `bistro plan --rates
     FILE` reads them). The defaults: decode, sketch, mean sums and share + term are `topk2` timed on
-    one 4096 × 4096 tensor on the development machine (the codec of the 150M/1B/7B presets; `tiny`'s
-    lowrank decodes matrices dense and fits slower: 8.9 / 45 / 2.0 / 6.2); hash, apply, the matrix
+    one 4096 × 4096 tensor on the development machine (lowrank's sparse part is topk2 at half the k;
+    its factors decode without a product, and the low-rank sketch and the share's Σ |P Qᵀ| build it
+    block by block: not refitted since); hash, apply, the matrix
     product and element-wise rates and the train factor are rounded from `bench scale` fits there;
     `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
 
@@ -441,8 +442,10 @@ class Design:
     master_on_host: bool = False
     """Keep θ_w (fp32) in host memory, not beside θ_eval on the GPU (validator and miner rank 0)."""
     factored_lowrank: bool = False
-    """Merge lowrank factors without densifying: θ_eval's low-rank part is one GEMM per matrix of
-    inner dimension rank × uids; a uid's leave-one-out is its own rank-r term."""
+    """Each GPU holds its uids' lowrank deltas factored, decoded once, and builds θ_eval's low-rank
+    part as one GEMM per matrix of inner dimension rank × uids (the host merge already keeps the
+    factors stacked and a uid's term is its own rank-r factors; today it materialises them on the
+    host, rank by rank)."""
     follower_update: str = ""
     """What a follower downloads to reach θ_{w+1}: `union` (`mechanism.master_codec sparse`: int64
     index + fp32 value per position of the merged deltas' union), `recompressed`
