@@ -9,6 +9,11 @@ removes; the terms add up to the update). Clipping to the median norm happens in
     sum    Σ w_i c_i Δ_i (`SumMerge`, over `merge`)
     mean   per index, the weighted mean of the deltas that hold it, each first clipped to the median
            norm (`MeanMerge`, over `merge_mean`: the default)
+
+Both hold what the wire holds (`_Parts`): sparse values summed on the sorted union of their
+positions, lowrank's low-rank parts as their factors stacked along the rank axis (`Factored`, the
+weights folded into P̃), so a lowrank window is merged without a parameter-sized tensor; the update
+is materialised only when applied to a parameter (`apply.add_`), one block of rows at a time.
 """
 
 from __future__ import annotations
