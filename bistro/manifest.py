@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .delta import Delta, Sparse, delta_norm, scaled
-from .delta.codec import Mixed
+from .delta.codec import Factored, Mixed
 from .delta.merge import MERGES, clip_factors
 
 LOSS_TOLERANCE = 1e-3
@@ -75,17 +75,21 @@ def _feed(h: Any, name: str, tag: str, t: torch.Tensor) -> None:
 
 
 def delta_sha256(delta: Delta) -> str:
-    """sha256 of a decoded delta or merged update: names sorted, each part's kind, dtype, shape, bytes."""
+    """sha256 of a decoded delta or merged update: names sorted, each part's kind, dtype, shape, bytes
+    (a low-rank part's factors, as the merge stacks them)."""
     h = hashlib.sha256()
     for name in sorted(delta):
         part = delta[name]
         if isinstance(part, Sparse):
             _feed(h, name, "i", part.indices.to(torch.int64))
             _feed(h, name, "v", part.values.float())
-        elif isinstance(part, Mixed):
-            _feed(h, name, "d", part.dense.float())
-            _feed(h, name, "i", part.sparse.indices.to(torch.int64))
-            _feed(h, name, "v", part.sparse.values.float())
+        elif isinstance(part, (Mixed, Factored)):  # a low-rank part by its factors (never densified)
+            low = part.low if isinstance(part, Mixed) else part
+            _feed(h, name, "p", low.p.float())
+            _feed(h, name, "q", low.q.float())
+            if isinstance(part, Mixed):
+                _feed(h, name, "i", part.sparse.indices.to(torch.int64))
+                _feed(h, name, "v", part.sparse.values.float())
         else:
             _feed(h, name, "d", part.float())
     return h.hexdigest()

@@ -59,7 +59,7 @@ from safetensors import safe_open
 from . import protocol
 from .config import ProtocolSettings, Settings
 from .delta import Delta, Sparse, add_
-from .delta.codec import CODECS, BadTensors, Codec, CodecContext, Mixed, Shapes
+from .delta.codec import CODECS, BadTensors, Codec, CodecContext, Mixed, Shapes, full
 from .delta.signed import SignedObjectError, check_signed, pack_signed, tensor_views
 from .manifest import cheap_check
 from .model import Params, model_hash
@@ -90,14 +90,15 @@ class Position:
 
 
 def update_to_tensors(update: Delta) -> dict[str, torch.Tensor]:
-    """A merged update as named tensors: `<param>::i` / `<param>::v` (sparse) or `<param>::d`."""
+    """A merged update as named tensors: `<param>::i` / `<param>::v` (sparse) or `<param>::d` (dense;
+    a low-rank part with its sparse values materialised, one parameter at a time)."""
     out: dict[str, torch.Tensor] = {}
     for name, part in update.items():
         if isinstance(part, Sparse):
             out[f"{name}::i"] = part.indices.to(torch.int64).contiguous()
             out[f"{name}::v"] = part.values.to(torch.float32).contiguous()
         else:
-            out[f"{name}::d"] = part.to(torch.float32).contiguous()
+            out[f"{name}::d"] = full(part).to(torch.float32).contiguous()
     return out
 
 
@@ -535,7 +536,7 @@ class Follower:
         except (BadTensors, ValueError, TypeError) as e:
             raise MasterError(f"update-{window}: {e}") from None
         for part in update.values():
-            values = [part.dense, part.sparse.values] if isinstance(part, Mixed) else [part]
+            values = [part.low.p, part.low.q, part.sparse.values] if isinstance(part, Mixed) else [part]
             values = [v.values if isinstance(v, Sparse) else v for v in values]
             if not all(bool(torch.isfinite(v).all()) for v in values):
                 raise MasterError(f"update-{window} has non-finite values")

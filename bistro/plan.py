@@ -100,9 +100,17 @@ def wire_bytes(settings: Settings, shapes: Shapes) -> int:
 
 
 def _dense(settings: Settings, shape: tuple[int, ...]) -> bool:
-    """Whether a decoded delta holds this parameter dense (dense; lowrank's 2-D parts)."""
-    codec = settings.mechanism.codec
-    return codec == "dense" or (codec == "lowrank" and len(shape) == 2)
+    """Whether a decoded delta holds this parameter dense (the `dense` codec; lowrank's matrices are
+    factors plus sparse values)."""
+    return settings.mechanism.codec == "dense"
+
+
+def factor_bytes(settings: Settings, shapes: Shapes) -> int:
+    """fp32 factors one decoded delta holds: lowrank's P [m, rank] and Q [n, rank] of each matrix."""
+    m = settings.mechanism
+    if m.codec != "lowrank":
+        return 0
+    return sum(4 * m.rank * (s[0] + s[1]) for s in shapes.values() if len(s) == 2)
 
 
 def kept_entries(settings: Settings, shapes: Shapes) -> int:
@@ -121,8 +129,12 @@ def kept_entries(settings: Settings, shapes: Shapes) -> int:
 
 
 def decoded_bytes(settings: Settings, shapes: Shapes) -> int:
-    """Bytes of one decoded delta: 4 an entry of a dense part, 12 (int64 index, fp32 value) a sparse one."""
-    return sum((4 if _dense(settings, s) else 12) * kept_entries(settings, {n: s}) for n, s in shapes.items())
+    """Bytes of one decoded delta: 4 an entry of a dense part, 12 (int64 index, fp32 value) a sparse
+    one, and lowrank's fp32 factors."""
+    entries = sum(
+        (4 if _dense(settings, s) else 12) * kept_entries(settings, {n: s}) for n, s in shapes.items()
+    )
+    return entries + factor_bytes(settings, shapes)
 
 
 def miner_items(settings: Settings, shapes: Shapes, nproc: int, rank: int = 0) -> dict[str, list[Item]]:
@@ -188,24 +200,31 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
         Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results (stream_deltas: Verdict.source)"),
         Item("sketches", uids * 8 * (1 << 16), "drop_copies"),
     ]  # fmt: skip
-    update = Item("merged update", union * 12 + dense * 4, "union of positions and values; dense parts")
-    if m.merge != "mean":  # `merge`: one fp32 sum and a held-position flag per parameter
-        sums = Item("merge inputs", 5 * n, "merge: Σ w Δ and positions held, dense per parameter")
+    # The merges hold sparse parts on the union of positions and lowrank's low-rank parts as the
+    # deltas' factors stacked (P̃, Q̃: `uids` deltas' factors), never a parameter-sized sum.
+    factors = uids * factor_bytes(settings, shapes)
+    update = Item("merged update", union * 12 + dense * 4 + factors,
+                  "union of positions and values; stacked factors; dense parts")  # fmt: skip
+    # `_Parts`, one pass delta by delta (`delta/merge.py`): per parameter the folded union (int64
+    # position, Σ w c v, Σ w) and parts waiting to fold (at most as many, 12 B an entry), or, once
+    # they reach half the parameter, dense slots (9 B a position); one parameter's fold at a time
+    # (its sort, ~80 B an entry); the factors; a plain dense part (the `dense` codec) dense sums.
+    covered = [(math.prod(s), min(math.prod(s), uids * kept_entries(settings, {k: s})))
+               for k, s in shapes.items() if not _dense(settings, s)]  # fmt: skip
+    sums = sum(9 * size if u >= size / 2 else 28 * u for size, u in covered)
+    fold = 80 * max((min(u, size // 2) for size, u in covered), default=0)
+    accumulators = 12 * dense + sums + fold + factors
+    if m.merge != "mean":
+        inputs = Item("merge inputs", accumulators, "merge's _Parts: the union, its fold, stacked factors")
         return {"score": [*state, Item("activations", act, "one eval_batch_size forward (inference mode)")],
-                "merge": [*state, sums, update]}  # fmt: skip
-    # `mean_sums`, one pass delta by delta: a Mixed part's parameter (lowrank's matrices) keeps
-    # three fp32 sums (dense parts, sparse values, their weights), a sparse one two and a bool.
-    accumulators = 12 * dense + 9 * (n - dense)
-    mean_merge = Item("mean-merge sums", 16 * dense + 20 * union,
-                      "MeanMerge: TwoMeans' three sums and the update; Σ w c v, Σ w, the update at the union")  # fmt: skip
+                "merge": [*state, inputs, update]}  # fmt: skip
+    mean_merge = Item("mean-merge sums", 16 * dense + 16 * union + factors,
+                      "MeanMerge: Σ w and the update's means at the union; stacked factors")  # fmt: skip
     score = [*state, mean_merge, Item("activations", act, "one eval_batch_size forward (inference mode)")]
-    build = [
-        *state,
-        Item("mean-merge accumulators", accumulators, "mean_sums while MeanMerge reads the deltas"),
-    ]
+    build = [*state, Item("mean-merge accumulators", accumulators, "_Parts while MeanMerge reads the deltas")]
     merge = [
         *state,
-        Item("merge inputs", accumulators, "mean_sums of merge_mean: dense fp32 per parameter"),
+        Item("merge inputs", accumulators, "_Parts of merge_mean: the union, its fold, factors"),
         update,
     ]
     return {"score": score, "theta_eval": build, "merge": merge}
@@ -362,8 +381,9 @@ class Rates:
     """Host rates, one thread, and the CPU forward model; ns per parameter per uid unless named
     otherwise. Fitted on `tiny` by `bistro bench scale` (`rates` in its JSON; `bistro plan --rates
     FILE` reads them). The defaults: decode, sketch, mean sums and share + term are `topk2` timed on
-    one 4096 × 4096 tensor on the development machine (the codec of the 150M/1B/7B presets; `tiny`'s
-    lowrank decodes matrices dense and fits slower: 8.9 / 45 / 2.0 / 6.2); hash, apply, the matrix
+    one 4096 × 4096 tensor on the development machine (lowrank's sparse part is topk2 at half the k;
+    its factors decode without a product, and the low-rank sketch and the share's Σ |P Qᵀ| build it
+    block by block: not refitted since); hash, apply, the matrix
     product and element-wise rates and the train factor are rounded from `bench scale` fits there;
     `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
 
@@ -422,8 +442,10 @@ class Design:
     master_on_host: bool = False
     """Keep θ_w (fp32) in host memory, not beside θ_eval on the GPU (validator and miner rank 0)."""
     factored_lowrank: bool = False
-    """Merge lowrank factors without densifying: θ_eval's low-rank part is one GEMM per matrix of
-    inner dimension rank × uids; a uid's leave-one-out is its own rank-r term."""
+    """Each GPU holds its uids' lowrank deltas factored, decoded once, and builds θ_eval's low-rank
+    part as one GEMM per matrix of inner dimension rank × uids (the host merge already keeps the
+    factors stacked and a uid's term is its own rank-r factors; today it materialises them on the
+    host, rank by rank)."""
     follower_update: str = ""
     """What a follower downloads to reach θ_{w+1}: `union` (`mechanism.master_codec sparse`: int64
     index + fp32 value per position of the merged deltas' union), `recompressed`

@@ -17,7 +17,9 @@ In code:
         restore_(params, saved)                    # θ_eval again, bit for bit
 
 A sparse part touches only its positions (`index_add_` on the flat view), so applying a `mask`
-delta costs O(k), far below a forward pass; a dense part touches everything.
+delta costs O(k), far below a forward pass; a dense part touches everything, and a low-rank part
+(`Factored`: lowrank's factors, or a merge's stacked factors) is materialised into the parameter one
+block at a time, in its fixed order, so no parameter-sized product is ever held.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from .codec import Delta, Mixed, Part, Shapes, Sparse, densify, full
+from .codec import Delta, Factored, Mixed, Part, Shapes, Sparse, densify, full
 
 Saved = dict[str, Part]
 """Previous values at every touched position: Sparse(indices, old values) or a dense copy."""
@@ -45,9 +47,11 @@ def add_(params: dict[str, Tensor], delta: Delta, scale: float) -> None:
     for name, part in delta.items():
         p = params[name]
         if isinstance(part, Mixed):
-            add_(params, {name: part.dense}, scale)
+            add_(params, {name: part.low}, scale)
             part = part.sparse
-        if isinstance(part, Sparse):
+        if isinstance(part, Factored):
+            part.add_to(p.view(part.shape), scale)
+        elif isinstance(part, Sparse):
             idx, vals = part.indices.to(p.device), part.values.to(p.device, p.dtype)
             _flat(p).index_add_(0, idx, vals, alpha=scale)
         else:
@@ -87,11 +91,21 @@ def scaled(delta: Delta, factor: float) -> Delta:
 
 def _scaled(p: Part, factor: float) -> Part:
     if isinstance(p, Mixed):
-        return Mixed(p.dense * factor, Sparse(p.sparse.indices, p.sparse.values * factor))
+        return Mixed(p.low.scaled(factor), Sparse(p.sparse.indices, p.sparse.values * factor))
+    if isinstance(p, Factored):
+        return p.scaled(factor)
     return Sparse(p.indices, p.values * factor) if isinstance(p, Sparse) else p * factor
 
 
 def _square(p: Part) -> float:
+    """‖p‖²; a low-rank part's from its factors, plus what its sparse values add at their positions
+    (‖L + S‖² = ‖L‖² + Σ_k (2 L_k + s_k) s_k: the positions of S are unique)."""
+    if isinstance(p, Factored):
+        return p.square()
+    if isinstance(p, Mixed):
+        s = p.sparse.values.double()
+        low = p.low.at(p.sparse.indices).double()
+        return max(0.0, p.low.square() + float(((2 * low + s) * s).sum()))
     values = p.values if isinstance(p, Sparse) else full(p)
     return float(values.double().square().sum())
 

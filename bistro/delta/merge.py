@@ -9,6 +9,11 @@ removes; the terms add up to the update). Clipping to the median norm happens in
     sum    Σ w_i c_i Δ_i (`SumMerge`, over `merge`)
     mean   per index, the weighted mean of the deltas that hold it, each first clipped to the median
            norm (`MeanMerge`, over `merge_mean`: the default)
+
+Both hold what the wire holds (`_Parts`): sparse values summed on the sorted union of their
+positions, lowrank's low-rank parts as their factors stacked along the rank axis (`Factored`, the
+weights folded into P̃), so a lowrank window is merged without a parameter-sized tensor; the update
+is materialised only when applied to a parameter (`apply.add_`), one block of rows at a time.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from .apply import add_, delta_norm, scaled
-from .codec import Delta, Mixed, Part, Shapes, Sparse, numel
+from .apply import delta_norm, scaled
+from .codec import Delta, Factored, Mixed, Part, Shapes, Sparse, numel
 
 
 def clip_factors(norms: Sequence[float]) -> list[float]:
@@ -50,174 +55,183 @@ def clip_to_median_norm(weights: Mapping[int, float], norms: Mapping[int, float]
     return {uid: weights[uid] * c for uid, c in zip(uids, factors, strict=True)}
 
 
-def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
-    """Σ w_i Δ_i; a parameter stays sparse (union of positions) when every input is sparse there.
+class _Parts:
+    """One parameter's parts across a window's deltas, held as the wire holds them, fed one delta
+    at a time in the deltas' order (every node's order): the sparse parts' sums on the sorted union
+    of their positions (memory of the union's size, not the parameter's), the low-rank parts'
+    factors (P times w c, stacked later along the rank axis), and only where a plain dense part
+    comes (the `dense` codec) a dense Σ w c v.
 
-    Delta-outer: each delta is read once, in order, into one dense fp32 sum per parameter, so a
+    Sparse parts wait in `pending` until they hold as many entries as the union so far, then fold
+    into it (one sort of the concatenated positions; `index_add_` adds in order, so every position
+    sums its values in the deltas' order, whatever the folding schedule): at most about twice the
+    union is held, and the sorts cost O(entries · log) in all. Once the union and the waiting parts
+    reach `DENSE_AT` of the parameter (many senders: 256 deltas of 32 in 4096 cover 86% of it), a
+    position costs less as a dense slot (Σ w c v, Σ w, held-or-not: 9 bytes) than as a union entry
+    (16 and the sort), and the sums go on densely, with the same bits."""
+
+    FOLD_MIN = 1 << 20
+    """Pending entries below which no fold happens."""
+    DENSE_AT = 0.5
+    """Share of the parameter the union and waiting entries reach before the sums go dense."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.at = torch.empty(0, dtype=torch.int64)  # the union so far, sorted
+        self.total = torch.empty(0)  # Σ w c v there
+        self.held = torch.empty(0)  # Σ w there
+        self.pending: list[tuple[Tensor, Tensor, float]] = []  # (positions, w c v, w) not folded yet
+        self.waiting = 0
+        self.p: list[Tensor] = []  # P_i w_i c_i
+        self.q: list[Tensor] = []
+        self.dense: Tensor | None = None  # Σ w c v of plain dense parts
+        self.dense_held = 0.0  # Σ w over the deltas with a low-rank or dense part
+        self.slots: tuple[Tensor, Tensor, Tensor] | None = None  # dense Σ w c v, Σ w, held-or-not
+
+    def add(self, p: Part, w: float, c: float) -> None:
+        low, dense, sparse = _split(p)
+        if sparse is not None and self.slots is not None:
+            total, held, touched = self.slots
+            total.index_add_(0, sparse.indices, sparse.values.float() * (w * c))
+            held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), w))
+            touched[sparse.indices] = True
+        elif sparse is not None:
+            self.pending.append((sparse.indices, sparse.values.float() * (w * c), w))
+            self.waiting += sparse.indices.numel()
+            if self.at.numel() + self.waiting >= self.DENSE_AT * self.size:
+                self._to_slots()
+            elif self.waiting >= max(self.FOLD_MIN, self.at.numel()):
+                self._fold()
+        if low is not None:
+            self.p.append(low.p.float() * (w * c))
+            self.q.append(low.q.float())
+        if dense is not None:
+            self.dense = torch.zeros(self.size) if self.dense is None else self.dense
+            self.dense.add_(dense.float().reshape(-1), alpha=w * c)
+        if low is not None or dense is not None:
+            self.dense_held += w
+
+    def _fold(self) -> None:
+        if not self.pending:
+            return
+        counts = torch.tensor([self.at.numel()] + [i.numel() for i, _, _ in self.pending])
+        union, where = torch.unique(torch.cat([self.at] + [i for i, _, _ in self.pending]), sorted=True,
+                                    return_inverse=True)  # fmt: skip
+        total = torch.zeros(union.numel()).index_add_(
+            0, where, torch.cat([self.total] + [v for _, v, _ in self.pending])
+        )
+        weights = torch.repeat_interleave(torch.tensor([0.0] + [w for _, _, w in self.pending]), counts)
+        weights[: self.at.numel()] = self.held
+        self.held = torch.zeros(union.numel()).index_add_(0, where, weights)
+        self.at, self.total, self.pending, self.waiting = union, total, [], 0
+
+    def _to_slots(self) -> None:
+        """Go on with dense sums: the folded ones scattered into them (partial sums, so the bits
+        are those the union would have given)."""
+        self._fold()
+        total, held = torch.zeros(self.size), torch.zeros(self.size)
+        touched = torch.zeros(self.size, dtype=torch.bool)
+        total[self.at], held[self.at], touched[self.at] = self.total, self.held, True
+        self.slots = (total, held, touched)
+        self.at, self.total, self.held = torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0)
+
+    def union(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(the sorted positions some sparse part holds, Σ w c v and Σ w at each)."""
+        if self.slots is not None:
+            total, held, touched = self.slots
+            at = touched.nonzero().reshape(-1)
+            self.at, self.total, self.held, self.slots = at, total[at], held[at], None
+        self._fold()
+        return self.at, self.total, self.held
+
+    def stacked(self) -> Factored:
+        """The low-rank parts' weighted sum: their factors stacked in the deltas' order."""
+        low = Factored(torch.cat(self.p, dim=1), torch.cat(self.q, dim=1))
+        self.p, self.q = [], []
+        return low
+
+
+def _parts(deltas: Sequence[Delta], weights: Sequence[float], clip: Sequence[float], shapes: Shapes) -> dict[str, _Parts]:  # fmt: skip
+    """`_Parts` of every parameter some delta holds: one pass over `deltas`, delta by delta, so a
     streamed `deltas` (the validator's `stream_deltas`) never holds more than one decoded."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
-    totals: dict[str, Tensor] = {}
-    held: dict[str, Tensor] = {}  # positions a sparse part holds
-    sparse: dict[str, bool] = {}  # every part so far is Sparse
-    for d, w in zip(deltas, weights, strict=True):
+    parts: dict[str, _Parts] = {}
+    for d, w, c in zip(deltas, weights, clip, strict=True):
         for name, p in d.items():
-            if name not in totals:
-                size = numel(shapes[name])
-                totals[name], held[name] = torch.zeros(size), torch.zeros(size, dtype=torch.bool)
-                sparse[name] = True
-            add_({name: totals[name]}, {name: p}, float(w))
-            if isinstance(p, Sparse):
-                held[name][p.indices] = True
-            else:
-                sparse[name] = False
+            if name not in parts:
+                parts[name] = _Parts(numel(shapes[name]))
+            parts[name].add(p, float(w), c)
+    return parts
+
+
+def _dense_of(low: Factored | None, dense: Tensor | None, sparse: Sparse, size: int) -> Tensor:
+    """One flat dense tensor of a parameter's low-rank, dense and sparse sums (only where a plain
+    dense part came: the `dense` codec beside another)."""
+    out = torch.zeros(size) if dense is None else dense
+    if low is not None:
+        low.add_to(out.view(low.shape))
+    return out.index_add_(0, sparse.indices, sparse.values)
+
+
+def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
+    """Σ w_i Δ_i: sparse parts summed on the union of their positions, low-rank parts as their
+    factors stacked along the rank axis (P_i w_i, Q_i), so neither is ever dense; a parameter some
+    delta holds plain dense is one dense sum."""
     out: Delta = {}
+    parts = _parts(deltas, weights, [1.0] * len(weights), shapes)
     for name, shape in shapes.items():
-        if name in totals:
-            union = held[name].nonzero().reshape(-1)
-            out[name] = Sparse(union, totals[name][union]) if sparse[name] else totals[name].view(shape)
+        if name not in parts:
+            continue
+        s = parts.pop(name)
+        union, total, _ = s.union()
+        sparse, low = Sparse(union, total), s.stacked() if s.p else None
+        if s.dense is not None:
+            out[name] = _dense_of(low, s.dense, sparse, s.size).view(shape)
+        else:
+            out[name] = sparse if low is None else Mixed(low, sparse)
     return out
 
 
 def merge_mean(
     deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes, norms: Sequence[float] | None = None
 ) -> Delta:
-    """Per index, the `weights`-weighted mean of the values of the deltas that hold it (a dense part
-    holds every index), each delta first scaled down to the median norm (templar's merge).
+    """Per index, the `weights`-weighted mean of the values of the deltas that hold it (a dense or
+    low-rank part holds every index), each delta first scaled down to the median norm (templar's
+    merge): `MeanMerge`'s update.
 
     `merge` divides a coordinate only one of N barely overlapping top-k deltas holds by about N; this
     keeps it. The median is the lower one (torch.median's) so every node takes the same. `norms`,
     when given, are the deltas' `delta_norm`s (the validator has them from `decode_delta`): without
-    them a first pass over `deltas` computes them; the sums take one more (`mean_sums`)."""
-    if len(deltas) != len(weights):
-        raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
-    clip = deltas_clip(deltas, norms)
-    sums = mean_sums(deltas, weights, clip, shapes)
-    return {name: sums[name].mean().view(shape) if sums[name].kind != "sparse" else sums[name].sparse_mean()
-            for name, shape in shapes.items() if name in sums}  # fmt: skip
+    them a first pass over `deltas` computes them; the sums take one more."""
+    return MeanMerge(deltas, weights, shapes, norms).update
 
 
-class _Rekind(Exception):
-    """A `Mixed` part reached a parameter already summed as plain dense: sum it again as `TwoMeans`."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.name = name
-
-
-class MeanSums:
-    """One parameter's running sums for `merge_mean`, fed one delta's part at a time, in the deltas'
-    order (every node's order): Σ w c v and Σ w at each position, dense fp32 of the parameter's size.
-
-    Its kind follows the parts seen: `sparse` while every part is Sparse (the mean is over the union
-    of positions), `dense` once a plain dense part came (it holds every index), `two` once a `Mixed`
-    one came (`TwoMeans`: the dense parts' mean plus the sparse values' per-index mean). Sparse sums
-    turn into either without a change of value: every kind adds a sparse part the same way, so the
-    result is bit for bit that of summing parameter by parameter over a list (what `merge_mean` did
-    before it streamed). A `Mixed` part after a plain dense one cannot be split out again: `_Rekind`
-    asks `mean_sums` for a pass with the parameter `two` from the start (no codec mixes them)."""
-
-    def __init__(self, size: int, two: bool = False) -> None:
-        self.kind = "two" if two else "sparse"
-        self.total, self.held = torch.zeros(size), torch.zeros(size)  # two: the sparse values' sums
-        self.touched = torch.zeros(size, dtype=torch.bool)  # positions a sparse part holds
-        self.dense_total: Tensor | None = torch.zeros(size) if two else None
-        self.dense_held = 0.0
-
-    def add(self, name: str, p: Part, w: float, c: float) -> None:
-        if isinstance(p, Mixed) and self.kind != "two":
-            if self.kind == "dense":
-                raise _Rekind(name)
-            self.kind, self.dense_total = "two", torch.zeros(self.total.numel())
-        elif self.kind == "sparse" and not isinstance(p, Sparse):
-            self.kind = "dense"
-        dense, sparse = _split(p)
-        if sparse is not None:
-            self.total.index_add_(0, sparse.indices, sparse.values.float(), alpha=w * c)
-            self.held.index_add_(0, sparse.indices, torch.full((sparse.indices.numel(),), w))
-            self.touched[sparse.indices] = True
-        if dense is not None and self.dense_total is not None:  # two
-            self.dense_total.add_(dense.float().reshape(-1), alpha=w * c)
-            self.dense_held += w
-        elif dense is not None:
-            self.total.add_(dense.float().reshape(-1), alpha=w * c)
-            self.held.add_(w)
-
-    def union(self) -> Tensor:
-        """The sorted positions some sparse part held (kind `sparse`: the update's positions)."""
-        return self.touched.nonzero().reshape(-1)
-
-    def sparse_mean(self) -> Sparse:
-        at = self.union()
-        return Sparse(at, self.total[at] / self.held[at])
-
-    def two_means(self) -> TwoMeans:
-        if self.dense_total is None:
-            raise ValueError("not a two-means parameter")
-        return TwoMeans(self.dense_total, self.dense_held, self.total, self.held)
-
-    def mean(self) -> Tensor:
-        """Flat mean (kinds `dense` and `two`)."""
-        if self.kind == "two":
-            return self.two_means().mean()
-        return torch.where(self.held > 0, self.total / self.held.clamp_min(1e-30), 0.0)
-
-
-def mean_sums(
-    deltas: Sequence[Delta], weights: Sequence[float], clip: Sequence[float], shapes: Shapes
-) -> dict[str, MeanSums]:
-    """`MeanSums` of every parameter some delta holds: one pass over `deltas`, delta by delta (two
-    if a parameter must be summed again as `two`, see `MeanSums`)."""
-    two: set[str] = set()
-    while True:
-        sums: dict[str, MeanSums] = {}
-        try:
-            for d, w, c in zip(deltas, weights, clip, strict=True):
-                for name, p in d.items():
-                    if name not in sums:
-                        sums[name] = MeanSums(numel(shapes[name]), two=name in two)
-                    sums[name].add(name, p, float(w), c)
-            return sums
-        except _Rekind as e:
-            two.add(e.name)
-
-
-def _split(p: Part) -> tuple[Tensor | None, Sparse | None]:
-    """A part's dense and sparse halves (either may be absent)."""
+def _split(p: Part) -> tuple[Factored | None, Tensor | None, Sparse | None]:
+    """A part's low-rank, plain dense and sparse pieces (any may be absent)."""
     if isinstance(p, Mixed):
-        return p.dense, p.sparse
-    return (None, p) if isinstance(p, Sparse) else (p, None)
+        return p.low, None, p.sparse
+    if isinstance(p, Factored):
+        return p, None, None
+    return (None, None, p) if isinstance(p, Sparse) else (None, p, None)
 
 
-class TwoMeans(NamedTuple):
-    """`merge_mean` of one parameter where some delta holds it as `Mixed`: the mean of the dense
-    parts over every delta that has one, plus, per index, the mean of the sparse values over the
-    deltas that hold that index (a low-rank part is everyone's, a top-k value its sender's)."""
+class _Mean(NamedTuple):
+    """One parameter of `MeanMerge`, what `share` and `term` need: Σ w at the update's positions
+    `at` (None: every position, dense), and for a parameter some delta holds low-rank (`two`) the
+    Σ w of the deltas whose low-rank part is in the low-rank mean."""
 
-    dense_total: Tensor
-    dense_held: float
-    sparse_total: Tensor
-    sparse_held: Tensor
+    at: Tensor | None
+    held: Tensor
+    two: bool = False
+    low_held: float = 0.0
 
-    def mean(self) -> Tensor:
-        dense = (
-            self.dense_total / self.dense_held if self.dense_held > 0 else torch.zeros_like(self.dense_total)
-        )
-        held = self.sparse_held
-        return dense + torch.where(held > 1e-12, self.sparse_total / held.clamp_min(1e-30), 0.0)
+    def held_at(self, indices: Tensor) -> Tensor:
+        return self.held[indices if self.at is None else torch.searchsorted(self.at, indices)]
 
-    def taken(self, p: Part, w: float) -> tuple[float, float]:
-        """(|p| summed, |p| weighted by its share w / Σ w of each mean it is in): for `share`."""
-        dense, sparse = _split(p)
-        mass = taken = 0.0
-        if dense is not None:
-            size = float(dense.float().abs().double().sum())
-            mass, taken = mass + size, taken + size * w / max(self.dense_held, 1e-30)
-        if sparse is not None:
-            size_s = sparse.values.float().abs().double()
-            held = self.sparse_held[sparse.indices].double().clamp_min(1e-30)
-            mass, taken = mass + float(size_s.sum()), taken + float((size_s * (w / held)).sum())
-        return mass, taken
+    def low_scale(self) -> float:
+        """1 / Σ w of the low-rank (or dense) parts' mean (0 when nobody's weight is in it)."""
+        return 1.0 / self.low_held if self.low_held > 1e-12 else 0.0
 
 
 class Merge(ABC):
@@ -291,56 +305,70 @@ class MeanMerge(Merge):
     ) -> None:
         self.deltas, self.weights, self.shapes = deltas, [float(w) for w in weights], shapes
         self.clip = deltas_clip(deltas, norms)
-        sums = mean_sums(deltas, self.weights, self.clip, shapes)
+        parts = _parts(deltas, self.weights, self.clip, shapes)
         self.update: Delta = {}
-        # Per parameter: the update's flat positions (None: dense), and Σ w c v and Σ w over the
-        # senders at each of them: O(union) for a sparse part once the pass is done.
-        self.sums: dict[str, tuple[Tensor | None, Tensor, Tensor]] = {}
-        self.two: dict[str, TwoMeans] = {}  # parameters some delta holds as `Mixed`
+        self.means: dict[str, _Mean] = {}
+        """Per parameter: Σ w where the update's values are means (O(union) when sparse)."""
         for name, shape in shapes.items():
-            s = sums.pop(name, None)
-            if s is None:
-                continue
-            if s.kind == "two":
-                self.two[name] = s.two_means()
-                self.update[name] = self.two[name].mean().view(shape)
-            elif s.kind == "sparse":
-                self.update[name] = part = s.sparse_mean()
-                self.sums[name] = (part.indices, s.total[part.indices], s.held[part.indices])
-            else:
-                self.update[name] = s.mean().view(shape)
-                self.sums[name] = (None, s.total, s.held)
+            if name in parts:
+                self.means[name], self.update[name] = self._mean(parts.pop(name), shape)
 
-    def _at(self, name: str, p: Part) -> tuple[Tensor, Tensor]:
-        """Delta part `p`'s flat positions and where they sit in `self.sums[name]`."""
-        at = self.sums[name][0]
-        pos = p.indices if isinstance(p, Sparse) else torch.arange(numel(self.shapes[name]))
-        return pos, (pos if at is None else torch.searchsorted(at, pos))
+    @staticmethod
+    def _mean(s: _Parts, shape: tuple[int, ...]) -> tuple[_Mean, Part]:
+        """A parameter's `_Mean` and its part of the update. Three kinds: sparse (every part is
+        sparse: the mean per index over the union), two (some part is low-rank: its mean over every
+        sender with one, P̃ Q̃ᵀ with the weights w_i c_i / Σ w folded into P̃, plus the sparse values'
+        mean per index over their senders), dense (a plain dense part holds every index: one mean
+        per index over everything, dense)."""
+        union, total, held = s.union()
+        if s.p:  # two
+            mean = _Mean(union, held, two=True, low_held=s.dense_held)
+            sparse = Sparse(union, torch.where(held > 1e-12, total / held.clamp_min(1e-30), 0.0))
+            stacked = s.stacked()  # P_i w_i c_i, Q_i along the rank axis
+            low = Factored(stacked.p / s.dense_held, stacked.q) if mean.low_scale() else stacked.scaled(0.0)
+            if s.dense is None:
+                return mean, Mixed(low, sparse)
+            return mean, _dense_of(low, s.dense * mean.low_scale(), sparse, s.size).view(shape)
+        if s.dense is None:  # sparse
+            return _Mean(union, held), Sparse(union, total / held)
+        total_d = s.dense.index_add_(0, union, total)  # dense
+        held_d = torch.full((s.size,), s.dense_held).index_add_(0, union, held)
+        return _Mean(None, held_d), torch.where(held_d > 0, total_d / held_d.clamp_min(1e-30), 0.0).view(
+            shape
+        )
 
     def share(self, i: int, delta: Delta | None = None) -> float:
         """How much of delta i the update holds: the mean, over i's positions weighted by |value|, of
         its share w_i / Σ w of the means there, times its clipping factor. 1 for an unclipped delta
         that no other overlaps; w_i (normalised) where every delta holds every position, which is
         what the weighted sum gives it. The validator scores per unit of this, as per unit of m_i.
+        A low-rank part's |values| are summed block by block (`Factored.abs_sum`).
         `delta`: delta i, if the caller holds it (else it is read from `deltas`)."""
         w, c = self.weights[i], self.clip[i]
         mass = taken = 0.0
         for name, p in (self.deltas[i] if delta is None else delta).items():
-            if name in self.two:
-                m, t = self.two[name].taken(p, w)
-                mass, taken = mass + m, taken + t
-                continue
-            _, where = self._at(name, p)
-            size = (p.values if isinstance(p, Sparse) else p.reshape(-1)).float().abs().double()
-            mass += float(size.sum())
-            taken += float((size * (w / self.sums[name][2][where].double().clamp_min(1e-30))).sum())
+            mean = self.means[name]
+            low, dense, sparse = _split(p)
+            whole = low.abs_sum() if low is not None else 0.0
+            if dense is not None and mean.two:
+                whole += float(dense.float().abs().double().sum())
+            mass, taken = mass + whole, taken + whole * w / max(mean.low_held, 1e-30)
+            if dense is not None and not mean.two:
+                size = dense.float().reshape(-1).abs().double()
+                mass += float(size.sum())
+                taken += float((size * (w / mean.held.double().clamp_min(1e-30))).sum())
+            if sparse is not None:
+                size = sparse.values.float().abs().double()
+                held = mean.held_at(sparse.indices).double().clamp_min(1e-30)
+                mass, taken = mass + float(size.sum()), taken + float((size * (w / held)).sum())
         return c * taken / mass if mass > 0 else c
 
     def term(self, i: int, delta: Delta | None = None) -> Delta:
         """Delta i's own term in the update: at each position it sends, its value times its share
         w_i c_i / Σ w of the mean there, every denominator kept. `θ_eval − term(i)` is "θ_eval
         without uid i" as the validator scores it (docs/design.md, mechanism step 5) for a merge
-        that is not a weighted sum: what i's *values* put into θ_eval, and nothing else.
+        that is not a weighted sum: what i's *values* put into θ_eval, and nothing else. Its low-rank
+        part stays its own rank-r factors, scaled (the same bits as its slice of the update's P̃).
 
         Not the mean of the others: taking i out of a mean also un-dilutes
         everyone else's values there, and that is not i's work. A freeloader's all-zero upload sits
@@ -350,24 +378,33 @@ class MeanMerge(Merge):
         out: Delta = {}
         w, c = self.weights[i], self.clip[i]
         for name, p in (self.deltas[i] if delta is None else delta).items():
-            shape = self.shapes[name]
-            if name in self.two:
-                two = self.two[name]
-                dense, sparse = _split(p)
-                t = torch.zeros(numel(shape))
-                if dense is not None and two.dense_held > 1e-12:
-                    t.add_(dense.float().reshape(-1), alpha=w * c / two.dense_held)
-                if sparse is not None:
-                    held = two.sparse_held[sparse.indices].clamp_min(1e-30)
-                    t.index_add_(0, sparse.indices, sparse.values.float() * (w * c) / held)
-                out[name] = t.view(shape)
-                continue
-            _, where = self._at(name, p)
-            held = self.sums[name][2][where].clamp_min(1e-30)
-            if isinstance(p, Sparse):
-                out[name] = Sparse(p.indices, p.values.float() * (w * c) / held)
+            mean, shape = self.means[name], self.shapes[name]
+            low, dense, sparse = _split(p)
+            if sparse is not None:
+                sparse = Sparse(
+                    sparse.indices,
+                    sparse.values.float() * (w * c) / mean.held_at(sparse.indices).clamp_min(1e-30),
+                )
+            if low is not None:
+                low = (
+                    Factored(low.p.float() * (w * c) / mean.low_held, low.q.float())
+                    if mean.low_scale()
+                    else low.scaled(0.0)
+                )
+            if dense is not None:
+                scale = (w * c) * mean.low_scale() if mean.two else None
+                dense = (
+                    dense.float().reshape(-1) * scale
+                    if scale is not None
+                    else dense.float().reshape(-1) * (w * c) / mean.held.clamp_min(1e-30)
+                )
+                out[name] = (
+                    dense if sparse is None else dense.index_add_(0, sparse.indices, sparse.values)
+                ).view(shape)
+            elif low is not None:
+                out[name] = low if sparse is None else Mixed(low, sparse)
             else:
-                out[name] = (p.float().reshape(-1) * (w * c) / held).view(shape)
+                out[name] = sparse
         return out
 
 

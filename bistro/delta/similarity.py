@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .apply import _square
-from .codec import Delta, Mixed, Part, Shapes, Sparse, full, numel
+from .codec import Delta, Factored, Mixed, Part, Shapes, Sparse, full, numel
 
 
 def _intersect(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -23,7 +23,12 @@ def _intersect(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _dot(a: Part, b: Part) -> float:
-    """Dot product of two parts; positions only one of them holds contribute nothing."""
+    """Dot product of two parts; positions only one of them holds contribute nothing. Two low-rank
+    parts: from their factors' Gram matrices (`Factored.dot`), no matrix."""
+    if isinstance(a, Factored) and isinstance(b, Factored):
+        return a.dot(b)
+    if isinstance(a, Sparse) and isinstance(b, Factored):
+        return float((a.values.double() * b.at(a.indices).double()).sum())
     if isinstance(a, Sparse) and isinstance(b, Sparse):
         _, ia, ib = _intersect(a.indices, b.indices)
         return float((a.values[ia].double() * b.values[ib].double()).sum())
@@ -40,12 +45,13 @@ def _screened(delta: Delta) -> Delta:
 
 
 def low_rank_part(delta: Delta) -> Delta:
-    """The dense parts of a delta's `Mixed` parts (lowrank: the factors' product); empty otherwise."""
-    return {name: p.dense for name, p in delta.items() if isinstance(p, Mixed)}
+    """The low-rank parts of a delta's `Mixed` parts, as their factors (`Factored`); empty otherwise."""
+    return {name: p.low for name, p in delta.items() if isinstance(p, Mixed)}
 
 
 def low_rank_similarity(a: Delta, b: Delta) -> float:
-    """Cosine between two deltas' low-rank parts (0 if either has none). Honest lowrank deltas of one
+    """Cosine between two deltas' low-rank parts (0 if either has none), from their factors:
+    <P1 Q1ᵀ, P2 Q2ᵀ> = tr((P1ᵀ P2)(Q2ᵀ Q1)), no m × n matrix. Honest lowrank deltas of one
     window: 0.24-0.76 on `tiny`; a copy of one's low-rank part re-encoded with its own top-k: 1.0.
     The copy screen groups pairs at `mechanism.low_rank_copy_threshold` (evaluator.drop_copies)."""
     return similarity(low_rank_part(a), low_rank_part(b))
@@ -87,7 +93,7 @@ def sketch(delta: Delta, shapes: Shapes, width: int = SKETCH_WIDTH, low_rank: bo
     Comparing every pair of 255 deltas exactly costs 32k sparse intersections (about 17 minutes on
     `tiny` shapes); one matrix product of sketches finds the few pairs worth an exact look. It
     sketches what `similarity` compares (`_screened`), or with `low_rank` what `low_rank_similarity`
-    does."""
+    does (a low-rank part materialised block by block: a count-sketch needs every position)."""
     out = torch.zeros(width, dtype=torch.float64)
     offset = 0
     offsets = {}
@@ -96,13 +102,24 @@ def sketch(delta: Delta, shapes: Shapes, width: int = SKETCH_WIDTH, low_rank: bo
         offset += numel(tuple(shapes[name]))
     for name, part in (low_rank_part(delta) if low_rank else _screened(delta)).items():
         if isinstance(part, Sparse):
-            idx, values = part.indices + offsets[name], part.values
+            _sketch_into(out, part.indices + offsets[name], part.values)
+        elif isinstance(part, Factored):
+            n = part.shape[1]
+            for rows, block in part.blocks():
+                start = offsets[name] + rows.start * n
+                _sketch_into(
+                    out, torch.arange(start, start + block.numel(), dtype=torch.int64), block.reshape(-1)
+                )
         else:
             values = full(part).reshape(-1)
-            idx = torch.arange(values.numel(), dtype=torch.int64) + offsets[name]
-        mixed = idx % _P
-        bucket = (mixed * 1_000_003) % _P % width
-        sign = ((mixed * 998_244_353) % _P % 2) * 2 - 1
-        out.index_add_(0, bucket, values.double() * sign)
+            _sketch_into(out, torch.arange(values.numel(), dtype=torch.int64) + offsets[name], values)
     norm = float(out.norm())  # the sketch's own norm: a delta's sketch against itself gives 1 exactly
     return out / norm if norm > 0 else out
+
+
+def _sketch_into(out: Tensor, idx: Tensor, values: Tensor) -> None:
+    """Add values at global flat positions `idx` to the count-sketch `out`."""
+    mixed = idx % _P
+    bucket = (mixed * 1_000_003) % _P % out.numel()
+    sign = ((mixed * 998_244_353) % _P % 2) * 2 - 1
+    out.index_add_(0, bucket, values.double() * sign)

@@ -13,6 +13,7 @@ from bistro.delta import (
     BadTensors,
     CodecContext,
     ErrorFeedback,
+    Factored,
     MeanMerge,
     Mixed,
     Sparse,
@@ -146,14 +147,15 @@ def test_the_rank_is_a_codec_parameter_and_bounded() -> None:
 
 def test_merge_mean_averages_low_rank_parts_over_everyone_and_top_k_values_over_their_senders() -> None:
     shapes = {"w": (2, 3)}
-    low = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    a = {"w": Mixed(2 * low, Sparse(torch.tensor([5]), torch.tensor([0.0])))}
-    b = {"w": Mixed(0 * low, Sparse(torch.tensor([5]), torch.tensor([2.0])))}
+    low = Factored(torch.tensor([[1.0], [0.0]]), torch.tensor([[1.0], [0.0], [0.0]]))  # 1 at [0, 0]
+    a = {"w": Mixed(low.scaled(2.0), Sparse(torch.tensor([5]), torch.tensor([0.0])))}
+    b = {"w": Mixed(low.scaled(0.0), Sparse(torch.tensor([5]), torch.tensor([2.0])))}
     # norms 2, 2, 2: nothing clipped. The dense parts: mean over all three, 2/3 at [0, 0]. Index 5:
     # a and b sent it, (0 + 2) / 2; index 4: c alone sent 2, and keeps it (a plain mean gives 2/3).
-    c = {"w": Mixed(0 * low, Sparse(torch.tensor([4]), torch.tensor([2.0])))}
+    c = {"w": Mixed(low.scaled(0.0), Sparse(torch.tensor([4]), torch.tensor([2.0])))}
     out = merge_mean([a, b, c], [1.0, 1.0, 1.0], shapes)["w"]
-    assert out.reshape(-1).tolist() == pytest.approx([2 / 3, 0.0, 0.0, 0.0, 2.0, 1.0])
+    assert isinstance(out, Mixed) and isinstance(out.low, Factored)  # held factored, never dense
+    assert out.full().reshape(-1).tolist() == pytest.approx([2 / 3, 0.0, 0.0, 0.0, 2.0, 1.0])
 
 
 def test_own_terms_of_mixed_parts_add_up_to_the_update_and_restores_exactly() -> None:
@@ -161,7 +163,7 @@ def test_own_terms_of_mixed_parts_add_up_to_the_update_and_restores_exactly() ->
     deltas = []
     for seed in range(3):
         g = torch.Generator().manual_seed(seed)
-        d = {"w": Mixed(torch.randn(40, 1, generator=g) @ torch.randn(1, 30, generator=g),
+        d = {"w": Mixed(Factored(torch.randn(40, 1, generator=g), torch.randn(30, 1, generator=g)),
                         Sparse(torch.randperm(1200, generator=g)[:60].sort().values, torch.randn(60, generator=g))),
              "b": Sparse(torch.randperm(50, generator=g)[:10].sort().values, torch.randn(10, generator=g))}  # fmt: skip
         norm = delta_norm(d)

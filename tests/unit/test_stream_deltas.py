@@ -193,7 +193,9 @@ def test_the_plan_counts_two_decoded_deltas_when_streaming() -> None:
     assert items["on"]["decoded deltas"] == 2 * decoded_bytes(on, shapes)
     assert items["off"]["decoded deltas"] == 256 * decoded_bytes(on, shapes)
     assert items["on"]["downloaded blobs"] == items["off"]["downloaded blobs"] == 256 * wire_bytes(on, shapes)
-    assert (
-        make_plan(on)["validator"]["peak_bytes_per_rank"]
-        < make_plan(off)["validator"]["peak_bytes_per_rank"] / 2
+    # Every phase holds the decoded deltas: streaming saves 254 of them whatever phase peaks (a
+    # decoded lowrank delta at 7B is its factors and sparse values, 0.6 GiB: 152 GiB saved).
+    saved = (
+        make_plan(off)["validator"]["peak_bytes_per_rank"] - make_plan(on)["validator"]["peak_bytes_per_rank"]
     )
+    assert saved == 254 * decoded_bytes(on, shapes) > 150 * 2**30

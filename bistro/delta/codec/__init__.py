@@ -21,8 +21,8 @@ from its header alone, before any tensor is loaded.
 - `lowrank`: rank-`rank` factors of every 2-D parameter (int8 codes, an fp32 scale a factor), then
   `topk2` of what the factors leave, in one uint8 tensor a parameter (the default: rank 1 with 32 of
   4096; ~175x before the header on `tiny`). Early deltas of Adam are nearly low-rank and flat in
-  magnitude, which top-k alone sends badly. A 2-D part decodes to `Mixed` (the product, dense, and
-  the sparse values). Pair it with `ErrorFeedback`.
+  magnitude, which top-k alone sends badly. A 2-D part decodes to `Mixed`: the dequantized factors
+  (`Factored`, never densified by the merges) and the sparse values. Pair it with `ErrorFeedback`.
 - `mask`: the same positions for every miner, drawn from a CPU generator seeded by
   (netuid, window, name); only fp32 values travel, so the ratio is `compression` exactly.
 - `dense`: bf16 values of everything, for debugging and as a reference (2x).
@@ -37,6 +37,7 @@ from .base import (
     Codec,
     CodecContext,
     Delta,
+    Factored,
     Mixed,
     NonFiniteValues,
     Part,
@@ -69,6 +70,7 @@ __all__ = [
     "Delta",
     "Dense",
     "ErrorFeedback",
+    "Factored",
     "LowRank",
     "Mask",
     "Mixed",

@@ -1,10 +1,11 @@
-"""What every codec shares: the decoded parts (`Sparse`, `Mixed`, `Delta`), the window's
+"""What every codec shares: the decoded parts (`Sparse`, `Factored`, `Mixed`, `Delta`), the window's
 `CodecContext`, the abstract `Codec`, and turning parts back into dense tensors."""
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
@@ -35,22 +36,109 @@ class Sparse(NamedTuple):
     values: Tensor
 
 
-class Mixed(NamedTuple):
-    """One parameter's dense part plus a sparse part (`lowrank`: the factors' product, then the top-k
-    of what they leave). `merge_mean` takes two means of it: the dense part over every sender, the
-    sparse part per index over the deltas that hold that index, as for `Sparse`."""
+BLOCK = 1 << 22
+"""Entries of one block a `Factored` product is materialised in (16 MiB of fp32)."""
 
-    dense: Tensor
-    sparse: Sparse
+
+class Factored(NamedTuple):
+    """A low-rank matrix P Qᵀ held as its fp32 factors P [m, r], Q [n, r] (`lowrank`'s factors,
+    dequantized; a merge's, stacked along the rank axis).
+
+    It is materialised only by `full` / `add_to`: Σ_j outer(p_j, q_j), one rank at a time in the
+    factors' order, elementwise fp32 (no matrix product, whose summation order is the BLAS's), so
+    every node gets the same bits, and block by block, so adding it to a parameter never holds more
+    than one block. Norms and dot products come from the factors' Gram matrices."""
+
+    p: Tensor
+    q: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.p.shape[0], self.q.shape[0])
+
+    @property
+    def rank(self) -> int:
+        return self.p.shape[1]
+
+    def blocks(self, device: torch.device | str | None = None) -> Iterator[tuple[slice, Tensor]]:
+        """(rows, the product's values at those rows), block by block."""
+        p, q = self.p.to(device or self.p.device), self.q.to(device or self.p.device)
+        m, n = self.shape
+        step = max(1, BLOCK // max(n, 1))
+        tmp = torch.empty(0, device=p.device)
+        for start in range(0, m, step):
+            rows = slice(start, min(m, start + step))
+            out = torch.zeros(rows.stop - start, n, device=p.device)
+            tmp = tmp.new_empty(out.shape) if tmp.shape != out.shape else tmp
+            for j in range(self.rank):
+                torch.mul(p[rows, j, None], q[None, :, j], out=tmp)  # outer(p_j, q_j) at these rows
+                out += tmp
+            yield rows, out
 
     def full(self) -> Tensor:
-        """dense + sparse, as one new tensor."""
-        out = self.dense.float().clone()
+        """P Qᵀ as one new fp32 [m, n] tensor."""
+        out = torch.empty(self.shape, device=self.p.device)
+        for rows, block in self.blocks():
+            out[rows] = block
+        return out
+
+    def add_to(self, target: Tensor, alpha: float = 1.0) -> None:
+        """target [m, n] += alpha · P Qᵀ, in place, one block at a time (the same bits as adding
+        `full()`)."""
+        for rows, block in self.blocks(target.device):
+            target[rows].add_(block.to(target.dtype), alpha=alpha)
+
+    def at(self, indices: Tensor) -> Tensor:
+        """The product's values at flat positions `indices` (the same bits as `full()` there)."""
+        n = self.shape[1]
+        rows, cols = indices // n, indices % n
+        out = torch.zeros(indices.numel(), device=self.p.device)
+        for j in range(self.rank):
+            out += self.p[rows, j] * self.q[cols, j]
+        return out
+
+    def scaled(self, factor: float) -> Factored:
+        """factor · P Qᵀ (the factor folded into P)."""
+        return Factored(self.p * factor, self.q)
+
+    def dot(self, other: Factored) -> float:
+        """<P1 Q1ᵀ, P2 Q2ᵀ> = Σ (P1ᵀ P2) ⊙ (Q1ᵀ Q2), in float64, without the matrices."""
+        return float(((self.p.double().T @ other.p.double()) * (self.q.double().T @ other.q.double())).sum())
+
+    def square(self) -> float:
+        """‖P Qᵀ‖², from the Gram matrices."""
+        return max(0.0, self.dot(self))
+
+    def abs_sum(self) -> float:
+        """Σ |P Qᵀ|, block by block (fp32 sums of rows, float64 over them)."""
+        return sum(float(block.abs_().sum(dim=1).double().sum()) for _, block in self.blocks())
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.p).all()) and bool(torch.isfinite(self.q).all())
+
+
+class Mixed(NamedTuple):
+    """One matrix's low-rank part, held as its factors, plus a sparse part (`lowrank`: the factors,
+    then the top-k of what they leave). The mean merge takes two means of it: the low-rank part over
+    every sender (every one holds every position), the sparse part per index over the deltas that
+    hold that index, as for `Sparse`."""
+
+    low: Factored
+    sparse: Sparse
+
+    @property
+    def dense(self) -> Tensor:
+        """The low-rank part materialised (`Factored.full`)."""
+        return self.low.full()
+
+    def full(self) -> Tensor:
+        """low-rank part + sparse part, as one new tensor."""
+        out = self.low.full()
         out.view(-1).index_add_(0, self.sparse.indices.to(out.device), self.sparse.values.to(out.device))
         return out
 
 
-Part = Tensor | Sparse | Mixed
+Part = Tensor | Sparse | Mixed | Factored
 
 
 Delta = dict[str, Part]
@@ -160,6 +248,6 @@ def densify(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
     return out
 
 
-def full(part: Tensor | Mixed) -> Tensor:
+def full(part: Tensor | Mixed | Factored) -> Tensor:
     """A part that holds every position, as one tensor."""
-    return part.full() if isinstance(part, Mixed) else part
+    return part.full() if isinstance(part, (Mixed, Factored)) else part

@@ -1,5 +1,5 @@
 """`lowrank`: rank-r factors of every matrix (int8 codes, an fp32 scale a factor), then `topk2` of
-what the factors leave; a 2-D part decodes to `Mixed`."""
+what the factors leave; a 2-D part decodes to `Mixed` (the dequantized factors and the sparse values)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .base import (
     BadTensors,
     CodecContext,
     Delta,
+    Factored,
     Mixed,
     NonFiniteValues,
     Shapes,
@@ -48,8 +49,9 @@ class LowRank(TopK2):
     largest of every 4096 entries 4.8%), so a top-k codec alone sends a small part of early progress.
     Per 2-D parameter [m, n] the record is r·m int8 codes of P, r·n of Q, r fp32 scales of each
     (little-endian bytes), then the `topk2` records of Δ − P Qᵀ; other parameters are `topk2` only.
-    A 2-D parameter decodes to `Mixed`: Σ_j outer(p_j, q_j) in a fixed order (elementwise, so every
-    node gets the same bits) and the sparse values."""
+    A 2-D parameter decodes to `Mixed`: the dequantized factors as `Factored` (materialised only as
+    Σ_j outer(p_j, q_j) in a fixed order, elementwise, so every node gets the same bits) and the
+    sparse values."""
 
     name = "lowrank"
 
@@ -99,13 +101,15 @@ class LowRank(TopK2):
                 raise NonFiniteValues(f"{name}: factor scales must be finite")
             if bool((scales < 0).any()):
                 raise BadTensors(f"{name}: factor scales must be >= 0")
-            delta[name] = Mixed(_product(pc, scales[:r], qc, scales[r:]), sparse)
+            delta[name] = Mixed(_factors(pc, scales[:r], qc, scales[r:]), sparse)
         return delta
+
+
+def _factors(pc: Tensor, ps: Tensor, qc: Tensor, qs: Tensor) -> Factored:
+    """The dequantized factors: code times its column's scale, fp32."""
+    return Factored(pc.float() * ps, qc.float() * qs)
 
 
 def _product(pc: Tensor, ps: Tensor, qc: Tensor, qs: Tensor) -> Tensor:
     """Σ_j outer(p_j, q_j) of dequantized factors, one rank at a time (bit-identical everywhere)."""
-    out = torch.zeros(pc.shape[0], qc.shape[0])
-    for j in range(pc.shape[1]):
-        out += torch.outer(pc[:, j].float() * ps[j], qc[:, j].float() * qs[j])
-    return out
+    return _factors(pc, ps, qc, qs).full()
