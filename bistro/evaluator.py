@@ -20,14 +20,13 @@ from .data import Dataset
 from .data.pages import eval_pages, global_pages, local_pages, other_pages
 from .delta import (
     MERGES,
-    SKETCH_WIDTH,
     Delta,
     Merge,
     add_,
     apply_,
     delta_norm,
+    low_rank_cosines,
     low_rank_part,
-    low_rank_similarity,
     restore_,
     scaled,
     similarity,
@@ -201,7 +200,9 @@ class Evaluator:
         become `copy`.
 
         Sketches screen every pair at once; only pairs within `SCREEN` of the threshold are compared
-        exactly, so 255 uids cost one matrix product, not 32k sparse intersections. Who is the
+        exactly, so 255 uids cost one matrix product, not 32k sparse intersections, and exact copies
+        none. Low-rank parts are compared exactly for every pair at once from their factors
+        (`low_rank_cosines`). Who is the
         original comes from evidence no miner controls (never an upload time, which the miner's own
         server reports): the author's delta helps the author's own pages more than its control
         pages; a copier's pages are not the ones the delta was trained on. A pair is near-identical by
@@ -209,7 +210,7 @@ class Evaluator:
         (`low_rank_copy_threshold`: a copier can keep someone's factors and send top-k values of
         its own).
 
-        Streamed deltas are read one at a time: one pass for both sketches, two for each exact pair,
+        Streamed deltas are read one at a time: one pass for the sketches and factors, two for each exact pair,
         one for each uid's own-page evidence."""
         self._without_lost(verdicts, lambda: self._drop_copies(verdicts, window, block_hash, master))
 
@@ -237,17 +238,18 @@ class Evaluator:
         row = {uid: k for k, uid in enumerate(ok)}
         m = self.settings.mechanism
 
-        # One pass: each delta's sketch of its sparse values and, if it has one, of its low-rank part.
-        sketches, low_sketches = [], []
+        # One pass: each delta's sketch of its sparse values and, if it has one, its low-rank
+        # factors (kept: r (m + n) a matrix), whose cosines are then exact for every pair at once.
+        sketches, low_parts = [], []
         for uid in ok:
             delta = verdicts[uid].delta
             sketches.append(sketch(delta, self.shapes))
-            low_sketches.append(sketch(delta, self.shapes, low_rank=True) if low_rank_part(delta) else None)
+            low_parts.append(low_rank_part(delta))
         del delta  # else it is a third decoded delta beside an exact pair's two
         self.sketches = (window, dict(zip(ok, sketches, strict=True)))
-        has_low = any(s is not None for s in low_sketches)
-        zeros = torch.zeros(SKETCH_WIDTH, dtype=torch.float64)  # what `sketch` gives an absent part
-        low_sketches = [zeros if s is None else s for s in low_sketches] if has_low else []
+        has_low = any(low_parts)
+        low_cosines = low_rank_cosines(low_parts) if has_low else None
+        del low_parts
 
         def screen(measure: Callable[[Delta, Delta], float], threshold: float, rows: list[torch.Tensor]) -> Callable[[int, int], float]:  # fmt: skip
             """A pair's cosine by `measure`, exact only where the sketches put it near `threshold`."""
@@ -256,8 +258,8 @@ class Evaluator:
 
             def cosine(a: int, b: int) -> float:
                 estimate = float(gram[row[a], row[b]])
-                if estimate < threshold - SCREEN:
-                    return estimate
+                if estimate < threshold - SCREEN or estimate >= threshold + SCREEN:
+                    return estimate  # clearly apart or clearly a copy: S sybil copies cost no decode
                 pair = (min(a, b), max(a, b))
                 if pair not in exact:
                     exact[pair] = measure(verdicts[a].delta, verdicts[b].delta)
@@ -266,12 +268,13 @@ class Evaluator:
             return cosine
 
         whole = screen(similarity, m.copy_threshold, sketches)
-        low = screen(low_rank_similarity, m.low_rank_copy_threshold, low_sketches) if has_low else None
 
         def similar(a: int, b: int) -> float:
             """≥ 1: a near-copy pair, by its sparse values or by its low-rank parts."""
             score = whole(a, b) / m.copy_threshold
-            return max(score, low(a, b) / m.low_rank_copy_threshold) if low is not None else score
+            if low_cosines is None:
+                return score
+            return max(score, float(low_cosines[row[a], row[b]]) / m.low_rank_copy_threshold)
 
         grouped = sorted({u for a in ok for b in ok if a < b and similar(a, b) >= 1.0 for u in (a, b)})
         if not grouped:

@@ -17,7 +17,7 @@ from .codec import (
 )
 from .merge import MERGES, MeanMerge, Merge, SumMerge, clip_factors, clip_to_median_norm, merge, merge_mean
 from .signed import Reason, SignedObjectError, pack_signed, unpack_signed
-from .similarity import SKETCH_WIDTH, low_rank_part, low_rank_similarity, similarity, sketch
+from .similarity import SKETCH_WIDTH, low_rank_cosines, low_rank_part, low_rank_similarity, similarity, sketch
 from .wire import DecodedDelta, DeltaRejected, Expectation, decode_delta, encode_delta
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "scaled",
     "SKETCH_WIDTH",
     "low_rank_part",
+    "low_rank_cosines",
     "low_rank_similarity",
     "CODECS",
     "BadTensors",

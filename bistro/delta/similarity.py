@@ -4,6 +4,7 @@ count-sketch that screens many deltas for near-copies without comparing every pa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -55,6 +56,31 @@ def low_rank_similarity(a: Delta, b: Delta) -> float:
     window: 0.24-0.76 on `tiny`; a copy of one's low-rank part re-encoded with its own top-k: 1.0.
     The copy screen groups pairs at `mechanism.low_rank_copy_threshold` (evaluator.drop_copies)."""
     return similarity(low_rank_part(a), low_rank_part(b))
+
+
+def low_rank_cosines(parts: Sequence[Delta]) -> Tensor:
+    """Every pair's `low_rank_similarity` at once, exactly, from `parts` (each delta's
+    `low_rank_part`): per parameter, the stacked factors' Gram matrices P̃ᵀP̃ and Q̃ᵀQ̃ ([N r, N r]
+    each, float64) give <P_a Q_aᵀ, P_b Q_bᵀ> for every a, b in one product, so the low-rank screen
+    costs each delta's factors once, O(r (m + n)) per matrix, and no matrix is ever built (a
+    count-sketch of P Qᵀ needs every position). A delta without low-rank parts has cosine 0."""
+    n = len(parts)
+    inner = torch.zeros(n, n, dtype=torch.float64)
+    for name in sorted({name for d in parts for name in d}):
+        held = [k for k, d in enumerate(parts) if name in d]
+        factors = [parts[k][name] for k in held]
+        r = factors[0].rank
+        if any(f.rank != r for f in factors):
+            raise ValueError(f"{name}: low-rank parts of different ranks")
+        p = torch.cat([f.p.double() for f in factors], dim=1)
+        q = torch.cat([f.q.double() for f in factors], dim=1)
+        k = len(held)
+        block = ((p.T @ p) * (q.T @ q)).view(k, r, k, r).sum(dim=(1, 3))
+        at = torch.tensor(held)
+        inner[at.unsqueeze(1), at.unsqueeze(0)] += block
+    norms = inner.diagonal().clamp_min(0.0).sqrt()
+    scale = norms.unsqueeze(1) * norms.unsqueeze(0)
+    return torch.where(scale > 0, inner / scale.clamp_min(1e-300), torch.zeros_like(inner))
 
 
 def similarity(a: Delta, b: Delta) -> float:

@@ -225,3 +225,19 @@ def test_sums_on_the_union_and_in_dense_slots_give_the_same_bits(monkeypatch: py
     for update, terms in runs[1:]:
         assert all(torch.equal(update[n], runs[0][0][n]) for n in SHAPES)
         assert all(torch.equal(t[n], r[n]) for t, r in zip(terms, runs[0][1], strict=True) for n in SHAPES)
+
+
+def test_every_pairs_low_rank_cosine_at_once_is_each_pairs_exact_one() -> None:
+    from bistro.delta import low_rank_cosines
+
+    deltas = random_deltas(SHAPES, 4, seed=7)
+    deltas.append({"c": deltas[0]["c"]})  # no low-rank part: cosine 0 with everyone
+    deltas.append(dict(deltas[1]))  # a copy of delta 1's parts
+    cos = low_rank_cosines([low_rank_part(d) for d in deltas])
+    for a in range(len(deltas)):
+        for b in range(len(deltas)):
+            assert float(cos[a, b]) == pytest.approx(low_rank_similarity(deltas[a], deltas[b]), abs=1e-9), (
+                a,
+                b,
+            )
+    assert float(cos[1, 5]) == pytest.approx(1.0) and float(cos[4, 4]) == 0.0
