@@ -147,6 +147,10 @@ class LocalNet:
             self.members[i].flags = flags
         for m in self.members:
             m.log_name = m.name
+        if self.miners_per_process > 1:
+            for i, group in enumerate(self.groups()):
+                for m in group:
+                    m.log_name = f"miners-{i}"
         self.s3 = None
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class LocalNet:
                     "role": m.role,
                     "bucket": m.bucket,
                     "metrics_port": self.metrics_port(m),
+                    "log": f"logs/{m.log_name}.log",
                     "bucket_dir": str(self.dir / "buckets" / m.bucket)
                     if s.storage.backend == "local"
                     else None,
@@ -315,16 +320,16 @@ class LocalNet:
             "TOKENIZERS_PARALLELISM": "false",
         }
         grouped = self.miners_per_process > 1
-        units = [(m.name, [m], self.command(m)) for m in self.members if m.role != "miner" or not grouped]
+        units = [([m], self.command(m)) for m in self.members if m.role != "miner" or not grouped]
         if grouped:
-            units += [(f"miners-{i}", g, self.group_command(g)) for i, g in enumerate(self.groups())]
-        for name, members, cmd in units:
-            log_file = open(self.dir / "logs" / f"{name}.log", "w")
+            units += [(g, self.group_command(g)) for g in self.groups()]
+        for members, cmd in units:
+            log_file = open(self.dir / "logs" / f"{members[0].log_name}.log", "w")
             process = subprocess.Popen(
                 cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
             for m in members:
-                m.process, m.log_name = process, name
+                m.process = process
         log.info("started %d processes; logs in %s", len(units), self.dir / "logs")
 
     def processes(self) -> list[subprocess.Popen]:

@@ -43,6 +43,9 @@ def test_the_localnet_groups_miners_into_processes_with_every_flag_a_miner_gets(
         ["miner-2", "miner-3"],
         ["miner-4"],
     ]
+    assert [m.log_name for m in net.members] == ["validator-0"] + ["miners-0"] * 2 + ["miners-1"] * 2 + [
+        "miners-2"
+    ]
     cmd = net.group_command(groups[0])
     single = net.command(groups[0][0])
     assert cmd[3] == "miners" and "--persona" not in cmd and "--wallet.name" not in cmd and "--dir" not in cmd
