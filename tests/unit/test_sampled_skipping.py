@@ -90,3 +90,20 @@ def test_a_miner_that_uploads_only_in_some_windows_earns_less_than_one_that_uplo
                  "one window in three"):  # fmt: skip
         pay, uploaded = figures[name]
         assert pay < uploaded * every, (name, figures)
+
+
+def test_the_weight_on_age_sets_what_skipping_the_window_after_a_draw_earns(monkeypatch) -> None:  # noqa: ANN001
+    """The one skip that pays per upload (the window after a draw, drawn again one time in ten at
+    1.5) pays less as the draw leans less on age: a lighter weight makes a draw right after one more
+    likely (and forces more uids at the bound, sample.AGE_WEIGHT's docstring). Figures for
+    docs/mechanism.md; the protocol keeps 1.5."""
+    skip = STRATEGIES["skip the window after a draw"]
+    per_upload = {}
+    for weight in (1.0, 1.2, 1.5):
+        monkeypatch.setattr(sample, "AGE_WEIGHT", weight)
+        sample._TRAJECTORIES.clear()  # the replayed draws were made with the old weight
+        paid, uploads, honest = run(skip)
+        per_upload[weight] = round(paid / honest / (uploads / WINDOWS), 3)
+    sample._TRAJECTORIES.clear()
+    print("skip the window after a draw, pay per upload against an every-window uid:", per_upload)
+    assert per_upload[1.0] < 1.0 < per_upload[1.5]
