@@ -125,6 +125,9 @@ def test_honest_miners_hold_the_pay_and_the_validators_agree(net: Path) -> None:
 
 def test_the_master_loss_falls(net: Path) -> None:
     losses = summary(net)["master_loss"]
+    print(
+        f"master loss {losses[0]:.3f} -> {losses[-1]:.3f} ({(1 - losses[-1] / losses[0]) * 100:.1f}% lower)"
+    )
     assert len(losses) >= WINDOWS // 2
     assert losses[-1] < 0.85 * losses[0], losses
 
