@@ -74,7 +74,8 @@ def member_settings(settings: Settings, nodes_dir: str, member: GroupMember) -> 
 def build(settings: Settings, member: GroupMember) -> Miner:
     """The miner `bistro miner` (honest) or `bistro persona-miner` would build."""
     miner = Miner(settings) if member.persona == "honest" else PersonaMiner(settings, member.persona)
-    # its uploads logged under its own name (nothing is submitted before `run`)
+    # its uploads logged under its own name (nothing is submitted before `run`: no thread to stop)
+    miner.uploader.shutdown(wait=False)
     miner.uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{member.name}-upload")
     return miner
 
