@@ -26,6 +26,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "validator": ("bistro.validator", "main", "score every miner's delta and set weights"),
     "localnet": ("bistro.localnet.network", "main", "run a whole network on this machine"),
     "persona-miner": ("bistro.localnet.personas", "main", "a miner with a test persona (local networks)"),
+    "miners": (
+        "bistro.localnet.group",
+        "main",
+        "several miners in one process, a thread each (local networks)",
+    ),
     "register": ("bistro.chain.commands", "register", "create (if needed) and register a wallet"),
     "status": ("bistro.chain.commands", "status", "print the subnet's metagraph"),
     "bench": ("bistro.bench", "main", "measure speed and learning efficiency"),
@@ -97,6 +102,14 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
             "--nproc-per-miner", type=int, default=1, help="run each miner under torchrun on N processes"
         )
         parser.add_argument(
+            "--miners-per-process", type=int, default=1, metavar="K",
+            help="K miners (each its own uid, wallet, bucket) in one `bistro miners` process, a thread each",
+        )  # fmt: skip
+        parser.add_argument(
+            "--validator-flags", action="append", default=[], metavar="I:FLAGS",
+            help="node-local flags for validator I alone, e.g. 1:--mechanism.link_bytes_per_second=3000",
+        )  # fmt: skip
+        parser.add_argument(
             "--metrics-ports", type=int, default=0, metavar="BASE",
             help="node k serves Prometheus metrics on port BASE+k (listed in network.json)",
         )  # fmt: skip
@@ -151,6 +164,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
         from .lmeval import add_flags
 
         add_flags(parser)
+    elif name == "miners":
+        parser.add_argument("--members", required=True, help="NAME=PERSONA[@METRICS_PORT],... one per miner")
+        parser.add_argument("--nodes-dir", required=True, help="each miner's directory is NODES_DIR/NAME")
+        parser.add_argument("--windows", type=int, default=0, help="stop after N windows each (0: run on)")
     elif name in ("miner", "validator", "persona-miner"):
         parser.add_argument("--windows", type=int, default=0, help="stop after N windows (0: run on)")
         if name == "persona-miner":

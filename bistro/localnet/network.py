@@ -2,7 +2,8 @@
 
 Creates wallets, the embedded chain (`DIR/chain.sqlite`), buckets (`DIR/buckets/<bucket>/`),
 registers every hotkey, stakes the validators, starts the real `bistro miner` / `bistro validator`
-processes, follows the master as any node would, shows a table per window, and at the end writes
+processes (with `--miners-per-process K`, one `bistro miners` process per K miners, each miner its
+own thread: `group.py`), follows the master as any node would, shows a table per window, and at the end writes
 `DIR/summary.json` and plots. Ctrl-C stops everything cleanly.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from .. import protocol
 from ..chain.local import LocalChain
-from ..config import Settings, replace
+from ..config import ALIASES, LOCAL_MECHANISM, Settings, replace
 from ..data import Dataset
 from ..data.pages import global_pages
 from ..export import localnet_model
@@ -50,11 +52,47 @@ class Member:
     uid: int = -1
     bucket: str = ""
     process: subprocess.Popen | None = field(default=None, repr=False)
+    """Its OS process: shared by the miners of one `bistro miners` group."""
+    flags: list[str] = field(default_factory=list)
+    """Flags of this member alone (`--validator-flags`): node-local settings such as its link."""
+    log_name: str = ""
+    """Its log file under `logs/` without `.log` (its name, or its group's: `miners-0`)."""
 
 
 FORWARDED = ("model.", "train.", "mechanism.")
 """Flags given to `bistro localnet` that every member gets as well (the rest, such as `--dir`,
 `--wallet.*` or `--train.threads`, the network sets per member)."""
+
+
+def validator_flags(specs: list[str], validators: int) -> dict[int, list[str]]:
+    """`--validator-flags I:FLAGS` (repeatable): flags for validator I alone, after the network's,
+    e.g. `1:--mechanism.link_bytes_per_second=3000` (a slow link of its own). Only node-local
+    settings: a protocol setting (`config.protocol_settings`: the model, the netuid, the mechanism but
+    `LOCAL_MECHANISM`) must be the whole network's, and a node that differs would stop (exit 2)."""
+    out: dict[int, list[str]] = {}
+    for spec in specs:
+        index, sep, text = spec.partition(":")
+        if not sep or not index.strip().isdigit() or not 0 <= int(index) < validators:
+            raise SystemExit(
+                f"--validator-flags {spec!r}: expected I:FLAGS with I a validator (0..{validators - 1})"
+            )
+        flags: list[str] = []
+        for word in shlex.split(text):
+            name, eq, value = word.partition("=")
+            flags += [name, value] if word.startswith("--") and eq else [word]
+            path = ALIASES.get(name[2:], name[2:]) if word.startswith("--") else ""
+            section, _, key = path.partition(".")
+            if (
+                section == "model"
+                or path == "chain.netuid"
+                or (section == "mechanism" and key not in LOCAL_MECHANISM)
+            ):
+                raise SystemExit(
+                    f"--validator-flags {spec!r}: {path} is a protocol setting, the same on every node "
+                    "(a node that differs stops): give it to the whole network"
+                )
+        out.setdefault(int(index), []).extend(flags)
+    return out
 
 
 def forwarded_flags(args: argparse.Namespace) -> list[str]:
@@ -103,6 +141,16 @@ class LocalNet:
         personas += ["honest"] * (args.miners - len(personas))
         self.members = [Member(f"validator-{i}", "validator", "validator") for i in range(args.validators)]
         self.members += [Member(f"miner-{i}", "miner", p) for i, p in enumerate(personas)]
+        for i, flags in validator_flags(
+            getattr(args, "validator_flags", None) or [], args.validators
+        ).items():
+            self.members[i].flags = flags
+        for m in self.members:
+            m.log_name = m.name
+        if self.miners_per_process > 1:
+            for i, group in enumerate(self.groups()):
+                for m in group:
+                    m.log_name = f"miners-{i}"
         self.s3 = None
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -171,6 +219,7 @@ class LocalNet:
                     "role": m.role,
                     "bucket": m.bucket,
                     "metrics_port": self.metrics_port(m),
+                    "log": f"logs/{m.log_name}.log",
                     "bucket_dir": str(self.dir / "buckets" / m.bucket)
                     if s.storage.backend == "local"
                     else None,
@@ -225,13 +274,38 @@ class LocalNet:
             cmd += ["--config", self.args.config]
         if self.metrics_port(m) is not None:
             cmd += ["--metrics.port", str(self.metrics_port(m))]
-        cmd += forwarded_flags(self.args)
+        cmd += forwarded_flags(self.args) + m.flags  # its own flags last: they win
         nproc = self.nproc_per_miner
         if command == "miner" and nproc > 1:
             # One miner on N processes (gloo on CPU, NCCL on GPU); --standalone picks a free port.
             torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
             cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), *cmd[1:]]
         return cmd
+
+    @property
+    def miners_per_process(self) -> int:
+        """Miners sharing one `bistro miners` process (`--miners-per-process`; 1: a process each)."""
+        return int(getattr(self.args, "miners_per_process", 1) or 1)
+
+    def groups(self) -> list[list[Member]]:
+        """The miners, `miners_per_process` to a process, in uid order (one each without the flag)."""
+        miners = [m for m in self.members if m.role == "miner"]
+        k = self.miners_per_process
+        return [miners[i : i + k] for i in range(0, len(miners), k)]
+
+    def group_command(self, group: list[Member]) -> list[str]:
+        """`bistro miners` for `group`: the command line the group's first miner would get, with
+        its own directory, wallet and bucket replaced by each member's (`group.member_settings`)."""
+        cmd = self.command(group[0])
+        drop = {"--dir", "--wallet.name", "--bucket", "--persona", "--metrics.port"}
+        kept = [a for i, a in enumerate(cmd) if a not in drop and (i == 0 or cmd[i - 1] not in drop)]
+        members = ",".join(
+            f"{m.name}={m.persona}" + (f"@{self.metrics_port(m)}" if self.metrics_port(m) else "")
+            for m in group
+        )
+        # kept[3] is the command's name (miner or persona-miner)
+        return [*kept[:3], "miners", *kept[4:], "--members", members,
+                "--nodes-dir", str(self.dir / "nodes")]  # fmt: skip
 
     @property
     def nproc_per_miner(self) -> int:
@@ -245,15 +319,29 @@ class LocalNet:
             "OMP_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        for m in self.members:
-            log_file = open(self.dir / "logs" / f"{m.name}.log", "w")
-            m.process = subprocess.Popen(
-                self.command(m), stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        grouped = self.miners_per_process > 1
+        units = [([m], self.command(m)) for m in self.members if m.role != "miner" or not grouped]
+        if grouped:
+            units += [(g, self.group_command(g)) for g in self.groups()]
+        for members, cmd in units:
+            log_file = open(self.dir / "logs" / f"{members[0].log_name}.log", "w")
+            process = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        log.info("started %d processes; logs in %s", len(self.members), self.dir / "logs")
+            for m in members:
+                m.process = process
+        log.info("started %d processes; logs in %s", len(units), self.dir / "logs")
+
+    def processes(self) -> list[subprocess.Popen]:
+        """Each OS process once (a group's miners share one)."""
+        out: dict[int, subprocess.Popen] = {}
+        for m in self.members:
+            if m.process is not None:
+                out.setdefault(id(m.process), m.process)
+        return list(out.values())
 
     def stop(self) -> None:
-        procs = [m.process for m in self.members if m.process is not None and m.process.poll() is None]
+        procs = [p for p in self.processes() if p.poll() is None]
         for p in procs:
             p.send_signal(signal.SIGTERM)
         deadline = time.time() + 20
@@ -429,6 +517,8 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
             "blocks_per_window": net.settings.mechanism.blocks_per_window,
             "corpus": net.settings.data.corpus,
             "nproc_per_miner": net.nproc_per_miner,
+            "miners_per_process": net.miners_per_process,
+            "validator_flags": {m.name: m.flags for m in net.members if m.flags},
             "fsdp": net.settings.train.fsdp,
         },  # fmt: skip
     }
@@ -469,6 +559,9 @@ def plot(net: LocalNet, summary: dict) -> None:
 def main(settings: Settings, args: argparse.Namespace) -> int:
     if args.validators < 1 or args.miners < 1 or args.windows < 1:
         log.error("need at least one validator, one miner and one window")
+        return 2
+    if getattr(args, "miners_per_process", 1) > 1 and getattr(args, "nproc_per_miner", 1) > 1:
+        log.error("--miners-per-process and --nproc-per-miner: one or the other")
         return 2
     net = LocalNet(settings, args)
     start = time.time()
