@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INCENTIVE_PERSONAS, INCENTIVE_WINDOWS
+from .conftest import INCENTIVE_PERSONAS, INCENTIVE_WINDOWS, VALIDATORS
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("incentive_net")]  # one network, one worker
 
@@ -44,13 +44,13 @@ def test_short_localnet_summary(incentive_net: Path) -> None:
     for persona in ("freeloader", "poison"):
         assert earned(by_persona[persona][0]) < lowest_honest, persona
     assert summary["honest_paid_share"] >= 0.9
-    (validator,) = summary["validators"]
-    assert set(validator) >= {"uid", "hotkey", "validator_trust"}
-    assert validator["validator_trust"] > 0.9  # a lone validator agrees with itself
+    validators = summary["validators"]
+    assert len(validators) == VALIDATORS
+    assert all(set(v) >= {"uid", "hotkey", "validator_trust"} for v in validators)
     network = json.loads((run / "network.json").read_text())
     assert {"netuid", "block_time", "blocks_per_window", "uids"} <= set(network)
     roles = sorted(u["role"] for u in network["uids"])
-    assert roles == ["miner"] * len(INCENTIVE_PERSONAS) + ["validator"]
+    assert roles == ["miner"] * len(INCENTIVE_PERSONAS) + ["validator"] * VALIDATORS
     for u in network["uids"]:
         assert {"uid", "hotkey", "persona", "role", "bucket", "bucket_dir"} <= set(u)
     assert (run / "master_loss.png").stat().st_size > 0 and (run / "incentive.png").stat().st_size > 0

@@ -11,7 +11,7 @@ COPIERS = ("shaped_copier", "shaped_copier_05", "rotating_copier", "shaped_finet
 
 
 def check_copiers_run(run) -> dict:
-    """The figures of a local network of 4 honest miners and the four shaped copiers, and its
+    """The figures of a local network of honest miners and the four shaped copiers, and its
     contract: every copier under 1% of the run's pay, honest miners at least 95%, no honest uid ever
     judged a copy (docs/mechanism.md "Shaped copies" quotes three such runs)."""
     import json
@@ -39,6 +39,6 @@ def check_copiers_run(run) -> dict:
 
 
 def test_shaped_copiers_beside_honest_miners_earn_under_one_percent_each(incentive_net) -> None:
-    """The shared incentive network: 4 honest miners, the four shaped copiers (and a freeloader and
-    a poisoner), 12 windows of `tiny`."""
+    """The shared incentive network: 8 honest miners, the four shaped copiers and four other cheats,
+    a sample of 4 scored a window, 12 windows of `tiny`."""
     print(check_copiers_run(incentive_net))
