@@ -7,10 +7,10 @@ its own (`--validator-flags 2:--mechanism.link_bytes_per_second=…`) that carri
 deltas its samples need. The session's one incentive network (tests/integration/conftest.py) serves
 these tests, test_localnet.py and test_shaped_copies_network.py.
 
-(a) every uid is drawn and judged within the sample's 10-window bound, by both full-speed
+Every uid is drawn and judged within the sample's 10-window bound, by both full-speed
 validators alike; honest miners hold at least 95% of the run's pay; the two agree
 (validator_trust ≥ 0.9 each); the master's held-out loss falls.
-(b) the slow validator never calls an honest uid `timeout`, never gives one a fault its full-speed
+The slow validator never calls an honest uid `timeout`, never gives one a fault its full-speed
 neighbour did not give in the same window (the miner's own fault, not our link's), leaves the rest
 `unfetched`, and an `unfetched` uid's moving average is exactly what it was.
 """
