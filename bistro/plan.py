@@ -382,15 +382,16 @@ class Rates:
     otherwise. Fitted on `tiny` by `bistro bench scale` (`rates` in its JSON; `bistro plan --rates
     FILE` reads them). The defaults: decode, sketch, mean sums and share + term are `topk2` timed on
     one 4096 × 4096 tensor on the development machine (lowrank's sparse part is topk2 at half the k;
-    its factors decode without a product, and the low-rank sketch and the share's Σ |P Qᵀ| build it
-    block by block: not refitted since); hash, apply, the matrix
+    its factors decode without a product, the low-rank cosines come from the factors, and the
+    share's Σ |P Qᵀ| builds it block by block: not refitted since); hash, apply, the matrix
     product and element-wise rates and the train factor are rounded from `bench scale` fits there;
     `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
 
     decode_ns: float = 2.1
     """`redecode` of one delta (safetensors load + the codec's decode)."""
     sketch_ns: float = 0.5
-    """`sketch` of one delta (both sketches for lowrank)."""
+    """The copy screen's pass over one delta: `sketch` of its sparse values and its share of the
+    exact low-rank cosines from factors (`low_rank_cosines`)."""
     merge_sums_ns: float = 1.6
     """`MeanMerge`'s pass over one delta (its sums)."""
     share_term_ns: float = 3.2

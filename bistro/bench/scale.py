@@ -38,6 +38,7 @@ from ..delta import (
     add_,
     apply_,
     delta_norm,
+    low_rank_cosines,
     low_rank_part,
     merge_mean,
     restore_,
@@ -100,11 +101,10 @@ def fit_rates(settings: Settings, *, uids: int, repeats: int) -> tuple[planning.
     norms = [delta_norm(d) for d in deltas]
     weights = [1.0 / uids] * uids
 
-    def sketches() -> None:
+    def sketches() -> None:  # the copy screen's pass: sparse sketches, low-rank cosines from factors
         for d in deltas:
             sketch(d, shapes)
-            if low_rank_part(d):
-                sketch(d, shapes, low_rank=True)
+        low_rank_cosines([low_rank_part(d) for d in deltas])
 
     sketch_ns = _best(sketches, repeats) / per
     sums = _best(lambda: MeanMerge(deltas, weights, shapes, norms=norms), repeats) / per
