@@ -52,9 +52,9 @@ SDK_SRC ?= $(or $(BISTRO_SDK_SRC),$(HOME)/.cache/bistro/sdk-src)
 sdk-src: $(STAMP)
 	BISTRO_SDK_SRC=$(SDK_SRC) $(PY) -c "from tests.support.bittensor_sdk import fetch_source; print(fetch_source())"
 
-# Tests run on two pytest-xdist workers, one torch thread each (tests/conftest.py); modules that share
-# one local network are one xdist_group, so it runs once. PYTEST_WORKERS= runs them in one process.
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
+# Tests run on two pytest-xdist workers, one torch thread each (tests/conftest.py), a file at a time
+# on one worker, so a module's shared local network runs once. PYTEST_WORKERS= runs them in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 # Lint, format check and the whole test suite.
 test: $(STAMP) browser prometheus pm2 sdk-src

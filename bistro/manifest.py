@@ -69,9 +69,10 @@ class PublisherTampered(Exception):
 
 
 def _feed(h: Any, name: str, tag: str, t: torch.Tensor) -> None:
-    t = t.detach().contiguous().cpu()
+    t = t.detach().cpu()
     h.update(f"{name}:{tag}:{t.dtype}:{tuple(t.shape)}\n".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # flat first: a rank-1 factor [m, 1] counts as contiguous with any stride on its size-1 axis
+    h.update(t.flatten().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def delta_sha256(delta: Delta) -> str:

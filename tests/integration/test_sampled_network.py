@@ -1,11 +1,10 @@
 """A local network at the real ratio of uids to scored slots, scaled down for the suite: 16 miners
-(8 honest, 8 cheats, the four shaped copiers among them), four to a process
+(8 honest, 8 of the demo's cheats, shaped and rotating copiers among them), four to a process
 (`--miners-per-process`), three validators that score a sample of 4 uids a window of the 19
 registered (`mechanism.max_uids_per_window`; the full size is 48 miners and 12 a window,
 docs/performance.md "Real sizes"). Validators 0 and 1 read at full speed; validator 2 has a slow link of
 its own (`--validator-flags 2:--mechanism.link_bytes_per_second=…`) that carries about a third of the
-deltas its samples need. The session's one incentive network (tests/integration/conftest.py) serves
-these tests, test_localnet.py and test_shaped_copies_network.py.
+deltas its samples need. One run serves every test of this module.
 
 Every uid is drawn and judged within the sample's 10-window bound, by both full-speed
 validators alike; honest miners hold at least 95% of the run's pay; the two agree
@@ -18,6 +17,8 @@ neighbour did not give in the same window (the miner's own fault, not our link's
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,16 +26,47 @@ import pytest
 from bistro.sample import MAX_GAP
 from bistro.verdicts import PEER_FAULTS
 
-from .conftest import INCENTIVE_WINDOWS, LINK, SAMPLE, SLOW, VALIDATORS
+pytestmark = pytest.mark.slow
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("incentive_net")]  # one network, one worker
-
-WINDOWS = INCENTIVE_WINDOWS
+CHEATS = [
+    "freeloader",
+    "noise",
+    "copycat",
+    "poison",
+    "noisy_copier",
+    "blender",
+    "shaped_copier",
+    "rotating_copier",
+]
+PERSONAS = [p for cheat in CHEATS for p in ("honest", cheat)]  # 16 miners, mixed across the processes
+VALIDATORS = 3
+SLOW = 2
+"""The validator with the slow link (the lowest stake: the other two publish and make consensus)."""
+SAMPLE = 4
+WINDOWS = 12
+BLOCK_TIME = 3.0
+BLOCKS_PER_WINDOW = 10  # tiny's
+DELTA_BYTES = 47_916
+"""A `tiny` lowrank delta on the wire (the codec's layout is fixed: every delta is this size)."""
+LINK = round(SAMPLE * (16 / 19) * DELTA_BYTES / 3 / (BLOCKS_PER_WINDOW * BLOCK_TIME))
+"""Bytes/s carrying a third of a window's sampled deltas (about 3.4 of the 4 drawn are miners) per
+window: the link saves at most 64 KiB of credit while idle, more than a delta, so the rate is what
+bounds it over a run, not the budget of one window."""
 
 
 @pytest.fixture(scope="module")
-def net(incentive_net: Path) -> Path:
-    return incentive_net
+def net(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("sampled") / "net"
+    out = subprocess.run(
+        [sys.executable, "-m", "bistro.cli", "localnet", "--preset", "tiny", "--miners", str(len(PERSONAS)),
+         "--validators", str(VALIDATORS), "--windows", str(WINDOWS), "--block-time", str(BLOCK_TIME),
+         "--miners-per-process", "4", "--mechanism.max_uids_per_window", str(SAMPLE),
+         "--personas", ",".join(PERSONAS), "--dir", str(run),
+         "--validator-flags", f"{SLOW}:--mechanism.link_bytes_per_second={LINK}"],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return run
 
 
 def summary(run: Path) -> dict:
