@@ -52,9 +52,10 @@ SDK_SRC ?= $(or $(BISTRO_SDK_SRC),$(HOME)/.cache/bistro/sdk-src)
 sdk-src: $(STAMP)
 	BISTRO_SDK_SRC=$(SDK_SRC) $(PY) -c "from tests.support.bittensor_sdk import fetch_source; print(fetch_source())"
 
-# Tests run on two pytest-xdist workers, one torch thread each (tests/conftest.py), a file at a time
-# on one worker, so a module's shared local network runs once. PYTEST_WORKERS= runs them in one process.
-PYTEST_WORKERS ?= -n 2 --dist loadfile
+# Tests run on two pytest-xdist workers, one torch thread each, a file at a time on one worker (so a
+# module's shared local network runs once), in the order tests/conftest.py gives the files.
+# PYTEST_WORKERS= runs them in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 # Lint, format check and the whole test suite.
 test: $(STAMP) browser prometheus pm2 sdk-src

@@ -3,6 +3,7 @@ honest deltas trained once per session."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
@@ -17,6 +18,48 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Order the modules for `make test` (xdist, `--dist loadfile --no-loadscope-reorder`, a module at
+    a time on one worker, in this order): the modules marked `timed`, whose assertions count wall-clock
+    windows, spread through the unit tests so that each runs beside unit tests only; then the modules
+    marked `network`, the longest first. `_network_turn` enforces what the order intends."""
+    modules: dict[object, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)
+    timed, network, rest = [], [], []
+    for module_items in modules.values():
+        first = module_items[0]
+        if first.get_closest_marker("timed"):
+            timed.append(module_items)
+        elif marker := first.get_closest_marker("network"):
+            network.append((-marker.kwargs.get("seconds", 0), len(network), module_items))
+        else:
+            rest.append(module_items)
+    ordered: list[list[pytest.Item]] = []
+    step = -(-len(rest) // max(len(timed), 1))  # a timed module, then its share of the others
+    for i, module_items in enumerate(timed):
+        ordered += [module_items, *rest[i * step : (i + 1) * step]]
+    ordered += rest[len(timed) * step :] + [m for *_, m in sorted(network, key=lambda n: n[:2])]
+    items[:] = [item for module_items in ordered for item in module_items]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _network_turn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A `timed` module runs with no `network` module beside it on another xdist worker: it holds a
+    file lock exclusively, they hold it shared. Local networks of a dozen processes on 2 cores slow
+    each other down enough to make honest miners miss windows that a test counts."""
+    timed = request.node.get_closest_marker("timed")
+    if not timed and not request.node.get_closest_marker("network"):
+        yield
+        return
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    with open(root / "network.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if timed else fcntl.LOCK_SH)
+        yield
+
 
 TEST_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -358,6 +358,41 @@ class LocalNet:
             self.s3.wait(timeout=10)
             self.s3 = None
 
+    def wait_until_mining(self, timeout: float) -> int:
+        """Wait until every miner has committed its bucket and every honest one has uploaded a delta
+        (it is set up, has followed the master and trained a window), one of their processes has
+        ended, or `timeout` seconds; return the window after: the first the network counts. On 2 busy
+        cores a dozen nodes take minutes to import, build their models and warm up, and windows scored
+        before then measure start-up, not the mechanism."""
+        miners = [m for m in self.members if m.role == "miner"]
+        bpw, netuid = self.settings.mechanism.blocks_per_window, self.settings.chain.netuid
+        s = self.settings.storage
+        stores = {m.name: open_store(m.bucket, s, root=s.root) for m in miners if m.persona == "honest"}
+
+        def uploaded(m: Member, since: int, now: int) -> bool:
+            try:
+                return any(
+                    stores[m.name].head(protocol.delta_key(netuid, w, m.hotkey))
+                    for w in range(since, now + 1)
+                )
+            except StorageError:
+                return False
+
+        since = protocol.window_of(self.chain.block(), bpw)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            now = protocol.window_of(self.chain.block(), bpw)
+            if {m.uid for m in miners} <= set(self.chain.commitments()) and all(
+                uploaded(m, since, now) for m in miners if m.name in stores
+            ):
+                break
+            if any(m.process is not None and m.process.poll() is not None for m in miners):
+                break
+            time.sleep(1.0)
+        else:
+            log.warning("miners still starting after %.0fs: counting windows from now", timeout)
+        return protocol.window_of(self.chain.block(), bpw) + 1
+
     def crashed(self) -> list[str]:
         """Members whose process ended by itself with a non-zero code."""
         return [m.name for m in self.members if m.process is not None and m.process.poll() not in (None, 0)]
@@ -498,6 +533,7 @@ def summarize(net: LocalNet, records: list[dict], observer: Observer, wall: floa
     losses = [observer.losses[w] for w in sorted(observer.losses)]
     return {
         "windows_completed": len(records),
+        "windows": [r["window"] for r in records],
         "master_loss": losses,
         "master_windows": sorted(observer.losses),
         "uids": uids,
@@ -580,10 +616,12 @@ def _run(net: LocalNet, args: argparse.Namespace, start: float) -> int:
     shown = 0
     scored: list[dict] = []
     bpw, bt = net.settings.mechanism.blocks_per_window, net.settings.chain.block_time
-    timeout = (args.windows + 4) * bpw * bt + 120
+    first = net.wait_until_mining(timeout=600)
+    log.info("every miner is up: counting %d windows from window %d", args.windows, first)
+    deadline = time.time() + (args.windows + 4) * bpw * bt + 120
     try:
         while len(scored) < args.windows:
-            if time.time() - start > timeout:
+            if time.time() > deadline:
                 log.error("timed out waiting for the validator")
                 break
             validators = [m for m in net.members if m.role == "validator"]
@@ -591,7 +629,7 @@ def _run(net: LocalNet, args: argparse.Namespace, start: float) -> int:
                 log.error("every validator exited (see logs/%s.log)", validators[0].name)
                 break
             time.sleep(min(bt, 2.0))
-            scored = records(net)[: args.windows]
+            scored = [r for r in records(net) if r["window"] >= first][: args.windows]
             observer.update()
             for record in scored[shown:]:
                 mg = net.chain.metagraph()

@@ -1,4 +1,4 @@
-"""Issue 13 item 6: nothing a long run keeps grows without bound.
+"""Nothing a long run keeps grows without bound.
 
 windows.jsonl rotates into numbered archives and start-up reads only the current file; master
 hashes, peer stores and publishers are capped; the tokenized page cache is evicted by size; a

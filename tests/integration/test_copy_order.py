@@ -1,4 +1,4 @@
-"""Issue 14, attack 1: a copier re-signs an honest miner's wire tensors as its own and dates its
+"""The backdating copier: a copier re-signs an honest miner's wire tensors as its own and dates its
 object an hour earlier (on a local bucket the file's time is its Last-Modified; on S3 its own
 server says whatever it likes). The copy order reads no time: the author's own pages decide, so the
 copier is `copy` and the author is paid."""
@@ -20,7 +20,7 @@ from ..support.reliability_kit import FIRST, make_miner, make_world
 def test_a_backdated_copy_is_the_copy_and_its_author_is_paid(
     tmp_path: Path, honest_blobs, stream: bool
 ) -> None:
-    """Also with `mechanism.stream_deltas` (issue 18): the real Validator's fetch keeps the blobs."""
+    """Also with `mechanism.stream_deltas`: the real Validator's fetch keeps the blobs."""
     from bistro.validator import Validator
 
     # consistent_windows 1: the author is paid from this one window (its second would do otherwise)

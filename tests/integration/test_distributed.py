@@ -11,7 +11,7 @@ import pytest
 
 from ..support.netutil import make_net, records, start, stop_all, tail, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network(seconds=40)]
 
 
 def test_torchrun_miner_on_two_processes(tmp_path: Path) -> None:

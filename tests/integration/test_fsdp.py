@@ -20,6 +20,8 @@ from bistro.distributed import Shards, aligned, shard_rows
 from bistro.model import build_model, state_tensors
 from bistro.training import Trainer
 
+pytestmark = pytest.mark.network(seconds=280)
+
 WORLD, STEPS, WINDOWS = 2, 3, 2
 DELTA_RTOL = 5e-3
 """max |Δ_fsdp − Δ_single| / max |Δ_single| per tensor: float sums in another order, through AdamW
@@ -80,7 +82,7 @@ def test_shard_layout() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_fsdp_delta_and_wire_match_one_process(tmp_path: Path, preset: str) -> None:
-    """Issue 18: 2 gloo ranks on `tiny` and on `small` (10M parameters, 7 layers, sequences of
+    """2 gloo ranks on `tiny` and on `small` (10M parameters, 7 layers, sequences of
     256: the preset a CPU localnet runs FSDP miners on)."""
     mp.start_processes(
         _rank, args=(str(tmp_path), f"file://{tmp_path / 'rdzv'}", preset), nprocs=WORLD, start_method="spawn"

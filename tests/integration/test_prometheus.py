@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.network(seconds=60)
+
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "bistro.json"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"

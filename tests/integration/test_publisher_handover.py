@@ -1,4 +1,4 @@
-"""Issue 13 item 5: the publisher role moves with the stake, and the master's chain of hashes does
+"""The publisher role moves with the stake, and the master's chain of hashes does
 not break.
 
 Two validators, two honest miners, all real processes on the embedded chain. Once the first
@@ -22,7 +22,7 @@ from bistro.storage import open_store
 
 from ..support.netutil import make_net, start, stop_all, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network(seconds=100)]
 
 
 def all_ok(rec: dict, uids: list[int]) -> bool:

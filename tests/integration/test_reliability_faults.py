@@ -1,4 +1,4 @@
-"""Issue 9, faults: storage that fails 30% of calls and a chain that fails intermittently.
+"""Faults: storage that fails 30% of calls and a chain that fails intermittently.
 
 Honest miners `a` and `b` upload deltas for windows FIRST..LAST; the real `Validator` scores them
 through faulty stores (a real `Store` subclass wrapping the real one) or a faulty chain under the
@@ -100,7 +100,7 @@ def test_thirty_percent_storage_faults_are_the_peers_fault(
 def test_a_peer_that_fails_two_windows_in_three_loses_its_weight(
     world: World, monkeypatch: pytest.MonkeyPatch, honest_blobs
 ) -> None:
-    """The attack of issue 13 item 2: upload one real window in three, fail the others on purpose
+    """The one-in-three attack: upload one real window in three, fail the others on purpose
     (here: every storage call fails). It used to be forgiven as our own storage error."""
     down = {"on": False}
     faulty_peers(
@@ -376,7 +376,7 @@ def test_flaky_chain_retries_keeps_scores_and_sets_weights_later(
     assert [r["window"] for r in records(validator)] == list(WINDOWS)
 
 
-# --- the miner's own upload path (issue 13 item 8) -------------------------------------------------
+# --- the miner's own upload path -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

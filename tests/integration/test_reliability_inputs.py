@@ -1,4 +1,4 @@
-"""Issue 9, bad input: crafted uploads and commitments from one uid never cost the others anything.
+"""Bad input: crafted uploads and commitments from one uid never cost the others anything.
 
 Three miners: `a` and `b` upload honest deltas (the real miner path) for window 1; `c` is the
 attacker. The real `Validator` scores window 1 once with nothing from `c` (the baseline), then once

@@ -1,4 +1,4 @@
-"""Issue 9, processes: kill -9 at random points, restart, nothing lost and nothing counted twice;
+"""Processes: kill -9 at random points, restart, nothing lost and nothing counted twice;
 SIGINT/SIGTERM stop a real miner and validator cleanly.
 
 The kill test scores a FIXED set of honest deltas (windows FIRST..LAST, uploaded once) so that an
@@ -25,7 +25,7 @@ from bistro.statefile import read_tensors
 from ..support.reliability_kit import FIRST, LAST, World, base_settings, make_world
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network(seconds=80)]
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -26,7 +26,7 @@ import pytest
 from bistro.sample import MAX_GAP
 from bistro.verdicts import PEER_FAULTS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.network(seconds=400)]
 
 CHEATS = [
     "freeloader",

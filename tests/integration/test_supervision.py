@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.network(seconds=90)
+
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
 ECOSYSTEM = ROOT / "deploy" / "pm2" / "ecosystem.config.js"

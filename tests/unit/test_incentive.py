@@ -1,4 +1,4 @@
-"""Incentive integrity (issue 14): pages after the deadline, control pages, and the own-page test."""
+"""Incentive integrity: pages after the deadline, control pages, and the own-page test."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The validator scores the merge the master applies (issue 16: "whatever the master applies, the
+"""The validator scores the merge the master applies ("whatever the master applies, the
 validator's leave-one-out scoring must measure the same merge"), and the master takes only the
 deltas of uids the weights pay."""
 
@@ -85,7 +85,7 @@ def test_without_uid_i_is_theta_eval_less_its_own_term(world) -> None:
 
 
 def test_a_zero_delta_among_real_ones_scores_exactly_zero(world) -> None:
-    """The freeloader of session 7's CI: its all-zero upload dilutes every mean it is in, and "the
+    """The freeloader that once broke the mean merge: its all-zero upload dilutes every mean it is in, and "the
     mean of the others" gave it the credit of un-diluting them (its summed incentive beat an honest
     miner's). Its own term is zero: θ_eval without it is θ_eval, bit for bit, and it earns 0.0."""
     _, evaluator, master, deltas = world

@@ -1,4 +1,4 @@
-"""Issue 9, security: no unsafe loaders, no secrets in logs or errors, and only the top validator's
+"""Security: no unsafe loaders, no secrets in logs or errors, and only the top validator's
 signature moves the master."""
 
 from __future__ import annotations

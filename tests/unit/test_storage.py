@@ -316,7 +316,7 @@ def test_gather_reports_each_item(tmp_path: Path) -> None:
 
 
 def test_gather_one_deadline_for_all_items(tmp_path: Path) -> None:
-    """Issue 13's case: 16 peers that sleep inside get() and a fast 17th. The fast one is not queued
+    """The slow-peer case: 16 peers that sleep inside get() and a fast 17th. The fast one is not queued
     behind them, and the sleepers end at the shared deadline, not one timeout after another."""
     a = LocalStore(tmp_path, "a")
     a.put("k", b"fast")

@@ -1,4 +1,4 @@
-"""Issue 18: a validator that streams its deltas (`mechanism.stream_deltas`: it keeps each verified
+"""A validator that streams its deltas (`mechanism.stream_deltas`: it keeps each verified
 blob and decodes it again at each use) copies, scores and merges bit for bit what one that holds
 every decoded delta does, and never holds more than two decoded deltas at a time.
 
