@@ -48,7 +48,11 @@ def test_plain_pip_install_runs_a_localnet(tmp_path: Path) -> None:
     )  # a plain install
 
     bistro, net = str(venv / "bin" / "bistro"), tmp_path / "net"
-    out = run([bistro, "localnet", "--miners", "2", "--windows", "2", "--dir", str(net)], tmp_path, 900)
+    out = run(
+        [bistro, "localnet", "--miners", "2", "--windows", "2", "--block-time", "1", "--dir", str(net)],
+        tmp_path,
+        900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((net / "summary.json").read_text())
     assert summary["windows_completed"] == 2 and summary["crashed"] == []
