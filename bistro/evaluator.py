@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -54,6 +54,38 @@ sketch's error is about 0.006 for spread-out vectors, but on real top-k deltas o
 0.038 (the hash is linear and the supports are structured): 0.05 left too little room."""
 
 
+class DeltaHandle:
+    """A uid's accepted delta as the validator keeps it for the window: held decoded, or, streaming
+    (`mechanism.stream_deltas`), as its verified blob decoded anew at each read (`wire.redecode`), so
+    that a streaming validator holds the window's blobs, not 256 decoded deltas."""
+
+    __slots__ = ("held", "source")
+
+    def __init__(self, held: Delta | None = None, source: Callable[[], Delta] | None = None) -> None:
+        if (held is None) == (source is None):
+            raise ValueError("a delta handle holds a delta or a source, one of the two")
+        self.held, self.source = held, source
+
+    @classmethod
+    def blob(cls, blob: bytes, exp: Expectation) -> DeltaHandle:
+        """The blob `decode_delta` accepted against `exp`, decoded again at each read."""
+        return cls(source=partial(redecode, blob, exp))
+
+    @property
+    def streamed(self) -> bool:
+        return self.source is not None
+
+    def read(self, uid: int) -> Delta:
+        """The decoded delta: the one held, or a fresh decode (`DeltaLost` if it fails now)."""
+        if self.held is not None:
+            return self.held
+        assert self.source is not None
+        try:
+            return self.source()
+        except DeltaRejected as e:  # its blob passed decode_delta: should not happen
+            raise DeltaLost(uid, e) from e
+
+
 @dataclass(eq=False)  # eq would compare (and so decode) the deltas
 class Verdict:
     """What happened to one uid's delta this window."""
@@ -82,46 +114,35 @@ class Verdict:
     uploaded: float = float("inf")
     """Upload order for copies (the validator no longer reads it from a miner's server: inf)."""
     copy_of: int | None = None
-    delta: Delta | None = field(default=None, repr=False)
-    """The decoded delta (None: none, or dropped as a copy). A property (below): held, or decoded
-    anew from `source` at each read, so a streaming validator holds the window's blobs, not 256
-    decoded deltas. Setting it (to None to drop a copy) forgets `source`."""
-    source: Callable[[], Delta] | None = field(default=None, repr=False)
-    """Streaming (`mechanism.stream_deltas`): decodes the verified blob again (`wire.redecode`)."""
+    handle: DeltaHandle | None = field(default=None, repr=False)
+    """The delta, held or as its blob (None: none, or dropped as a copy); read it as `delta`."""
     norm: float | None = None
     """`delta_norm` of the delta, from `decode_delta` (None: computed when needed)."""
+
+    @classmethod
+    def holding(cls, uid: int, delta: Delta, **fields: Any) -> Verdict:
+        """An `ok` verdict that holds `delta` decoded (benches and tests)."""
+        return cls(uid, V.ok, handle=DeltaHandle(held=delta), **fields)
+
+    @property
+    def delta(self) -> Delta | None:
+        """The decoded delta (None: none, or dropped as a copy): held, or decoded anew at each read."""
+        return None if self.handle is None else self.handle.read(self.uid)
+
+    @delta.setter
+    def delta(self, delta: Delta | None) -> None:
+        """Hold `delta` decoded (None drops it: a copy, a skipped window)."""
+        self.handle = None if delta is None else DeltaHandle(held=delta)
 
     def accept(self, decoded: DecodedDelta, blob: bytes, exp: Expectation, stream: bool) -> None:
         """`ok` with the delta `decode_delta` accepted: held, or with `stream` dropped now and
         decoded again from `blob` at each read."""
         self.verdict, self.norm = V.ok, decoded.norm
-        if stream:
-            self.delta, self.source = None, partial(redecode, blob, exp)
-        else:
-            self.delta = decoded.delta
+        self.handle = DeltaHandle.blob(blob, exp) if stream else DeltaHandle(held=decoded.delta)
 
     def measured_norm(self) -> float:
         """The delta's L2 norm, without decoding it again when `decode_delta` gave it."""
         return self.norm if self.norm is not None else delta_norm(self.delta)
-
-
-def _read_delta(v: Verdict) -> Delta | None:
-    held = v.__dict__.get("_delta")
-    if held is not None or v.source is None:
-        return held
-    try:
-        return v.source()
-    except DeltaRejected as e:  # its blob passed decode_delta: should not happen
-        raise DeltaLost(v.uid, e) from e
-
-
-def _write_delta(v: Verdict, delta: Delta | None) -> None:
-    v.__dict__["_delta"], v.__dict__["source"] = delta, None
-
-
-# Installed after @dataclass (which leaves the field's default there), so that `Verdict(uid, delta=d)`
-# and `v.delta = None` go through the setter and every reader through the getter.
-Verdict.delta = property(_read_delta, _write_delta, doc="The decoded delta: held, or decoded anew from `source`.")  # type: ignore[assignment]  # fmt: skip
 
 
 class DeltaLost(Exception):

@@ -197,7 +197,7 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
         Item("decoded deltas", held * per_uid,
              "Verdict.delta: decoded again at each read (stream_deltas)" if m.stream_deltas
              else "Verdict.delta of every uid, held for the window"),
-        Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results (stream_deltas: Verdict.source)"),
+        Item("downloaded blobs", uids * wire_bytes(settings, shapes), "gather() results (stream_deltas: DeltaHandle.blob)"),
         Item("sketches", uids * 8 * (1 << 16), "drop_copies"),
     ]  # fmt: skip
     # The merges hold sparse parts on the union of positions and lowrank's low-rank parts as the

@@ -1,8 +1,8 @@
 """End to end: a `bistro localnet` in which miners commit their own misbehaving endpoints.
 
-Each `hostile:<behaviour>` miner (four to a process) trains, signs and uploads honestly, but commits
-a loopback server of its own (`bistro.localnet.hostile`, the same code as the tests' corpus) that
-serves its deltas with that behaviour; `one_in_three` uploads one real window in three and answers 500 for the rest;
+Each `hostile:<behaviour>` miner trains, signs and uploads honestly, but commits a loopback server
+of its own (`bistro.localnet.hostile`, the same code as the tests' corpus) that serves its deltas
+with that behaviour; `one_in_three` uploads one real window in three and answers 500 for the rest;
 `bad_commitment` commits the cloud metadata service. Every window must be scored on time, no node
 may crash, the honest miners keep >= 90% of the incentive, and each misbehaving uid ends with none,
 with the verdict its server earns. The fast tests check the persona's server in process.
@@ -127,7 +127,7 @@ def run_localnet(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path / "net"
     out = subprocess.run(
         [sys.executable, "-m", "bistro.cli", "localnet", "--miners", str(len(PERSONAS)), "--validators", "1",
-         "--windows", str(WINDOWS), "--block-time", str(BLOCK_TIME), "--miners-per-process", "4", "--personas", ",".join(PERSONAS),
+         "--windows", str(WINDOWS), "--block-time", str(BLOCK_TIME), "--personas", ",".join(PERSONAS),
          "--dir", str(run), "--config", str(config)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """The incentive network, run once for this module: 4 honest miners, a freeloader, a poisoner and the
-four shaped copiers (five to a process), one validator scoring every uid, 12 windows of `tiny`. Its summary.json, and the
+four shaped copiers, one validator scoring every uid, 12 windows of `tiny`. Its summary.json, and the
 shaped copiers' contract: each earns under 1% of the run's pay, honest miners at least 95%, no
 honest uid is ever judged a copy. (The same copiers under sampled scoring: test_sampled_network.py
 and docs/mechanism.md "Known gaps".)"""
@@ -28,7 +28,7 @@ def incentive_net(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = subprocess.run(
         [sys.executable, "-m", "bistro.cli", "localnet", "--preset", "tiny",
          "--miners", str(len(INCENTIVE_PERSONAS)), "--validators", "1", "--windows", str(INCENTIVE_WINDOWS),
-         "--block-time", "2", "--miners-per-process", "5", "--personas", ",".join(INCENTIVE_PERSONAS), "--dir", str(run), "--json"],
+         "--block-time", "3", "--personas", ",".join(INCENTIVE_PERSONAS), "--dir", str(run), "--json"],
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -44,7 +44,7 @@ SLOW = 2
 """The validator with the slow link (the lowest stake: the other two publish and make consensus)."""
 SAMPLE = 4
 WINDOWS = 12
-BLOCK_TIME = 2.0
+BLOCK_TIME = 3.0
 BLOCKS_PER_WINDOW = 10  # tiny's
 DELTA_BYTES = 47_916
 """A `tiny` lowrank delta on the wire (the codec's layout is fixed: every delta is this size)."""

@@ -40,7 +40,7 @@ def world():
 
 
 def verdicts_of(deltas) -> dict[int, Verdict]:
-    return {uid: Verdict(uid, "ok", delta=d) for uid, d in enumerate(deltas, start=1)}
+    return {uid: Verdict.holding(uid, d) for uid, d in enumerate(deltas, start=1)}
 
 
 def test_theta_eval_is_what_the_master_would_apply(world) -> None:
@@ -167,7 +167,7 @@ def test_an_update_that_overshoots_is_taken_at_half_its_size(world) -> None:
     else:
         pytest.fail("no overshooting step found")
     # one helpful delta: the mean merge of it alone is itself
-    verdicts = {1: Verdict(1, "ok", delta=update, merge_weight=1.0, score=1.0)}
+    verdicts = {1: Verdict.holding(1, update, merge_weight=1.0, score=1.0)}
     got, info = evaluator.propose_update(master, verdicts, base, seqs)
     assert info["accepted"] and info["step"] == 0.5 and info["global_loss_after"] < base
     assert all(torch.equal(got[n], update[n] * 0.5) for n in update)

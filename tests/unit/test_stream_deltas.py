@@ -82,7 +82,7 @@ def verdicts_of(settings, evaluator, blobs, stream: bool, alive: Alive | None = 
         v = out[uid] = Verdict(uid)
         v.accept(decode_delta(blob, exp), blob, exp, stream)
         if alive is not None:
-            v.source = alive.wrap(v.source)
+            v.handle.source = alive.wrap(v.handle.source)
     return out
 
 
@@ -123,8 +123,8 @@ def test_streaming_gives_the_same_bits_and_holds_two_deltas(codec: str, merge: s
     held = verdicts_of(settings, evaluator, blobs, stream=False)
     alive = Alive()
     streamed = verdicts_of(settings, evaluator, blobs, stream=True, alive=alive)
-    assert all(v.source is None and v.delta is not None for v in held.values())
-    assert all(v.__dict__["_delta"] is None and v.source is not None for v in streamed.values())
+    assert all(not v.handle.streamed and v.handle.held is not None for v in held.values())
+    assert all(v.handle.streamed and v.handle.held is None for v in streamed.values())
     if codec == "topk2":  # the common direction makes the honest deltas' top-k positions overlap
         a, b = held[1].delta, held[2].delta
         name = max(a, key=lambda n: a[n].indices.numel())
@@ -164,7 +164,7 @@ def test_a_streamed_delta_that_fails_to_decode_again_is_rejected_and_the_window_
             raise DeltaRejected(Reason.bad_tensors, "decoded differently")
         return verdicts_of(settings, evaluator, {3: blobs[3]}, stream=False)[3].delta
 
-    streamed[3].source = broken
+    streamed[3].handle.source = broken
     refused = verdicts_of(settings, evaluator, blobs, stream=False)
     refused[3].verdict, refused[3].delta = V.bad_tensors, None
     evaluator.drop_copies(streamed, WINDOW, BLOCK_HASH, master)
