@@ -3,10 +3,12 @@ honest deltas trained once per session."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -23,8 +25,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order the modules for `make test` (xdist, `--dist loadfile --no-loadscope-reorder`, a module at
     a time on one worker, in this order): the modules marked `timed`, whose assertions count wall-clock
-    windows, spread through the unit tests so that each runs beside unit tests only; then the modules
-    marked `network`, the longest first. `_network_turn` enforces what the order intends."""
+    windows and which run alone (`_network_turn`), spread through the unit tests; then the modules
+    marked `network`, the longest first, so that the long ones start while the short ones can still
+    fill the other worker."""
     modules: dict[object, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.module, []).append(item)
@@ -45,19 +48,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = [item for module_items in ordered for item in module_items]
 
 
+def _lock_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory every xdist worker of this run shares (the workers' base temps are its children)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a+") as f:
+        fcntl.flock(f, mode)
+        yield
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _network_turn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A `timed` module runs with no `network` module beside it on another xdist worker: it holds a
-    file lock exclusively, they hold it shared. Local networks of a dozen processes on 2 cores slow
-    each other down enough to make honest miners miss windows that a test counts."""
-    timed = request.node.get_closest_marker("timed")
-    if not timed and not request.node.get_closest_marker("network"):
-        yield
+    """A `timed` module runs alone: the other xdist worker waits until it ends. Its local network's
+    validator must score each window and publish the master before the next one starts; a unit test
+    or another network beside it on 2 cores makes the scoring run past the window, and then every
+    miner misses the next one. It holds `turn.lock` exclusively, every other module holds it shared
+    (from before its own module fixtures); `gate.lock` gives the timed module its turn as soon as the
+    modules that hold the lock now end, however many follow them."""
+    root = _lock_dir(tmp_path_factory)
+    if request.node.get_closest_marker("timed"):
+        with _flock(root / "gate.lock", fcntl.LOCK_EX), _flock(root / "turn.lock", fcntl.LOCK_EX):
+            yield
         return
-    root = tmp_path_factory.getbasetemp()
-    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    with open(root / "network.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if timed else fcntl.LOCK_SH)
+    with _flock(root / "gate.lock", fcntl.LOCK_EX):
+        pass
+    with _flock(root / "turn.lock", fcntl.LOCK_SH):
         yield
 
 
