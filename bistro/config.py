@@ -220,6 +220,12 @@ class MechanismConfig:
     close_controls: int = 2
     """At most this many close uids' pages per scored uid (`close_control_cosine`): each costs one
     more leave-one-out pass over `eval_pages` pages for that uid."""
+    slice_fraction: float = 1 / 32
+    """Of every upload outside the window's scored sample, the part a validator reads (a run of
+    parameters drawn from the seed block's hash, about this share of the wire: `bistro.delta.slices`),
+    so that a sampled copy of an unsampled uid's delta meets its source's pages as close controls
+    (`close_control_cosine`; or `low_rank_copy_threshold` on the low-rank parts). At least one
+    parameter; 0 reads none. At 7B with 256 uids and a sample of 32: 224 × 4.3 MiB a window."""
     consistent_windows: int = 2
     """A uid is eligible for weight only if each of its last this many scored deltas (`ok` verdicts:
     faults already cost it through `fault_penalty`) scored above 0: a copy whose own-page test comes
@@ -304,6 +310,7 @@ class MechanismConfig:
         _check(0 <= self.fetch_slow_fraction < 1, "mechanism.fetch_slow_fraction", "must be in [0, 1)")
         _check(0 < self.close_control_cosine <= 1, "mechanism.close_control_cosine", "must be in (0, 1]")
         _check(self.close_controls >= 0, "mechanism.close_controls", "must be >= 0")
+        _check(0 <= self.slice_fraction <= 1, "mechanism.slice_fraction", "must be in [0, 1]")
 
 
 LOCAL_MECHANISM = frozenset(

@@ -189,6 +189,10 @@ class Evaluator:
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.sketches: tuple[int, dict[int, torch.Tensor]] = (-1, {})
         """(window, uid → sketch of its delta): the copy screen's, reused by the close controls."""
+        self.slices: tuple[int, dict[int, Delta]] = (-1, {})
+        """(window, uid → its slice, decoded): the parts of the deltas outside the window's sample
+        that the validator read (`bistro.delta.slices`), all of the same parameters; their uids
+        may be close controls of a sampled uid."""
 
     def set_params(self, source: Params) -> None:
         with torch.no_grad():
@@ -361,14 +365,21 @@ class Evaluator:
         rule = MERGES[self.settings.mechanism.merge]
         return rule(deltas, weights, self.shapes, norms=[v.measured_norm() for v in verdicts])
 
-    def close_controls(self, valid: list[int], window: int, verdicts: dict[int, Verdict]) -> dict[int, list[int]]:  # fmt: skip
-        """For each scored uid, the other scored uids whose deltas are closest to its own
-        (`scoring.close_uids` on the sketched cosine: the copy screen's sketches of this window,
-        made here for any uid it did not sketch): their eval pages are control pages of its test.
-        Only uids scored in this window can be: a source that was not fetched or scored leaves its
+    def close_controls(
+        self,
+        valid: list[int],
+        window: int,
+        verdicts: dict[int, Verdict],
+        incentive: dict[int, float] | None = None,
+    ) -> dict[int, list[int]]:
+        """For each scored uid, the uids whose deltas are closest to its own (`scoring.close_uids`):
+        their eval pages are control pages of its test. The other scored uids, on the sketched
+        cosine (the copy screen's sketches of this window, made here for any uid it did not sketch),
+        and the uids outside the sample whose slices the validator read (`outside_cosines`). A
+        source neither scored nor sliced (no upload, a slice its server would not serve) leaves its
         copy with the random control pages alone (and `consistent_windows`)."""
         m = self.settings.mechanism
-        if m.close_controls == 0 or m.close_control_cosine >= 1.0 or len(valid) < 2:
+        if m.close_controls == 0 or m.close_control_cosine >= 1.0 or not valid:
             return {uid: [] for uid in valid}
         at, known = self.sketches
         known = known if at == window else {}
@@ -377,12 +388,43 @@ class Evaluator:
         }
         stacked = torch.stack([rows[uid] for uid in valid])
         gram = stacked @ stacked.T
+        outside = self.outside_cosines(valid, window, verdicts)
         return {
             uid: scoring.close_uids(
-                uid, {u: float(gram[i, j]) for j, u in enumerate(valid)}, m.close_control_cosine, m.close_controls
+                uid, {u: float(gram[i, j]) for j, u in enumerate(valid)} | outside.get(uid, {}),
+                m.close_control_cosine, m.close_controls, incentive,
             )
             for i, uid in enumerate(valid)
         }  # fmt: skip
+
+    def outside_cosines(self, valid: list[int], window: int, verdicts: dict[int, Verdict]) -> dict[int, dict[int, float]]:  # fmt: skip
+        """scored uid → {sliced uid: cosine} of the pairs that are close: the sketched cosine of the
+        sent values on the slice's parameters, or, where the low-rank parts reach
+        `low_rank_copy_threshold` (a copy that keeps its source's factors and sends values of its
+        own), their exact cosine. One sketch per delta and one product, so the cost grows with
+        sampled + sliced uids, not with their pairs."""
+        at, slices = self.slices
+        if at != window or not slices or not valid:
+            return {}
+        m = self.settings.mechanism
+        names = sorted(next(iter(slices.values())))
+        shapes = {n: self.shapes[n] for n in names}
+        sliced = sorted(slices)
+        mine = [{n: verdicts[uid].delta[n] for n in names} for uid in valid]  # type: ignore[index]
+        theirs = [slices[u] for u in sliced]
+        a = torch.stack([sketch(d, shapes) for d in mine])
+        b = torch.stack([sketch(d, shapes) for d in theirs])
+        values = a @ b.T
+        low = low_rank_cosines([low_rank_part(d) for d in mine + theirs])[: len(valid), len(valid) :]
+        out: dict[int, dict[int, float]] = {}
+        for i, uid in enumerate(valid):
+            for j, u in enumerate(sliced):
+                cos = float(values[i, j])
+                if float(low[i, j]) >= m.low_rank_copy_threshold:
+                    cos = max(cos, float(low[i, j]))
+                if cos >= m.close_control_cosine and u != uid:
+                    out.setdefault(uid, {})[u] = cos
+        return out
 
     def score(
         self,
@@ -417,11 +459,15 @@ class Evaluator:
         base_global = self.loss(global_seqs)
         if not valid:
             return base_global, global_seqs
-        own = {uid: self.eval_sequences(uid, window, block_hash) for uid in valid}
+        close = self.close_controls(valid, window, verdicts, incentive)
+        # close uids outside the sample (sliced): their eval pages are in the batched passes too
+        extras = sorted({c for cs in close.values() for c in cs} - set(valid))
+        own = {uid: self.eval_sequences(uid, window, block_hash) for uid in [*valid, *extras]}
         # Own pages, then control pages, per uid: the own-page test compares the two.
         pages = {uid: torch.cat([own[uid], self.other_sequences(uid, window, block_hash)]) for uid in valid}
+        batch = [pages[uid] for uid in valid] + [own[c] for c in extras]
         # L(θ) on the same pages: the pooled help that the test divides by (scoring.score).
-        base = self.losses(torch.cat([pages[uid] for uid in valid]))
+        base = self.losses(torch.cat(batch))
         for uid in valid:
             verdicts[uid].merge_weight = weights[uid]
         deltas = Deltas([verdicts[uid] for uid in valid])
@@ -432,12 +478,11 @@ class Evaluator:
         with torch.no_grad():
             add_(self.params, rule.update, 1.0)
         # Every "with" loss shares θ_eval: one batched pass over all uids' pages and the global ones.
-        losses = self.losses(torch.cat([pages[uid] for uid in valid] + [global_seqs]))
+        losses = self.losses(torch.cat(batch + [global_seqs]))
         with_global = float(losses[-len(global_seqs) :].mean())
         starts, at = {}, 0
-        for uid in valid:
-            starts[uid], at = at, at + len(pages[uid])
-        close = self.close_controls(valid, window, verdicts)
+        for uid, seqs in zip([*valid, *extras], batch, strict=True):
+            starts[uid], at = at, at + len(seqs)
         offset = 0
         for j, uid in enumerate(valid):
             v, n, k = verdicts[uid], len(own[uid]), len(pages[uid])

@@ -104,11 +104,21 @@ def own_page_test_against(
     return min(own_page_test(help_own, h, pooled_own, p, merge_weight) for h, p in controls)
 
 
-def close_uids(uid: int, cosines: Mapping[int, float], threshold: float, limit: int) -> list[int]:
+def close_uids(
+    uid: int,
+    cosines: Mapping[int, float],
+    threshold: float,
+    limit: int,
+    incentive: Mapping[int, float] | None = None,
+) -> list[int]:
     """The other uids whose deltas' cosine to `uid`'s (`cosines`: uid → cosine) reaches `threshold`,
-    nearest first, at most `limit` (ties by uid): whose pages are `uid`'s close controls."""
+    at most `limit`: whose pages are `uid`'s close controls. The best-paid first (`incentive`, the
+    chain's), then the nearest, ties by uid: paid work is what a copier copies, and several copies
+    of one source sit nearer to each other than to it (a copycat's is exact), so by nearness alone
+    a copy's close uids would be its fellow copies, whose pages are random text to it."""
+    paid = incentive or {}
     near = [u for u, c in cosines.items() if u != uid and c >= threshold]
-    return sorted(near, key=lambda u: (-cosines[u], u))[:limit]
+    return sorted(near, key=lambda u: (-paid.get(u, 0.0), -cosines[u], u))[:limit]
 
 
 def consistent(recent: Mapping[int, Sequence[float]], windows: int) -> set[int]:

@@ -60,6 +60,8 @@ import torch
 from . import manifest, protocol, sample, scoring
 from .chain.base import ChainError, Metagraph
 from .config import Settings
+from .delta import slices
+from .delta.codec import CODECS, Delta, codec_context
 from .delta.wire import DeltaRejected, decode_delta, expectation
 from .evaluator import Evaluator, Verdict
 from .master import (
@@ -93,6 +95,8 @@ SCORE_TOLERANCE = 0.05
 
 FETCH_SHARE = 0.25
 """The largest share of a window the fetch deadline may take (the rest is for scoring)."""
+SLICE_SHARE = 0.25
+"""Of the fetch budget, the seconds the slices of the unsampled uploads get, after the sample's."""
 
 HASHES_KEPT = 16
 """Master hashes remembered (windows back): deltas name the master they were trained from."""
@@ -188,6 +192,7 @@ class Validator(Node):
         self._canary_written = False
         self.log = WindowLog(self.state_dir, self.records_per_file, self.archives_kept)
         self.fetched_bytes = 0
+        self.sliced_bytes = 0
         self.io_seconds = 0.0
         """Bytes of the deltas the last `fetch` downloaded (windows.jsonl, metrics)."""
         self.link = Link(settings.mechanism.link_bytes_per_second)
@@ -568,6 +573,51 @@ class Validator(Node):
             self._judge(verdicts[uid], window, hotkey, expected_master, result)
         return verdicts
 
+    def fetch_slices(self, window: int, mg: Metagraph, uids: list[int], block_hash: str) -> dict[int, Delta]:
+        """The slices (`bistro.delta.slices`) of `uids`' uploads for `window`: the uids outside the
+        window's sample, read after it under `SLICE_SHARE` of the fetch budget, through our link, in
+        the window's seeded order. A slice is a hint for the close controls, never a verdict: one
+        that does not come back or does not decode is simply not there (logged)."""
+        m = self.settings.mechanism
+        if m.slice_fraction <= 0 or not uids:
+            return {}
+        ctx = codec_context(self.settings, window)
+        spec = CODECS[m.codec].wire_spec(self.shapes, ctx)
+        plan = slices.plan_slice(self.netuid, window, block_hash, spec, m.slice_fraction)
+        commitments = self.chain.commitments()
+        items: list[tuple[Store, str]] = []
+        owners: list[int] = []
+        for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
+            commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
+            if commitment is None or hotkey is None:
+                continue
+            store = self._open_peer(uid, commitment)
+            if isinstance(store, V):
+                continue
+            items.append((_SliceReader(store, plan, spec), protocol.delta_key(self.netuid, window, hotkey)))
+            owners.append(uid)
+        if not items:
+            return {}
+        results = fetch_ordered(
+            items, max_bytes=plan.head_bytes + plan.max_span,
+            deadline=time.monotonic() + SLICE_SHARE * self.fetch_budget(), concurrency=m.fetch_concurrency,
+            link=self.link, stall=m.fetch_stall_seconds, slow_fraction=m.fetch_slow_fraction,
+        )  # fmt: skip
+        out: dict[int, Delta] = {}
+        why: dict[str, int] = {}
+        for uid, result in zip(owners, results, strict=True):
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                out[uid] = slices.decode_slice(bytes(result), plan, spec, m.codec, ctx, self.shapes)
+            except Exception as e:  # noqa: BLE001 -- a peer's bytes: no slice, and the window goes on
+                log.debug("uid %d: no slice: %s: %s", uid, type(e).__name__, str(e)[:200])
+                why[type(e).__name__] = why.get(type(e).__name__, 0) + 1
+        self.sliced_bytes = sum(len(r) for r in results if isinstance(r, bytes | bytearray))
+        log.info("window %d: slices of %d of %d unsampled uploads (%d parameters)%s", window, len(out),
+                 len(uids), len(plan.names), f"; none from {why}" if why else "")  # fmt: skip
+        return out
+
     def _write_canary(self) -> bool:
         if self._canary_written:
             return True
@@ -659,10 +709,14 @@ class Validator(Node):
             "fetch_seconds": min(self.io_seconds, fetched),
             "decode_seconds": max(0.0, fetched - self.io_seconds),
         }
+        self.sliced_bytes, slice_start = 0, time.perf_counter()
+        outside = [u for u in everyone if u not in set(uids)]  # empty unless the window samples
+        self.evaluator.slices = (window, self.fetch_slices(window, mg, outside, block_hash))
+        timings["slice_seconds"] = time.perf_counter() - slice_start
         incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
         self.evaluator.drop_copies(verdicts, window, block_hash, self.master)
         base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
-        timings["score_seconds"] = time.perf_counter() - fetch_start - fetched
+        timings["score_seconds"] = time.perf_counter() - fetch_start - fetched - timings["slice_seconds"]
         keep = {int(u) for u in mg.uids} - {self.uid}
         # skip and unfetched (our side, our link) judge nothing: the average stays as it was
         evaluated = {u for u in uids if verdicts[u].verdict not in NOT_JUDGED}
@@ -710,6 +764,7 @@ class Validator(Node):
         record = self._window_record(window, verdicts, weights, master_info, time.perf_counter() - start)
         record.update({k: round(v, 3) for k, v in timings.items()}, bytes_fetched=self.fetched_bytes)
         record.update(sampled=len(uids), registered=len(everyone))  # the window's scored sample
+        record.update(sliced=len(self.evaluator.slices[1]), bytes_sliced=self.sliced_bytes)
         for key, done in (("publisher_check", check), ("publisher_check_deferred", deferred)):
             if done is not None:
                 record[key] = done.as_record()
@@ -824,3 +879,29 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     return 0
+
+
+class _SliceReader(Store):
+    """A peer's store seen through `slices.read_slice`: `get` returns the slice's bytes (header and
+    run) by two range reads, so `fetch_ordered` bounds, orders and times slices as it does deltas."""
+
+    def __init__(self, store: Store, plan: slices.SlicePlan, spec: dict) -> None:
+        self.store, self.plan, self.spec, self.bucket = store, plan, spec, store.bucket
+
+    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        return slices.read_slice(
+            lambda start, length: self.store.get_range(key, start, length, deadline=deadline),
+            self.plan, self.spec,
+        )  # fmt: skip
+
+    def put(self, key: str, data: bytes) -> None:
+        raise StorageError("read only")
+
+    def head(self, key: str) -> None:
+        raise StorageError("read only")
+
+    def list(self, prefix: str = "") -> list:
+        raise StorageError("read only")
+
+    def delete(self, key: str) -> None:
+        raise StorageError("read only")

@@ -200,7 +200,8 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _entry(name: str, raw: Any) -> Entry:
+def parse_entry(name: str, raw: Any) -> Entry:
+    """One tensor entry of a header, checked in itself (dtype, shape, offsets that hold it): ValueError."""
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
         raise ValueError(f"{name}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
@@ -222,7 +223,7 @@ def check_entries(
 ) -> dict[str, Entry]:
     """Tensor entries valid, matching `spec` when given, tiling the data buffer: else bad_tensors."""
     try:
-        entries = {name: _entry(name, raw) for name, raw in header.raw_entries.items()}
+        entries = {name: parse_entry(name, raw) for name, raw in header.raw_entries.items()}
         if spec is not None:
             if set(entries) != set(spec):
                 missing, extra = sorted(set(spec) - set(entries)), sorted(set(entries) - set(spec))

@@ -66,6 +66,12 @@ class Store(ABC):
         """The object at `key`. Raises NotFound, TooLarge (before reading the body), StorageError,
         and PeerTimeout when it cannot finish by `deadline` (an absolute `time.monotonic()`)."""
 
+    def get_range(self, key: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+        """Bytes [start, start + length) of the object at `key`: fewer only where the object ends
+        first. A read of a peer's delta in part (`bistro.delta.slices`); a store that cannot read
+        ranges raises StorageError; NotFound and PeerTimeout as in `get`."""
+        raise StorageError(f"get {self.bucket}/{key}: this store reads no byte ranges")
+
     @abstractmethod
     def head(self, key: str) -> ObjectInfo | None:
         """The object's size and time, or None if it does not exist."""

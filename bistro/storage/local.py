@@ -83,7 +83,8 @@ class LocalStore(Store):
         symlink to another bucket or to the reader's own files (its wallet), which we never read."""
         return os.path.realpath(path).startswith(os.path.realpath(self.dir) + os.sep)
 
-    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+    def _open(self, key: str, deadline: float | None) -> tuple[int, os.stat_result]:
+        """A descriptor of the regular file at `key` (never through a symlink out of the bucket)."""
         check_deadline(deadline, f"get {self.bucket}/{key}")
         path = self._path(key)
         try:
@@ -99,6 +100,18 @@ class LocalStore(Store):
         if not stat.S_ISREG(st.st_mode):  # a directory, FIFO or device planted at the key
             os.close(fd)
             raise StorageError(f"get {self.bucket}/{key}: not a regular file")
+        return fd, st
+
+    def get_range(self, key: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError(f"bad range {start}+{length}")
+        fd, _ = self._open(key, deadline)
+        with os.fdopen(fd, "rb") as f:
+            f.seek(start)
+            return f.read(length)
+
+    def get(self, key: str, *, max_bytes: int | None = None, deadline: float | None = None) -> bytes:
+        fd, st = self._open(key, deadline)
         with os.fdopen(fd, "rb") as f:
             # the size of the very file we opened, checked before one byte is read
             if max_bytes is not None and st.st_size > max_bytes:

@@ -22,6 +22,7 @@ import functools
 import http.client
 import io
 import random
+import re
 import socket
 import ssl
 import time
@@ -224,9 +225,16 @@ class PeerStore(Store):
         return {k: v for k, v in req.headers.items() if k.lower() != "host"}
 
     def _exchange(
-        self, method: str, key: str, deadline: float, read: Callable[[http.client.HTTPResponse], T]
+        self,
+        method: str,
+        key: str,
+        deadline: float,
+        read: Callable[[http.client.HTTPResponse], T],
+        extra: dict[str, str] | None = None,
+        ok: int = 200,
     ) -> T:
-        """One request on a fresh connection to a checked address; `read` takes the 200 response."""
+        """One request on a fresh connection to a checked address; `read` takes the `ok` response
+        (200, or 206 for a range with `extra` {"Range": ...})."""
         what = f"{method.lower()} {self.bucket}/{key}"
         t = self._target(key)
         addrs = checked_addresses(
@@ -237,12 +245,12 @@ class PeerStore(Store):
         sock = _connect(t, addrs, connect_by, self.ssl_context, what)
         try:
             sock.settimeout(max(1e-3, deadline - time.monotonic()))
-            _request(sock, method, t, self._signed(method, t))
+            _request(sock, method, t, {**self._signed(method, t), **(extra or {})})
             resp = http.client.HTTPResponse(_Conn(sock, deadline, what), method=method)  # type: ignore[arg-type]
             resp.begin()
             if resp.status == 404:
                 raise NotFound(f"{self.bucket}/{key}")
-            if resp.status != 200:
+            if resp.status != ok:
                 raise _status_error(resp, what)
             return read(resp)
         except (PeerTimeout, NotFound, TooLarge, StorageError):
@@ -288,6 +296,28 @@ class PeerStore(Store):
             deadline,
             cap,
             lambda end: self._exchange("GET", key, end, lambda r: _read_body(r, key, cap, what)),
+        )
+
+    def get_range(self, key: str, start: int, length: int, *, deadline: float | None = None) -> bytes:
+        """Bytes [start, start + length) by a `Range` request: the answer must be 206 with a
+        `Content-Range` that starts at `start`, and at most `length` bytes (a server that ignores
+        the range, or sends more, is a StorageError: the whole object is never read here)."""
+        if start < 0 or length < 1:
+            raise ValueError(f"bad range {start}+{length}")
+        what = f"get {self.bucket}/{key} [{start}, {start + length})"
+
+        def read(resp: http.client.HTTPResponse) -> bytes:
+            got = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip())
+            if got is None or int(got[1]) != start or int(got[2]) < start:
+                raise StorageError(f"{what}: Content-Range {resp.headers.get('Content-Range', '')[:60]!r}")
+            try:
+                return _read_body(resp, key, length, what)
+            except TooLarge:
+                raise StorageError(f"{what}: more bytes than the range") from None
+
+        extra = {"Range": f"bytes={start}-{start + length - 1}"}
+        return self._attempts(
+            deadline, length, lambda end: self._exchange("GET", key, end, read, extra=extra, ok=206)
         )
 
     def head(self, key: str, *, deadline: float | None = None) -> ObjectInfo | None:

@@ -22,6 +22,7 @@ from bistro.storage import (
     R2_MAX_BUCKET,
     BadCommitment,
     LocalStore,
+    NotFound,
     PeerTimeout,
     StorageError,
     bucket_commitment,
@@ -447,3 +448,52 @@ def test_private_allowed_follows_the_chain_and_the_setting(tmp_path) -> None:
     for cfg in (local, StorageConfig(backend="s3", endpoint_url="http://127.0.0.1:9")):
         with pytest.raises(BadCommitment):  # a bare name would open it on OUR endpoint, with OUR keys
             open_peer_store("my-bucket", cfg, allow_private=private_allowed(real))
+
+
+# -- byte ranges: the slices of unsampled deltas ---------------------------------------------------
+
+
+def test_range_reads_through_the_loopback_s3_server(s3_store) -> None:
+    """A slice is two `Range` reads of a public-read object (moto answers 206 as S3 and R2 do)."""
+    s3_store.put(KEY, BLOB)
+    s3_store.create_bucket(public_read=True)
+    cfg = StorageConfig(backend="s3", endpoint_url=s3_store.endpoint_url)
+    peer = open_peer_store(f"{s3_store.endpoint_url}/{s3_store.bucket}", cfg, allow_private=True)
+    deadline = time.monotonic() + 5
+    assert peer.get_range(KEY, 0, 64, deadline=deadline) == BLOB[:64]
+    assert peer.get_range(KEY, 100, 300, deadline=deadline) == BLOB[100:400]
+    assert peer.get_range(KEY, len(BLOB) - 10, 64, deadline=deadline) == BLOB[-10:]  # cut at its end
+    with pytest.raises(StorageError, match="416"):  # a range past the object's end
+        peer.get_range(KEY, len(BLOB) + 10, 64, deadline=deadline)
+
+
+def test_range_reads_refuse_whole_objects_and_every_hostile_server_by_the_deadline(
+    hostile: HostileServer,
+) -> None:
+    """A server that ignores the range (200: the whole object) is refused before its body is read;
+    every hostile behaviour ends in an error by the deadline, never a hang or a crash."""
+    store = open_peer_store(f"{hostile.url}/honest", StorageConfig(retries=0), allow_private=True)
+    with pytest.raises(StorageError, match="HTTP 200"):
+        store.get_range(KEY, 0, 64, deadline=time.monotonic() + DEADLINE)
+    assert hostile.requests[-1][2]["Range"] == "bytes=0-63"
+    results: dict[str, BaseException | bytes] = {}
+
+    def read(name: str) -> None:
+        peer = open_peer_store(f"{hostile.url}/{name.replace('_', '-')}", StorageConfig(retries=1),
+                               allow_private=True)  # fmt: skip
+        try:
+            results[name] = peer.get_range(KEY, 0, 64, deadline=t0 + DEADLINE)
+        except Exception as e:  # noqa: BLE001 -- what each read ended in is the assertion
+            results[name] = e
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=read, args=(name,)) for name in BEHAVIOURS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE + SLACK + 1)
+    assert time.monotonic() - t0 < DEADLINE + SLACK
+    assert set(results) == set(BEHAVIOURS)
+    for name, result in results.items():  # an error, or at most the bytes asked for (a short 206)
+        ok = isinstance(result, bytes) and len(result) <= 64
+        assert ok or isinstance(result, StorageError | PeerTimeout | NotFound), (name, result)

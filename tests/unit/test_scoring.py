@@ -204,11 +204,14 @@ def test_a_copy_is_tested_against_its_sources_pages_too() -> None:
         scoring.own_page_test_against(0.06, 0.1, [])
 
 
-def test_close_uids_are_the_nearest_over_the_threshold() -> None:
+def test_close_uids_are_the_best_paid_then_the_nearest_over_the_threshold() -> None:
     cosines = {1: 1.0, 2: 0.7, 3: 0.12, 4: 0.5, 5: 0.7, 6: 0.3}
     assert scoring.close_uids(1, cosines, 0.3, 2) == [2, 5]  # itself never; ties by uid
     assert scoring.close_uids(1, cosines, 0.3, 10) == [2, 5, 4, 6]
     assert scoring.close_uids(1, cosines, 0.8, 2) == [] and scoring.close_uids(1, cosines, 0.3, 0) == []
+    # the paid first: a copy's fellow copies (unpaid, nearest) must not crowd out its paid source
+    assert scoring.close_uids(1, cosines, 0.3, 2, {4: 0.2, 6: 0.5}) == [6, 4]
+    assert scoring.close_uids(1, cosines, 0.3, 3, {6: 0.5}) == [6, 2, 5]
 
 
 def test_consistent_needs_every_one_of_the_last_scored_windows_positive() -> None:

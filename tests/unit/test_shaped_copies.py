@@ -124,14 +124,18 @@ def test_the_shaped_finetune_starts_from_a_shaped_copy_and_trains_a_fifth_of_a_w
 # --- the own-page test against shaped copies, on real training ---------------------------------------
 
 
-def shaped_separation(windows: int, overrides: dict | None = None) -> dict:
+def shaped_separation(windows: int, overrides: dict | None = None, unsampled: tuple[int, ...] = ()) -> dict:
     """Four honest miners train for real (bench's SimMiner: the miner's own training, compression and
     signing); beside them the four shaped personas' deltas, forged by the personas' own code: a
     0.7 copy of uid 0 (uid 4), a 0.5 copy of uid 1 (uid 5), a 0.7 copy of uid `w mod 4` (uid 6) and
     a 0.7 copy of uid 2 plus a fifth of a window's training on its own pages (uid 7). The validator's
     steps: the copy screen, then the scores. Returns per kind the windows' `score` (against the
     random control pages and the close uids' pages), `control_score` (random control pages alone),
-    `close_to`, copy verdicts and the seconds `Evaluator.score` took."""
+    `close_to`, copy verdicts and the seconds `Evaluator.score` took.
+
+    `unsampled` uids are left out of the scored sample, as a validator that samples leaves them:
+    only their slices are read (`bistro.delta.slices`, from the signed blobs); `alone_close_to`
+    records each scored uid's close uids had no slice been read."""
     import hashlib
 
     from safetensors.torch import load as load_safetensors
@@ -154,7 +158,7 @@ def shaped_separation(windows: int, overrides: dict | None = None) -> dict:
     finetuner = SimMiner(s, dataset, 7)
     codec = CODECS[s.mechanism.codec]
     kinds = {4: "shaped_copier", 5: "shaped_copier_05", 6: "rotating_copier", 7: "shaped_finetune"}
-    out: dict = {k: {"score": [], "control_score": [], "close_to": [], "verdict": []}
+    out: dict = {k: {"score": [], "control_score": [], "close_to": [], "verdict": [], "alone_close_to": []}
                  for k in ["honest", *kinds.values()]}  # fmt: skip
     out["score_seconds"] = []
 
@@ -190,6 +194,20 @@ def shaped_separation(windows: int, overrides: dict | None = None) -> dict:
                 wire = compress(delta, codec, ctx, None)
             blobs[uid] = sign(uid, w, wire, digest)
         verdicts = decode_all(s, evaluator.shapes, w, digest, blobs)
+        if unsampled:
+            from bistro.delta.slices import decode_slice, plan_slice, read_slice
+
+            ctx = codec_context(s, w)
+            spec = codec.wire_spec(evaluator.shapes, ctx)
+            plan = plan_slice(s.chain.netuid, w, block_hash, spec, s.mechanism.slice_fraction)
+            read = {u: read_slice(lambda a, n, b=blobs[u][1]: b[a : a + n], plan, spec) for u in unsampled}
+            slices = {
+                u: decode_slice(r, plan, spec, codec.name, ctx, evaluator.shapes) for u, r in read.items()
+            }
+            verdicts = {u: v for u, v in verdicts.items() if u not in unsampled}
+            valid = sorted(u for u, v in verdicts.items() if v.verdict == "ok")
+            alone = evaluator.close_controls(valid, w, verdicts)
+            evaluator.slices = (w, slices)
         evaluator.drop_copies(verdicts, w, block_hash, master)
         started = time.perf_counter()
         base, global_seqs = evaluator.score(w, block_hash, master, verdicts, {})
@@ -199,9 +217,11 @@ def shaped_separation(windows: int, overrides: dict | None = None) -> dict:
             kind["score"].append(v.score)
             kind["control_score"].append(v.control_score)
             kind["close_to"].append(list(v.close_to))
+            if unsampled:
+                kind["alone_close_to"].append(alone.get(uid, []))
             kind["verdict"].append(str(v.verdict))
         update, _ = evaluator.propose_update(master, verdicts, base, global_seqs,
-                                             paid=[u for u in range(4) if verdicts[u].score > 0])  # fmt: skip
+                                             paid=[u for u in range(4) if u in verdicts and verdicts[u].score > 0])  # fmt: skip
         if update is not None:
             apply_update(master, update)
     return out
@@ -226,3 +246,22 @@ def test_the_close_controls_sink_every_shaped_copy_and_never_touch_an_honest_uid
         assert all(c for c in k["close_to"]), (kind, k["close_to"])  # its source is a close uid
         assert all(x < 0 for x in k["score"]), (kind, k["score"])
         assert max(k["score"]) < min(honest["score"]), (kind, k["score"], honest["score"])
+
+
+@pytest.mark.slow
+def test_a_copy_of_an_unsampled_uid_meets_its_sources_pages_through_the_slice() -> None:
+    """Under a scored sample the source is usually not drawn with its copier. Sources 0 and 1 left
+    out of the sample (only their slices read): the copies of them (uids 4 and 5) still get their
+    source as a close uid and score below 0 every window, which without the slice they could not
+    (no close uid at all: the random control pages alone); honest uids stay above 0."""
+    got = shaped_separation(windows=2, unsampled=(0, 1))
+    print({k: {f: v[f] for f in ("score", "close_to", "alone_close_to")} if isinstance(v, dict) else v
+           for k, v in got.items()})  # fmt: skip
+    for kind, source in (("shaped_copier", 0), ("shaped_copier_05", 1)):
+        k = got[kind]
+        assert all(source in c for c in k["close_to"]), (kind, k["close_to"])
+        assert all(source not in c for c in k["alone_close_to"]), (kind, k["alone_close_to"])
+        assert all(x < 0 for x in k["score"]), (kind, k["score"])
+    honest = got["honest"]
+    assert all(x > 0 for x in honest["score"]), honest["score"]
+    assert all(u >= 4 for c in honest["close_to"] for u in c), honest["close_to"]

@@ -1,0 +1,144 @@
+"""A slice of a delta (`bistro.delta.slices`): a seeded run of its parameters read by two byte-range
+reads, decoded to exactly what the whole delta decodes to there; a peer's bad header or layout is a
+refusal, never a crash or an unbounded read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import bittensor_core
+import pytest
+import torch
+import transformers
+
+from bistro.config import build_settings
+from bistro.delta import CODECS, CodecContext, encode_delta, similarity
+from bistro.delta.codec import densify
+from bistro.delta.slices import SlicePlan, decode_slice, plan_slice, read_slice
+from bistro.delta.wire import Expectation, decode_delta
+from bistro.model import llama_config
+from bistro.storage import LocalStore
+
+ALICE = bittensor_core.Keypair.create_from_uri("//Alice")
+CTX = CodecContext(netuid=212, window=9, compression=100.0)
+
+
+@pytest.fixture(scope="module")
+def shapes() -> dict[str, tuple[int, ...]]:
+    model = transformers.LlamaForCausalLM(llama_config(build_settings("tiny").model))
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def blob(shapes: dict, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    delta = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
+    codec = CODECS["lowrank"]
+    return encode_delta(codec.encode(delta, CTX), keypair=ALICE, netuid=212, uid=3, window=9, codec="lowrank",
+                        codec_params=codec.params(CTX), master_window=8, master_hash="ab" * 32)  # fmt: skip
+
+
+def spec_of(shapes: dict) -> dict:
+    return CODECS["lowrank"].wire_spec(shapes, CTX)
+
+
+def test_the_run_is_seeded_by_the_seed_block_and_covers_the_fraction(shapes: dict) -> None:
+    spec = spec_of(shapes)
+    total = sum(s[0][0] for s in spec.values())
+    plans = [plan_slice(212, 9, f"0x{k:064x}", spec, 1 / 16) for k in range(20)]
+    for p in plans:
+        assert p.max_span >= total / 16 and len(p.names) < len(spec)
+        assert p.max_span == sum(spec[n][0][0] for n in p.names)
+    assert len({p.names[0] for p in plans}) > 5  # the start moves with the seed block's hash
+    assert plan_slice(212, 9, "0x" + "1" * 64, spec, 1 / 16) == plan_slice(
+        212, 9, "0x" + "1" * 64, spec, 1 / 16
+    )
+
+
+def test_a_slice_decodes_to_the_whole_deltas_parameters(shapes: dict, tmp_path: Path) -> None:
+    spec = spec_of(shapes)
+    data = blob(shapes, 0)
+    store = LocalStore(tmp_path, "peer")
+    store.put("k", data)
+    full = decode_delta(data, expectation_for(shapes)).delta
+    for k in range(6):
+        plan = plan_slice(212, 9, f"0x{k:064x}", spec, 1 / 16)
+        reads: list[tuple[int, int]] = []
+
+        def get_range(start: int, length: int, reads: list = reads) -> bytes:
+            reads.append((start, length))
+            return store.get_range("k", start, length)
+
+        got = read_slice(get_range, plan, spec)
+        assert len(reads) == 2 and reads[0] == (0, plan.head_bytes) and reads[1][1] <= plan.max_span
+        assert len(got) <= plan.head_bytes + plan.max_span < len(data)
+        part = decode_slice(got, plan, spec, "lowrank", CTX, shapes)
+        assert set(part) == set(plan.names)
+        restricted = {n: full[n] for n in plan.names}
+        assert similarity(part, restricted) == pytest.approx(1.0)
+        for n in plan.names:  # bit for bit: the same bytes through the same codec
+            one = {n: shapes[n]}
+            assert torch.equal(densify({n: part[n]}, one)[n], densify({n: full[n]}, one)[n])
+
+
+def expectation_for(shapes: dict) -> Expectation:
+    return Expectation(netuid=212, window=9, hotkey=ALICE.ss58_address, master_hash="ab" * 32, codec="lowrank",
+                       ctx=CTX, shapes=shapes, max_bytes=16 * 2**20, max_norm=50.0)  # fmt: skip
+
+
+def forged(data: bytes, change) -> bytes:  # noqa: ANN001
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    change(header)
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n :]
+
+
+def test_bad_headers_and_layouts_are_refused_with_bounded_reads(shapes: dict) -> None:
+    spec = spec_of(shapes)
+    plan = plan_slice(212, 9, "0x" + "2" * 64, spec, 1 / 16)
+    data = blob(shapes, 1)
+    name = plan.names[0]
+
+    def spread(h: dict) -> None:  # the run's first tensor moved to the far end: a span of the whole
+        end = max(e["data_offsets"][1] for k, e in h.items() if k != "__metadata__")
+        size = h[name]["data_offsets"][1] - h[name]["data_offsets"][0]
+        h[name]["data_offsets"] = [end, end + size]
+
+    cases = {
+        "garbage": b"\xff" * 64,
+        "huge header length": (2**40).to_bytes(8, "little") + data[8:],
+        "missing tensor": forged(data, lambda h: h.pop(name)),
+        "wrong shape": forged(data, lambda h: h[name].update(shape=[1])),
+        "spread out": forged(data, spread),
+        "short body": data[: len(data) // 2],
+    }
+    for why, bad in cases.items():
+        reads: list[int] = []
+
+        def get_range(start: int, length: int, bad: bytes = bad, reads: list = reads) -> bytes:
+            reads.append(length)
+            return bad[start : start + length]
+
+        with pytest.raises(ValueError):
+            read_slice(get_range, plan, spec)
+        assert sum(reads) <= plan.head_bytes + plan.max_span, why
+    with pytest.raises(ValueError):  # a buffer that is not what read_slice returns
+        decode_slice(data[: plan.head_bytes], plan, spec, "lowrank", CTX, shapes)
+    assert isinstance(plan, SlicePlan)
+
+
+def test_every_run_is_one_contiguous_span_of_an_honest_blob(shapes: dict) -> None:
+    """Whatever the start, the run is read by one range of every honest delta: a run that would pass
+    the last name grows before its start instead (a wrapped run spans the whole blob)."""
+    spec = spec_of(shapes)
+    names = sorted(spec)
+    data = blob(shapes, 2)
+    starts = set()
+    for k in range(200):
+        plan = plan_slice(212, 9, f"0x{k:064x}", spec, 1 / 16)
+        at = [names.index(n) for n in plan.names]
+        assert at == list(range(min(at), max(at) + 1)), plan.names
+        starts.add(max(at))
+        read_slice(lambda a, n: data[a : a + n], plan, spec)  # raises if the span is not the layout's
+    assert len(names) - 1 in starts  # runs that reach the end of the layout were drawn too
