@@ -34,6 +34,7 @@ import torch
 
 from .config import ModelConfig, Settings, replace
 from .delta.codec import CODECS, TopK, codec_context
+from .delta.slices import header_bytes
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -663,10 +664,14 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
     pages = validator_pages(settings, design, scored)
     fwd_pages = pages["scored"] + pages["global"] + pages["master_step"] + pages["copy_evidence"]
     fwd_tokens = fwd_pages * page_tokens
-    download = scored * wire
-    fetch_io = download / link
+    # and a slice of every unsampled upload (`bistro.delta.slices`): its header and slice_fraction
+    # of its wire, for the close controls of copies whose source was not drawn
+    head = 8 + header_bytes(shapes)
+    sliced = max(0, uids - scored) * (head + m.slice_fraction * wire) if m.slice_fraction > 0 else 0.0
+    download = scored * wire + sliced
+    fetch_io = scored * wire / link
     stream = m.stream_deltas
-    v: dict[str, float] = {"fetch": fetch_io}
+    v: dict[str, float] = {"fetch": fetch_io, "slices": sliced / link}
     if design.decode_on_device and gpus:
         v["decode_merge"] = device_bytes_s(scored * design.device_bytes_per_param_uid * n, v_gpus)
         if design.factored_lowrank and m.codec == "lowrank":  # θ_eval's low-rank part: one GEMM a matrix
@@ -759,6 +764,7 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
             "peak_host_bytes": val_host,
             "memory": val_items,
             "download_per_window_bytes": download,
+            "slice_download_per_window_bytes": sliced,
             "forward": {
                 "pages": pages,
                 "sequences_per_page": seq_page,

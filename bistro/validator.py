@@ -599,7 +599,7 @@ class Validator(Node):
         if not items:
             return {}
         results = fetch_ordered(
-            items, max_bytes=plan.head_bytes + plan.max_span,
+            items, max_bytes=plan.max_bytes,
             deadline=time.monotonic() + SLICE_SHARE * self.fetch_budget(), concurrency=m.fetch_concurrency,
             link=self.link, stall=m.fetch_stall_seconds, slow_fraction=m.fetch_slow_fraction,
         )  # fmt: skip

@@ -205,7 +205,14 @@ def test_7b_numbers_follow_the_protocol_knobs() -> None:
     a, b = _timed("7B", scored_uids=32), _timed("7B", scored_uids=64)
     assert a["validator"]["scored_uids_per_window"] == 32 and b["validator"]["scored_uids_per_window"] == 64
     assert b["validator"]["seconds_per_window"] > a["validator"]["seconds_per_window"]
-    assert b["validator"]["download_per_window_bytes"] == 2 * a["validator"]["download_per_window_bytes"]
+    # the sample's deltas whole, and a slice of every other upload (`bistro.delta.slices`)
+    whole = {k: p["validator"]["download_per_window_bytes"] - p["validator"]["slice_download_per_window_bytes"]
+             for k, p in (("a", a), ("b", b))}  # fmt: skip
+    assert whole["b"] == 2 * whole["a"]
+    wire = a["validator"]["delta_wire_bytes"]
+    sliced = a["validator"]["slice_download_per_window_bytes"]
+    assert 224 * wire / 40 < sliced < 224 * wire / 25  # 224 unsampled uploads, about 1/32 of each
+    assert b["validator"]["slice_download_per_window_bytes"] < sliced  # fewer left out of a larger sample
     assert a["validator"]["rotation_windows"] == 8
     # What a follower downloads: the union of the merged deltas today, one delta re-compressed, or a
     # bounded merge set.
