@@ -371,6 +371,7 @@ class Evaluator:
         window: int,
         verdicts: dict[int, Verdict],
         incentive: dict[int, float] | None = None,
+        averages: dict[int, float] | None = None,
     ) -> dict[int, list[int]]:
         """For each scored uid, the uids whose deltas are closest to its own (`scoring.close_uids`):
         their eval pages are control pages of its test. The other scored uids, on the sketched
@@ -392,7 +393,7 @@ class Evaluator:
         return {
             uid: scoring.close_uids(
                 uid, {u: float(gram[i, j]) for j, u in enumerate(valid)} | outside.get(uid, {}),
-                m.close_control_cosine, m.close_controls, incentive,
+                m.close_control_cosine, m.close_controls, incentive, averages,
             )
             for i, uid in enumerate(valid)
         }  # fmt: skip
@@ -433,6 +434,7 @@ class Evaluator:
         master: Params,
         verdicts: dict[int, Verdict],
         incentive: dict[int, float],
+        averages: dict[int, float] | None = None,
     ) -> tuple[float, torch.Tensor]:
         """Steps 3-5 for the `ok` verdicts, in place; returns the master's global loss and the global
         sequences. The model is left at θ_eval.
@@ -441,7 +443,7 @@ class Evaluator:
         (the mean merge's sums), and each uid's leave-one-out reads its delta once more, so a
         streaming validator holds at most two decoded deltas at a time."""
         return self._without_lost(
-            verdicts, lambda: self._score(window, block_hash, master, verdicts, incentive)
+            verdicts, lambda: self._score(window, block_hash, master, verdicts, incentive, averages)
         )
 
     def _score(
@@ -451,6 +453,7 @@ class Evaluator:
         master: Params,
         verdicts: dict[int, Verdict],
         incentive: dict[int, float],
+        averages: dict[int, float] | None = None,
     ) -> tuple[float, torch.Tensor]:
         valid = [uid for uid, v in sorted(verdicts.items()) if v.verdict == "ok"]
         weights = scoring.merge_weights(incentive, valid)
@@ -459,7 +462,7 @@ class Evaluator:
         base_global = self.loss(global_seqs)
         if not valid:
             return base_global, global_seqs
-        close = self.close_controls(valid, window, verdicts, incentive)
+        close = self.close_controls(valid, window, verdicts, incentive, averages)
         # close uids outside the sample (sliced): their eval pages are in the batched passes too
         extras = sorted({c for cs in close.values() for c in cs} - set(valid))
         own = {uid: self.eval_sequences(uid, window, block_hash) for uid in [*valid, *extras]}

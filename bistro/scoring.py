@@ -110,15 +110,18 @@ def close_uids(
     threshold: float,
     limit: int,
     incentive: Mapping[int, float] | None = None,
+    averages: Mapping[int, float] | None = None,
 ) -> list[int]:
     """The other uids whose deltas' cosine to `uid`'s (`cosines`: uid → cosine) reaches `threshold`,
     at most `limit`: whose pages are `uid`'s close controls. The best-paid first (`incentive`, the
-    chain's), then the nearest, ties by uid: paid work is what a copier copies, and several copies
-    of one source sit nearer to each other than to it (a copycat's is exact), so by nearness alone
-    a copy's close uids would be its fellow copies, whose pages are random text to it."""
-    paid = incentive or {}
+    chain's), then the best moving average (`averages`, this validator's: before anyone is paid,
+    and between two payments), then the nearest, ties by uid. Paid, well-scored work is what a
+    copier copies, and several copies of one source sit nearer to each other than to it (a
+    copycat's is exact; a blend holds half of it), so by nearness alone a copy's close uids would
+    be its fellow copies, whose pages are random text to it."""
+    paid, average = incentive or {}, averages or {}
     near = [u for u, c in cosines.items() if u != uid and c >= threshold]
-    return sorted(near, key=lambda u: (-paid.get(u, 0.0), -cosines[u], u))[:limit]
+    return sorted(near, key=lambda u: (-paid.get(u, 0.0), -average.get(u, 0.0), -cosines[u], u))[:limit]
 
 
 def consistent(recent: Mapping[int, Sequence[float]], windows: int) -> set[int]:

@@ -715,7 +715,9 @@ class Validator(Node):
         timings["slice_seconds"] = time.perf_counter() - slice_start
         incentive = {int(u): float(i) for u, i in zip(mg.uids, mg.I, strict=True)}
         self.evaluator.drop_copies(verdicts, window, block_hash, self.master)
-        base_global, global_seqs = self.evaluator.score(window, block_hash, self.master, verdicts, incentive)
+        base_global, global_seqs = self.evaluator.score(
+            window, block_hash, self.master, verdicts, incentive, self.state.averages
+        )
         timings["score_seconds"] = time.perf_counter() - fetch_start - fetched - timings["slice_seconds"]
         keep = {int(u) for u in mg.uids} - {self.uid}
         # skip and unfetched (our side, our link) judge nothing: the average stays as it was

@@ -212,6 +212,9 @@ def test_close_uids_are_the_best_paid_then_the_nearest_over_the_threshold() -> N
     # the paid first: a copy's fellow copies (unpaid, nearest) must not crowd out its paid source
     assert scoring.close_uids(1, cosines, 0.3, 2, {4: 0.2, 6: 0.5}) == [6, 4]
     assert scoring.close_uids(1, cosines, 0.3, 3, {6: 0.5}) == [6, 2, 5]
+    # before anyone is paid: the best moving average next (copies sink theirs; a newcomer has none)
+    assert scoring.close_uids(1, cosines, 0.3, 2, {}, {4: 0.3, 2: -0.5, 5: 0.0}) == [4, 5]
+    assert scoring.close_uids(1, cosines, 0.3, 2, {6: 0.1}, {4: 0.3}) == [6, 4]
 
 
 def test_consistent_needs_every_one_of_the_last_scored_windows_positive() -> None:
