@@ -411,7 +411,7 @@ class Evaluator:
         names = sorted(next(iter(slices.values())))
         shapes = {n: self.shapes[n] for n in names}
         sliced = sorted(slices)
-        mine = [{n: verdicts[uid].delta[n] for n in names} for uid in valid]  # type: ignore[index]
+        mine = [_restricted(verdicts[uid].delta, names) for uid in valid]  # streamed: one read a uid
         theirs = [slices[u] for u in sliced]
         a = torch.stack([sketch(d, shapes) for d in mine])
         b = torch.stack([sketch(d, shapes) for d in theirs])
@@ -587,3 +587,10 @@ class Evaluator:
                 return update, info
         self.refused = full  # not in `info`: that is a JSON record
         return None, info
+
+
+def _restricted(delta: Delta | None, names: list[str]) -> Delta:
+    """The parts of `delta` at `names` (a slice's parameters)."""
+    if delta is None:
+        raise ValueError("a scored verdict without its delta")
+    return {n: delta[n] for n in names}

@@ -97,6 +97,9 @@ FETCH_SHARE = 0.25
 """The largest share of a window the fetch deadline may take (the rest is for scoring)."""
 SLICE_SHARE = 0.25
 """Of the fetch budget, the seconds the slices of the unsampled uploads get, after the sample's."""
+SLICE_CONCURRENCY = 4
+"""Slices read at once, per delta read at once (`mechanism.fetch_concurrency`): a slice is small, so
+its time is mostly round trips, and a swarm of stalling servers holds fewer of the slots."""
 
 HASHES_KEPT = 16
 """Master hashes remembered (windows back): deltas name the master they were trained from."""
@@ -600,7 +603,7 @@ class Validator(Node):
             return {}
         results = fetch_ordered(
             items, max_bytes=plan.max_bytes,
-            deadline=time.monotonic() + SLICE_SHARE * self.fetch_budget(), concurrency=m.fetch_concurrency,
+            deadline=time.monotonic() + SLICE_SHARE * self.fetch_budget(), concurrency=SLICE_CONCURRENCY * m.fetch_concurrency,
             link=self.link, stall=m.fetch_stall_seconds, slow_fraction=m.fetch_slow_fraction,
         )  # fmt: skip
         out: dict[int, Delta] = {}

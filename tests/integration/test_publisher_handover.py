@@ -18,7 +18,7 @@ import pytest
 from bistro import protocol
 from bistro.delta.signed import unpack_signed
 from bistro.localnet.network import Observer, publisher_of, records
-from bistro.storage import open_store
+from bistro.storage import NotFound, open_store
 
 from ..support.netutil import make_net, start, stop_all, wait_for
 
@@ -69,9 +69,16 @@ def test_moving_the_stake_hands_over_the_master_unbroken(tmp_path: Path) -> None
         stop_all(net)
     last = records(net)[-1]["window"]
     assert publisher_of(net, last) == second.hotkey
-    docs = {w: update_doc(net, w) for w in range(moved - 2, last + 1)}
-    for w in range(moved - 1, last + 1):
-        assert docs[w]["base_hash"] == docs[w - 1]["result_hash"], (w, docs)
+    docs = {}
+    for w in range(moved - 2, last + 1):
+        try:
+            docs[w] = update_doc(net, w)
+        except NotFound:  # a window its publisher skipped, late from scoring the one before on a
+            pass  # loaded machine: no update, and the next publisher's base is the newest master
+    published = sorted(docs)
+    assert any(w < handover for w in published) and sum(w > handover for w in published) >= 2, published
+    for a, b in zip(published, published[1:], strict=False):  # the chain of hashes, across the handover
+        assert docs[b]["base_hash"] == docs[a]["result_hash"], (a, b, docs)
     # the second validator's records of the handover windows are its own master step's
     log = (net.dir / "logs" / f"{second.name}.log").read_text()
     assert "publisher from θ_" in log and "Traceback" not in log
