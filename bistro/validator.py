@@ -446,6 +446,11 @@ class Validator(Node):
             if v is not None and v.verdict not in NOT_HELD and v.verdict != V.ok:
                 return check.tampered(f"merged uid {uid}, whose delta is {v.verdict} here")
             if v is not None and v.verdict == V.ok and v.score < -SCORE_TOLERANCE:
+                if set(v.close_to) - ctx["sample"]:  # against a slice's pages: one the publisher may
+                    check.unverifiable(  # not have read (its peer's server, its budget): disputed
+                        f"merged uid {uid}, whose delta hurt here against a slice's pages (score {v.score:.4g})"
+                    )
+                    continue
                 return check.tampered(f"merged uid {uid}, whose delta hurt here (score {v.score:.4g})")
         # the weights: normalize(max(I_i, 1/|V|)) over the publisher's V, from the chain's incentive
         expected = scoring.merge_weights(ctx["incentive"], [int(u) for u in man.get("valid", [])])

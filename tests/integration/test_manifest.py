@@ -120,6 +120,26 @@ def test_losses_within_the_tolerance_do_not_flag_and_beyond_it_do(scored) -> Non
         assert check.status == expect, (factor, str(check))
 
 
+def test_a_merged_uid_that_hurt_only_against_a_slice_is_disputed_not_tampered(scored) -> None:
+    """A merged uid that scores below the tolerance here is proof of tampering when its test used
+    only what every validator of the window holds; when one of its close uids came from a slice (a
+    uid outside the sample, whose slice the publisher may not have read), it is disputed."""
+    import dataclasses
+
+    _, top, val, honest, _, ctx = scored
+    doc, tensors = unpack_signed(honest, signer=_TOP[0], max_bytes=1 << 30)
+    if not doc["manifest"]["uids"]:
+        pytest.skip("nothing merged in this window")
+    merged = int(doc["manifest"]["uids"][0])
+    outside = max(ctx["sample"]) + 1
+    for close_to, expect in (([outside], "unverifiable"), ([], "tampered")):
+        verdicts = dict(ctx["verdicts"])
+        verdicts[merged] = dataclasses.replace(verdicts[merged], score=-1.0, close_to=close_to)
+        val.shadow = None
+        check = val.check_update(dict(ctx, verdicts=verdicts), top.hotkey, doc, dict(tensors))
+        assert check.status == expect, (close_to, str(check))
+
+
 def test_a_tampered_update_is_caught_by_a_validator_and_a_verifying_follower(scored, tmp_path) -> None:
     world, top, _, honest, key, _ = scored
     forged = _tampered(world, honest)
