@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.network(seconds=400)]
+pytestmark = [pytest.mark.slow, pytest.mark.timed]
 
 INCENTIVE_PERSONAS = ["honest"] * 4 + [
     "freeloader", "poison", "shaped_copier", "shaped_copier_05", "rotating_copier", "shaped_finetune",
