@@ -609,10 +609,6 @@ def _mechanism(bpw: int, rows: int, pages: int, global_: int, alpha: float, max_
                 max_delta_norm=max_norm, checkpoint_every=checkpoint)  # fmt: skip
 
 
-STREAM = {"stream_deltas": True}
-"""The 150M, 1B and 7B validators stream their deltas: 256 decoded lowrank deltas of 7B (factors and
-sparse values) are ~150 GiB."""
-
 # fmt: off
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~1.9M parameters: thousands of tokens/s on 2 CPU cores; sized so a 10-miner localnet keeps up.
@@ -626,15 +622,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # ~148M parameters.
     "150M": {"model": _model(32000, 768, 12, 12, 12, 2560, 1024),
              "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
-             "mechanism": {**_mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10), **STREAM}},
+             "mechanism": {**_mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10)}},
     # TinyLlama's shape: ~1.1B parameters.
     "1B": {"model": _model(32000, 2048, 22, 32, 4, 5632, 2048),
            "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
-           "mechanism": {**_mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20), **STREAM}},
+           "mechanism": {**_mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20)}},
     # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
     "7B": {"model": _model(32000, 4096, 32, 32, 32, 11008, 2048),
            "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
-           "mechanism": {**_mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3), **STREAM}},
+           "mechanism": {**_mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3)}},
 }
 # fmt: on
 

@@ -23,15 +23,14 @@ from .delta import (
     Delta,
     Merge,
     add_,
-    apply_,
     delta_norm,
     low_rank_cosines,
     low_rank_part,
-    restore_,
     scaled,
     similarity,
     sketch,
 )
+from .delta.apply import applied_per_module
 from .delta.wire import DecodedDelta, DeltaRejected, Expectation, redecode
 from .manifest import delta_sha256
 from .master import apply_update
@@ -345,11 +344,8 @@ class Evaluator:
         for uid in uids:
             own, other = pages[uid]
             n, k = len(own), len(other)
-            with torch.no_grad():
-                saved = apply_(self.params, verdicts[uid].delta, 1.0)  # θ + Δ_uid
-            solo = self.losses(torch.cat([own, other]))
-            with torch.no_grad():
-                restore_(self.params, saved)
+            with applied_per_module(self.model, self.params, verdicts[uid].delta, 1.0):  # θ + Δ_uid
+                solo = self.losses(torch.cat([own, other]))
             before = base[offset : offset + n + k]
             offset += n + k
             help_own = float(before[:n].mean()) - float(solo[:n].mean())
@@ -363,7 +359,8 @@ class Evaluator:
         """The protocol's merge rule (`mechanism.merge`) over `deltas`, with the norms `decode_delta`
         measured (no pass over the deltas for them)."""
         rule = MERGES[self.settings.mechanism.merge]
-        return rule(deltas, weights, self.shapes, norms=[v.measured_norm() for v in verdicts])
+        device = next(iter(self.params.values())).device
+        return rule(deltas, weights, self.shapes, norms=[v.measured_norm() for v in verdicts], device=device)
 
     def close_controls(
         self,
@@ -496,17 +493,17 @@ class Evaluator:
             v.base_other = float(base[offset + n : offset + k].mean())
             offset += k
             delta = deltas[j]  # streamed: decoded again, the only one held now
-            with torch.no_grad():  # step 5: θ_eval without uid i is θ_eval less its own term
-                # scored per unit of what uid i puts into θ_eval (`Merge.share`)
-                share = rule.share(j, delta)
-                saved = apply_(self.params, rule.term(j, delta), -1.0)
+            # scored per unit of what uid i puts into θ_eval (`Merge.share`)
+            share, term = rule.share(j, delta), rule.term(j, delta)
             del delta
             # The global pages are not part of the score (they paid copies in full): not measured.
             # The close uids' eval pages too (their "with" and base losses are in the batched pass).
             v.close_to = close[uid]
-            without = self.losses(torch.cat([pages[uid]] + [own[c] for c in v.close_to]))
-            with torch.no_grad():
-                restore_(self.params, saved)  # back to θ_eval, bit for bit
+            # Step 5: θ_eval without uid i is θ_eval less its own term, applied one parameter at a
+            # time as each module runs (no copy of θ_eval; the same bits as removing it in place).
+            with applied_per_module(self.model, self.params, term, -1.0):
+                without = self.losses(torch.cat([pages[uid]] + [own[c] for c in v.close_to]))
+            del term
             v.without_local, v.without_other = float(without[:n].mean()), float(without[n:k].mean())
             v.control_score = scoring.score(
                 v.with_local, v.without_local, v.with_other, v.without_other, share,

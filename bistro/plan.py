@@ -221,7 +221,9 @@ def validator_items(settings: Settings, shapes: Shapes, uids: int) -> dict[str, 
                 "merge": [*state, inputs, update]}  # fmt: skip
     mean_merge = Item("mean-merge sums", 16 * dense + 16 * union + factors,
                       "MeanMerge: Σ w and the update's means at the union; stacked factors")  # fmt: skip
-    score = [*state, mean_merge, Item("activations", act, "one eval_batch_size forward (inference mode)")]
+    largest = 4 * max(math.prod(s) for s in shapes.values())
+    score = [*state, mean_merge, Item("activations", act, "one eval_batch_size forward (inference mode)"),
+             Item("leave-one-out clone", largest, "applied_per_module: one parameter's values at a time")]  # fmt: skip
     build = [*state, Item("mean-merge accumulators", accumulators, "_Parts while MeanMerge reads the deltas")]
     merge = [
         *state,
@@ -381,23 +383,33 @@ HARDWARE: dict[str, Hardware] = {
 class Rates:
     """Host rates, one thread, and the CPU forward model; ns per parameter per uid unless named
     otherwise. Fitted on `tiny` by `bistro bench scale` (`rates` in its JSON; `bistro plan --rates
-    FILE` reads them). The defaults: decode, sketch, mean sums and share + term are `topk2` timed on
-    one 4096 × 4096 tensor on the development machine (lowrank's sparse part is topk2 at half the k;
-    its factors decode without a product, the low-rank cosines come from the factors, and the
-    share's Σ |P Qᵀ| builds it block by block: not refitted since); hash, apply, the matrix
-    product and element-wise rates and the train factor are rounded from `bench scale` fits there;
-    `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
+    FILE` reads them). The defaults are `lowrank` (the default codec, at the 7B preset's compression)
+    timed on eight deltas of one 4096 × 4096 matrix, one thread, on the development machine's CPU
+    (`bistro bench scale` prints the same figures as `large_matrix` beside its fit): per parameter of
+    a large matrix they hold at any model size, where `tiny`'s small tensors add a cost per tensor.
+    Hash, the matrix product and element-wise rates and the train factor are rounded from `bench
+    scale` fits there; `encode_ns` is an assumption (lowrank on `tiny` fitted 31)."""
 
-    decode_ns: float = 2.1
+    decode_ns: float = 0.6
     """`redecode` of one delta (safetensors load + the codec's decode)."""
-    sketch_ns: float = 0.5
+    sketch_ns: float = 0.3
     """The copy screen's pass over one delta: `sketch` of its sparse values and its share of the
     exact low-rank cosines from factors (`low_rank_cosines`)."""
-    merge_sums_ns: float = 1.6
+    merge_sums_ns: float = 0.8
     """`MeanMerge`'s pass over one delta (its sums)."""
-    share_term_ns: float = 3.2
-    """One uid's leave-one-out: `share` + `term` + `apply_` + `restore_`."""
-    merge_mean_ns: float = 1.6
+    share_term_ns: float = 4.8
+    """One uid's `share` + `term` (the sparse bookkeeping on the host, and `abs_sum_ns`)."""
+    abs_sum_ns: float = 2.2
+    """Of `share_term_ns`, the parameter-sized part: `share`'s Σ |P Qᵀ|, materialised block by
+    block where the model is (on a GPU node: device work, priced by memory bandwidth)."""
+    leave_one_out_ns: float = 4.4
+    """A uid's term applied and taken back once (`applied_per_module`: a parameter's clone, its
+    term added in place, the clone copied back), per parameter and per forward call of its
+    leave-one-out pass (one call per `eval_batch_size` sequences)."""
+    theta_eval_ns: float = 1.3
+    """θ_eval's low-rank part (`add_` of the merge's stacked factors), per matrix parameter and per
+    rank of the stack (lowrank: one per scored uid)."""
+    merge_mean_ns: float = 0.8
     """`merge_mean`'s pass over one merged delta (the publisher's update)."""
     encode_ns: float = 10.0
     """A miner's `compress` + `encode_delta`, per parameter."""
@@ -416,7 +428,7 @@ class Rates:
     """CPU forward: ns per activation element (norms, rotary, softmax, the loss), fitted on `tiny`."""
     train_factor: float = 3.1
     """CPU: seconds of one training step over the seconds of a forward over the same tokens."""
-    source: str = "defaults (topk2 on a 4096 × 4096 tensor; see the class's note)"
+    source: str = "defaults (lowrank on a 4096 × 4096 matrix; see the class's note)"
 
 
 @dataclass(frozen=True)
@@ -679,12 +691,24 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
             v["decode_merge"] += 2 * mat * m.rank * scored / (v_gpus * hw.peak_flops * hw.mfu_forward)
         v["merge_update"] = device_bytes_s(merged * 12 * n, v_gpus)
         decodes = 1
-    else:  # today: on the host, 1 decode at fetch (+3 re-decodes streaming), the publisher's merge
+    else:  # the code: decode at fetch (+3 re-decodes streaming), the copy screen's sketch, the mean
+        # merge's sums and each uid's share and term on the host; the parameter-sized work where the
+        # model is: θ_eval's add of the stacked factors, share's Σ |P Qᵀ|, and the leave-one-out's
+        # term applied module by module at each forward call (`applied_per_module`)
         decodes = 1 + (3 if stream else 0)
-        per_uid = (
-            decodes * rates.decode_ns + rates.sketch_ns + rates.merge_sums_ns + rates.share_term_ns
-        ) * n
-        v["decode_merge"] = scored * per_uid * host_ns
+        host_uid = decodes * rates.decode_ns + rates.sketch_ns + rates.merge_sums_ns + rates.share_term_ns
+        rank = scored * m.rank if m.codec == "lowrank" else 0
+        matrices = sum(math.prod(s) for s in shapes.values() if len(s) == 2)
+        calls = math.ceil(2 * m.eval_pages * seq_page / settings.train.eval_batch_size)
+        if gpus:  # bytes moved a parameter: leave-one-out per call 32 (clone 8, add 16, copy back 8),
+            # Σ |P Qᵀ| 16, θ_eval's add 16 a rank (its block read and written, the product's too)
+            host_uid -= rates.abs_sum_ns
+            v["device"] = device_bytes_s(scored * (32 * calls + 16) * n + 16 * rank * matrices, 1)
+        else:
+            v["device"] = (
+                scored * calls * rates.leave_one_out_ns * n + rank * rates.theta_eval_ns * matrices
+            ) * 1e-9
+        v["decode_merge"] = scored * host_uid * n * host_ns
         v["merge_update"] = merged * n * ((rates.decode_ns if stream else 0) + rates.merge_mean_ns) * host_ns
         v["copy_pairs"] = design.copy_group_uids * n * rates.decode_ns * host_ns if stream else 0.0
     v["forward"] = forward_s(fwd_tokens, v_gpus)
@@ -809,7 +833,7 @@ def _validator_memory(settings: Settings, shapes: Shapes, design: Design, hw: Ha
     m = settings.mechanism
     if not (design.decode_on_device or design.weight_sum or design.factored_lowrank):
         phases = validator_items(replace(settings, device="cuda" if hw.gpus else "cpu"), shapes, scored)
-        on_gpu_names = ("θ_eval (the model)", "master θ_w", "activations")
+        on_gpu_names = ("θ_eval (the model)", "master θ_w", "activations", "leave-one-out clone")
 
         def on_gpu(i: Item) -> bool:
             if not hw.gpus or (design.master_on_host and i.name == "master θ_w"):

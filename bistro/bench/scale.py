@@ -33,6 +33,7 @@ from .. import plan as planning
 from ..config import Settings, build_settings
 from ..data import Dataset
 from ..delta import (
+    CODECS,
     ErrorFeedback,
     MeanMerge,
     add_,
@@ -44,6 +45,7 @@ from ..delta import (
     restore_,
     sketch,
 )
+from ..delta.codec import codec_context
 from ..delta.wire import expectation, redecode
 from ..master import apply_update
 from ..model import build_model, model_hash, sequence_losses
@@ -110,14 +112,18 @@ def fit_rates(settings: Settings, *, uids: int, repeats: int) -> tuple[planning.
     sums = _best(lambda: MeanMerge(deltas, weights, shapes, norms=norms), repeats) / per
     mm = MeanMerge(deltas, weights, shapes, norms=norms)
     params = clone(master)
+    ranks = len(deltas) * settings.mechanism.rank  # the stack's rank at each matrix
+    matrices = sum(v.numel() for v in master.values() if v.dim() == 2)
+    theta_eval = _best(lambda: add_(clone(master), mm.update, 1.0), repeats) / (
+        max(1, ranks) * matrices * 1e-9
+    )
     add_(params, mm.update, 1.0)
-
-    def leave_one_out() -> None:
-        for j, d in enumerate(deltas):
-            mm.share(j, d)
-            restore_(params, apply_(params, mm.term(j, d), -1.0))
-
-    share_term = _best(leave_one_out, repeats) / per
+    share_term = _best(lambda: [(mm.share(j, d), mm.term(j, d)) for j, d in enumerate(deltas)], repeats) / per
+    lows = [low for d in deltas for low in (low_rank_part(d) or {}).values()]
+    abs_sum = _best(lambda: [low.abs_sum() for low in lows], repeats) / per
+    terms = [mm.term(j, d) for j, d in enumerate(deltas)]
+    # `applied_per_module` at one forward call: each parameter cloned, its term added, copied back
+    leave_one_out = _best(lambda: [restore_(params, apply_(params, t, -1.0)) for t in terms], repeats) / per
     merge = _best(lambda: merge_mean(deltas, weights, shapes, norms=norms), repeats) / per
     update = merge_mean(deltas, weights, shapes, norms=norms)
     target = clone(master)
@@ -149,7 +155,8 @@ def fit_rates(settings: Settings, *, uids: int, repeats: int) -> tuple[planning.
     trainer.train(batch, 1)
     step = _best(lambda: trainer.train(batch, 2), repeats) / 2
     rates = planning.Rates(
-        decode_ns=decode, sketch_ns=sketch_ns, merge_sums_ns=sums, share_term_ns=share_term, merge_mean_ns=merge,
+        decode_ns=decode, sketch_ns=sketch_ns, merge_sums_ns=sums, share_term_ns=share_term, abs_sum_ns=abs_sum,
+        leave_one_out_ns=leave_one_out, theta_eval_ns=theta_eval, merge_mean_ns=merge,
         encode_ns=encode, apply_update_ns=apply_ns, hash_ns_per_byte=hash_ns, gemm_ns_per_flop=gemm,
         elementwise_ns=elementwise, train_factor=step / (fwd * settings.train.batch_size * cfg.sequence_length),
         source=f"bistro bench scale: fitted on {settings.preset}, {uids} uids, one thread",
@@ -158,6 +165,37 @@ def fit_rates(settings: Settings, *, uids: int, repeats: int) -> tuple[planning.
            "forward_gemm_part_s_per_token": gemm_part}  # fmt: skip
     log.info("rates fitted on %s: %s", settings.preset, rates)
     return rates, raw
+
+
+def large_matrix_rates(settings: Settings, *, uids: int = 8, repeats: int = 3) -> dict[str, float]:
+    """The host rates of `fit_rates` on `uids` deltas of one 4096 × 4096 matrix (a 7B layer's
+    shape) in `settings`' codec, one thread, ns per parameter per uid: `plan.Rates`' defaults, per
+    parameter of a large matrix, where `tiny`'s small tensors add a cost per tensor."""
+    shape = (4096, 4096)
+    shapes, n = {"w": shape}, shape[0] * shape[1]
+    ctx = codec_context(settings, 1)
+    codec = CODECS[settings.mechanism.codec]
+    g = torch.Generator().manual_seed(0)
+    wires = [codec.encode({"w": torch.randn(shape, generator=g) * 1e-3}, ctx) for _ in range(uids)]
+    per = n * uids * 1e-9
+    decode = _best(lambda: [codec.decode(w, ctx, shapes) for w in wires], repeats) / per
+    deltas = [codec.decode(w, ctx, shapes) for w in wires]
+    norms, weights = [delta_norm(d) for d in deltas], [1.0 / uids] * uids
+    sketches = _best(lambda: ([sketch(d, shapes) for d in deltas],
+                              low_rank_cosines([low_rank_part(d) for d in deltas])), repeats) / per  # fmt: skip
+    sums = _best(lambda: MeanMerge(deltas, weights, shapes, norms=norms), repeats) / per
+    mm = MeanMerge(deltas, weights, shapes, norms=norms)
+    share_term = _best(lambda: [(mm.share(j, d), mm.term(j, d)) for j, d in enumerate(deltas)], repeats) / per
+    lows = [low for d in deltas for low in low_rank_part(d).values()]
+    abs_sum = _best(lambda: [low.abs_sum() for low in lows], repeats) / per
+    params = {"w": torch.zeros(shape)}
+    terms = [mm.term(j, d) for j, d in enumerate(deltas)]
+    leave_one_out = _best(lambda: [restore_(params, apply_(params, t, -1.0)) for t in terms], repeats) / per
+    theta_eval = _best(lambda: add_(params, mm.update, 1.0), repeats) / (
+        n * uids * settings.mechanism.rank * 1e-9
+    )
+    return {"decode_ns": decode, "sketch_ns": sketches, "merge_sums_ns": sums, "share_term_ns": share_term,
+            "abs_sum_ns": abs_sum, "leave_one_out_ns": leave_one_out, "theta_eval_ns": theta_eval}  # fmt: skip
 
 
 def _sequences_per_page(dataset: Dataset, pages: int = 64) -> float:
@@ -232,6 +270,8 @@ def run(settings: Settings, *, quick: bool) -> dict[str, Any]:
         check = build_settings(check_preset, overrides={"train.threads": 1, **CHECK_PAGES,
                                                         "train.steps_per_window": 2 if quick else 10})  # fmt: skip
         result = check_window(check, rates, uids=uids, steps=2)
+        large = large_matrix_rates(build_settings("7B"), uids=2 if quick else 8, repeats=1 if quick else 3)
+        log.info("scale: host rates on one 4096 x 4096 matrix (7B's codec): %s", large)
     finally:
         torch.set_num_threads(threads)
     ratio = result["plan_vs_measured"]
@@ -247,5 +287,5 @@ def run(settings: Settings, *, quick: bool) -> dict[str, Any]:
     import dataclasses
 
     headline = {"plan_vs_measured": ratio, "miner_plan_vs_measured": result["miner_plan_vs_measured"]}
-    return {"rows": rows, "headline": headline, "rates": dataclasses.asdict(rates), "fit": raw,
+    return {"rows": rows, "headline": headline, "rates": dataclasses.asdict(rates), "large_matrix": large, "fit": raw,
             "check": result, "quick": quick, **headline}  # fmt: skip

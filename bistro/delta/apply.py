@@ -118,3 +118,72 @@ def delta_norm(delta: Delta) -> float:
 def to_dense(delta: Delta, shapes: Shapes) -> dict[str, Tensor]:
     """Dense fp32 tensors (zeros where a sparse part holds nothing)."""
     return densify(delta, shapes)
+
+
+class applied_per_module:  # noqa: N801 (a context manager, named for how it reads at the call)
+    """Forwards of `model` inside see `params + scale · delta`, but no parameter is changed for
+    longer than the module that owns it takes to run: a forward pre-hook adds the delta's part to
+    that one parameter in place (`add_`, the same kernel and so the same bits as `apply_`), the
+    module runs, and its forward hook copies back a clone of that one parameter. Memory is one
+    parameter's clone at a time, not a clone of every touched parameter (`apply_`'s saved values:
+    a dense copy of every matrix a low-rank part touches, 27 GB at 7B), and the work is the
+    parameter-sized adds and copies, on whatever device the model is on. A parameter two modules
+    share (a tied output head) is applied when the first of them runs and restored after the last.
+
+        with applied_per_module(model, params, term, -1.0):   # θ_eval without uid i
+            losses = sequence_losses(model, pages, batch)
+
+    Every forward inside must run each owning module once (a causal LM's forward does)."""
+
+    def __init__(self, model: torch.nn.Module, params: dict[str, Tensor], delta: Delta, scale: float) -> None:
+        self.model, self.params, self.delta, self.scale = model, params, delta, scale
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.saved: dict[str, Tensor] = {}
+        self.pending: dict[str, int] = {}
+
+    def __enter__(self) -> applied_per_module:
+        owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        for module in self.model.modules():
+            for attr, p in module._parameters.items():
+                if p is not None:
+                    owners.setdefault(id(p), []).append((module, attr))
+        by_module: dict[int, tuple[torch.nn.Module, list[str]]] = {}
+        self.users: dict[str, int] = {}
+        for name in self.delta:
+            found = owners.get(id(self.params[name]), [])
+            if not found:
+                raise ValueError(f"{name}: no module of the model owns this parameter")
+            self.users[name] = len(found)
+            for module, _ in found:
+                by_module.setdefault(id(module), (module, []))[1].append(name)
+        for module, names in by_module.values():
+            self.handles.append(
+                module.register_forward_pre_hook(lambda _m, _a, names=names: self._apply(names))
+            )
+            self.handles.append(
+                module.register_forward_hook(lambda _m, _a, _o, names=names: self._restore(names))
+            )
+        return self
+
+    @torch.no_grad()
+    def _apply(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.saved:
+                self.saved[name] = self.params[name].detach().clone()
+                self.pending[name] = self.users[name]
+                add_(self.params, {name: self.delta[name]}, self.scale)
+
+    @torch.no_grad()
+    def _restore(self, names: list[str]) -> None:
+        for name in names:
+            self.pending[name] -= 1
+            if self.pending[name] == 0:
+                self.params[name].copy_(self.saved.pop(name))
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        with torch.no_grad():  # a forward that raised half-way: put back what it left applied
+            for name, old in self.saved.items():
+                self.params[name].copy_(old)
+        self.saved.clear()

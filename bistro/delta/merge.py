@@ -263,6 +263,7 @@ class SumMerge(Merge):
         weights: Sequence[float],
         shapes: Shapes,
         norms: Sequence[float] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.deltas, self.shapes = deltas, shapes
         clip = deltas_clip(deltas, norms)
@@ -302,8 +303,11 @@ class MeanMerge(Merge):
         weights: Sequence[float],
         shapes: Shapes,
         norms: Sequence[float] | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.deltas, self.weights, self.shapes = deltas, [float(w) for w in weights], shapes
+        self.device = device
+        """Where `share` materialises a low-rank part block by block (the model's device)."""
         self.clip = deltas_clip(deltas, norms)
         parts = _parts(deltas, self.weights, self.clip, shapes)
         self.update: Delta = {}
@@ -349,7 +353,7 @@ class MeanMerge(Merge):
         for name, p in (self.deltas[i] if delta is None else delta).items():
             mean = self.means[name]
             low, dense, sparse = _split(p)
-            whole = low.abs_sum() if low is not None else 0.0
+            whole = low.abs_sum(self.device) if low is not None else 0.0
             if dense is not None and mean.two:
                 whole += float(dense.float().abs().double().sum())
             mass, taken = mass + whole, taken + whole * w / max(mean.low_held, 1e-30)

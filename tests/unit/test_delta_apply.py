@@ -23,7 +23,8 @@ from bistro.delta import (
     sketch,
     to_dense,
 )
-from bistro.model import llama_config
+from bistro.delta.apply import applied_per_module
+from bistro.model import llama_config, sequence_losses
 
 CTX = CodecContext(netuid=212, window=3, compression=100.0)
 
@@ -53,6 +54,44 @@ def _decoded(shape_items: tuple, codec: str, seed: int) -> dict:
 
 def bits(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().view(torch.int32) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("codec", ["lowrank", "topk", "dense"])
+def test_a_delta_applied_module_by_module_gives_the_losses_of_applying_it_whole(
+    model: torch.nn.Module, codec: str
+) -> None:
+    """The validator's leave-one-out (θ_eval less a uid's term) applied one parameter at a time as
+    each module runs: the same losses, bit for bit, as applying the term to every parameter in
+    place, and every parameter as it was, with no clone of the model held."""
+    params = params_of(model)
+    before = bits(params)
+    term = decoded(model, codec, 7)
+    seqs = torch.randint(0, model.config.vocab_size, (6, 16), generator=torch.Generator().manual_seed(1))
+    saved = apply_(params, term, -0.5)
+    whole = sequence_losses(model, seqs, 4)
+    restore_(params, saved)
+    plain = sequence_losses(model, seqs, 4)
+    with applied_per_module(model, params, term, -0.5) as applied:
+        per_module = sequence_losses(model, seqs, 4)
+        assert not applied.saved  # between forwards nothing is applied, nothing is held
+    assert torch.equal(per_module, whole) and not torch.equal(per_module, plain)
+    assert all(torch.equal(params[n].view(torch.int32), before[n]) for n in params)
+
+
+def test_a_forward_that_raises_inside_leaves_every_parameter_as_it_was(model: torch.nn.Module) -> None:
+    params = params_of(model)
+    before = bits(params)
+    term = decoded(model, "lowrank", 8)
+    down = list(model.model.layers)[-1].mlp.down_proj  # raises after its weight was applied
+    with pytest.raises(RuntimeError, match="halfway"):
+        with applied_per_module(model, params, term, 1.0) as applied:
+            handle = down.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("halfway")))
+            try:
+                sequence_losses(model, torch.zeros(2, 8, dtype=torch.long), 2)
+            finally:
+                handle.remove()
+                assert applied.saved  # left applied by the forward that raised
+    assert all(torch.equal(params[n].view(torch.int32), before[n]) for n in params)
 
 
 @pytest.mark.parametrize("codec", ["topk", "mask", "dense"])

@@ -263,5 +263,8 @@ def test_bench_scale_quick_reports_a_ratio() -> None:
     assert result["check"]["measured_s"] > 0 and result["check"]["predicted_s"] > 0
     rates = result["rates"]
     assert all(
-        rates[k] > 0 for k in ("decode_ns", "sketch_ns", "merge_sums_ns", "share_term_ns", "hash_ns_per_byte")
-    )
+        rates[k] > 0
+        for k in ("decode_ns", "sketch_ns", "merge_sums_ns", "share_term_ns", "abs_sum_ns", "leave_one_out_ns",
+                  "theta_eval_ns", "hash_ns_per_byte")
+    )  # fmt: skip
+    assert set(result["large_matrix"]) <= set(rates) and all(v > 0 for v in result["large_matrix"].values())

@@ -109,9 +109,10 @@ class Factored(NamedTuple):
         """‖P Qᵀ‖², from the Gram matrices."""
         return max(0.0, self.dot(self))
 
-    def abs_sum(self) -> float:
-        """Σ |P Qᵀ|, block by block (fp32 sums of rows, float64 over them)."""
-        return sum(float(block.abs_().sum(dim=1).double().sum()) for _, block in self.blocks())
+    def abs_sum(self, device: torch.device | str | None = None) -> float:
+        """Σ |P Qᵀ|, block by block (fp32 sums of rows, float64 over them), on `device` (the
+        factors' own by default; the validator's model's, where parameter-sized work belongs)."""
+        return sum(float(block.abs_().sum(dim=1).double().sum()) for _, block in self.blocks(device))
 
     def finite(self) -> bool:
         return bool(torch.isfinite(self.p).all()) and bool(torch.isfinite(self.q).all())
