@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +66,7 @@ from .delta.signed import SignedObjectError, check_signed, pack_signed, tensor_v
 from .manifest import cheap_check
 from .model import Params, model_hash
 from .statefile import write_tensors
-from .storage.base import NotFound, Store
+from .storage.base import NotFound, StorageError, Store
 
 log = logging.getLogger("bistro.master")
 
@@ -391,6 +393,53 @@ class Publisher:
             ),
         )  # fmt: skip
         self.store.put(protocol.latest_key(self.netuid), json.dumps(doc).encode())
+
+
+class CheckpointUpload:
+    """θ_window written as a checkpoint by a background thread (`Publisher.checkpoint`), from a host
+    copy of the master taken here, before the thread starts: the caller's master moves on while the
+    upload runs. A failure (any exception of the store) is logged with the window and kept in
+    `error`; it never reaches the caller."""
+
+    def __init__(self, publisher: Publisher, window: int, params: Params, digest: str) -> None:
+        self.publisher, self.window, self.digest = publisher, window, digest
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        with torch.no_grad():
+            self._snapshot: Params = {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint-{window}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.publisher.checkpoint(self.window, self._snapshot, self.digest)
+        except StorageError as e:  # our bucket failing: logged, never listed, the next one tries
+            self.error = e
+            log.error("checkpoint-%d upload failed: %s: not listed", self.window, e)
+        except Exception as e:  # noqa: BLE001 -- anything else too, with its traceback
+            self.error = e
+            log.exception("checkpoint-%d upload failed: %s: not listed", self.window, e or type(e).__name__)
+        finally:
+            self._snapshot = {}  # the host copy is freed as soon as it is written
+            self.seconds = time.perf_counter() - start
+        if self.error is None:
+            log.info("checkpoint-%d uploaded in %.1fs", self.window, self.seconds)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the upload (at most `timeout` seconds); True once it has ended, done or failed."""
+        self._thread.join(timeout)
+        return self.done
+
+    @property
+    def done(self) -> bool:
+        """The upload has ended (written or failed)."""
+        return not self._thread.is_alive()
+
+    @property
+    def ok(self) -> bool:
+        """The checkpoint is in the store."""
+        return self.done and self.error is None
 
 
 # --- following -----------------------------------------------------------------------------------

@@ -474,8 +474,9 @@ class Design:
     """Windows between full checkpoints (0: `mechanism.checkpoint_every`)."""
     checkpoint_retention: int = 2
     """Full checkpoints the publisher keeps (and the updates between them)."""
-    checkpoint_async: bool = False
-    """Upload checkpoints off the critical path (today: inside the window that writes one)."""
+    checkpoint_async: bool = True
+    """Upload checkpoints off the critical path (the code: a background thread writes a host copy
+    of θ_{w+1} while the next window runs; false: inside the window that writes one)."""
     hash_threads: int = 1
     """Threads that hash the master (today one sha256 stream; more: per-tensor digests in parallel)."""
     validator_gpus: int = 1
@@ -840,6 +841,9 @@ def _validator_memory(settings: Settings, shapes: Shapes, design: Design, hw: Ha
                 return False
             return i.name in on_gpu_names
 
+        if design.checkpoint_async:  # the publisher's checkpoint, uploading while the window runs
+            copy = Item("checkpoint copy", 4 * n, "CheckpointUpload: θ_{w+1} on the host (publisher)")
+            phases = {p: [*items, copy] for p, items in phases.items()}
         gpu = max(_split(items, on_gpu)[0] for items in phases.values())
         host = max(_split(items, on_gpu)[1] for items in phases.values())
         where = {p: [{**i.__dict__, "gpu": on_gpu(i)} for i in items] for p, items in phases.items()}

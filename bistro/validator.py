@@ -39,6 +39,14 @@ that becomes the publisher continues from the previous publisher's newest master
 and updates), writes it as a checkpoint into its own bucket, and publishes from there; never from
 its own stale θ, and a fresh initial master only when no master exists anywhere.
 
+The publisher's due checkpoints (every `checkpoint_every` windows) are off the window's critical
+path: θ_{w+1} is copied to host memory and written by a background thread (`CheckpointUpload`)
+while the next window runs, one upload at a time. LATEST.json and `State.checkpoints` list a
+checkpoint only once it is in the bucket, and the oldest one (with the updates after it) is pruned
+only then, so a follower always reaches θ from a listed checkpoint plus updates. A failed upload is
+logged and never listed; the next due one tries again. The handover and initial checkpoints are
+written before LATEST.json names them.
+
 State (moving averages, last window done, checkpoints) is saved atomically after every window,
 so a validator killed at any instant resumes with nothing lost and nothing counted twice. θ is not
 saved locally: a restarted validator catches up from the publisher's bucket (its own, if it is the
@@ -65,6 +73,7 @@ from .delta.codec import CODECS, Delta, codec_context
 from .delta.wire import DeltaRejected, decode_delta, expectation
 from .evaluator import Evaluator, Verdict
 from .master import (
+    CheckpointUpload,
     MasterCodec,
     MasterError,
     Position,
@@ -105,6 +114,10 @@ HASHES_KEPT = 16
 """Master hashes remembered (windows back): deltas name the master they were trained from."""
 MASTER_RESIDUAL = "master_residual.safetensors"
 """The publisher's residual of `master_codec same` (in the validator's state directory)."""
+CHECKPOINTS_KEPT = 2
+"""Checkpoints the publisher keeps in its bucket (and the updates from the oldest one on)."""
+CHECKPOINT_JOIN_SECONDS = 60.0
+"""How long a stopping validator waits for a checkpoint still uploading (then stops without it)."""
 
 SEED_HASHES_KEPT = 128
 """Seed-block hashes remembered (the sample replays at most about 80 windows of them)."""
@@ -202,6 +215,10 @@ class Validator(Node):
         """One rate limit shared by all of our peer reads (`mechanism.link_bytes_per_second`)."""
         self.seed_hashes: dict[int, str] = {}
         """Seed-block hash of recent windows (the sample's inputs; read once from the chain)."""
+        self._upload: CheckpointUpload | None = None
+        """The due checkpoint being written in the background (`master_step`), at most one."""
+        self._latest: Position | None = None
+        """The master our last LATEST.json from `master_step` names."""
         self._load_state()
 
     # --- state ------------------------------------------------------------------------------------
@@ -259,6 +276,7 @@ class Validator(Node):
 
     def _take_over(self, window: int, mg: Metagraph) -> bool:
         """We publish `window`: bring θ_window into our own bucket from where the master is."""
+        self._drop_checkpoint()  # of the chain we published before: LATEST says what it holds
         found = self._newest_master(window, self.master_source(window, mg))
         if found is None:
             return False
@@ -369,13 +387,78 @@ class Validator(Node):
             window, update, pos.hash, digest, wire, codec.fmt if codec else None,
             uids=info["merged_uids"], manifest=signed,
         )  # fmt: skip
-        if (window + 1) % self.settings.mechanism.checkpoint_every == 0:
-            self.publisher.checkpoint(window + 1, self.master, digest)
-            self.state.checkpoints = sorted({*self.state.checkpoints, window + 1})[-2:]
-            self.publisher.prune(self.state.checkpoints)
+        listed = self._collect_checkpoint()
+        every = self.settings.mechanism.checkpoint_every
+        if (window + 1) % every == 0:
+            if self._upload is not None:  # at most one upload in flight
+                log.warning(
+                    "window %d: checkpoint-%d is still uploading: waiting for it before checkpoint-%d "
+                    "(checkpoint uploads are slower than checkpoint_every = %d windows)",
+                    window, self._upload.window, window + 1, every,
+                )  # fmt: skip
+                listed = self._collect_checkpoint(wait=True) or listed
+            # θ_{window+1} in full, written from a host copy while the next window runs; listed
+            # (and the oldest checkpoint pruned) at the first LATEST.json after it is in the bucket
+            self._upload = CheckpointUpload(self.publisher, window + 1, self.master, digest)
         self._hold(Position(window + 1, digest))
         self.publisher.latest(window + 1, digest, self.state.checkpoints)
+        self._latest = Position(window + 1, digest)
+        if listed:
+            self._prune()
         return info
+
+    def _collect_checkpoint(self, wait: bool = False) -> bool:
+        """List the background checkpoint in `state.checkpoints` once it is in the bucket (waiting
+        for it if `wait`); True when the list changed. A failed upload was logged and is forgotten:
+        the next due checkpoint tries again."""
+        upload = self._upload
+        if upload is None or not (upload.join() if wait else upload.done):
+            return False
+        self._upload = None
+        if not upload.ok:
+            return False
+        if self.state.hashes.get(upload.window, upload.digest) != upload.digest:
+            log.warning("checkpoint-%d is not of the master we hold: not listed", upload.window)
+            return False
+        self.state.checkpoints = sorted({*self.state.checkpoints, upload.window})[-CHECKPOINTS_KEPT:]
+        return True
+
+    def _prune(self) -> None:
+        """Delete the checkpoints not listed and the updates before the oldest one; a checkpoint
+        still uploading is kept (its object may already be there)."""
+        uploading = [self._upload.window] if self._upload is not None else []
+        self.publisher.prune(sorted({*self.state.checkpoints, *uploading}))
+
+    def _drop_checkpoint(self) -> None:
+        """Forget the background checkpoint, after it ended (no put of it lands after this)."""
+        if self._upload is not None:
+            if not self._upload.done:
+                log.info("waiting for checkpoint-%d to finish uploading", self._upload.window)
+            self._upload.join()
+            self._upload = None
+
+    def finish_checkpoint(self, timeout: float = CHECKPOINT_JOIN_SECONDS) -> None:
+        """On stopping: wait up to `timeout` seconds for the background checkpoint; once it is in
+        the bucket, write LATEST.json again so that it is listed (and save the state)."""
+        upload = self._upload
+        if upload is None:
+            return
+        if not upload.join(timeout):
+            log.warning(
+                "checkpoint-%d still uploading after %.0fs: stopping without it (not listed)",
+                upload.window, timeout,
+            )  # fmt: skip
+            return
+        latest = self._latest
+        if latest is None or upload.window > latest.window or not self._collect_checkpoint():
+            self._upload = None
+            return
+        try:
+            self.publisher.latest(latest.window, latest.hash, self.state.checkpoints)
+            self._prune()
+        except StorageError as e:
+            log.error("could not list checkpoint-%d: %s", upload.window, e)
+        self._save_state()
 
     # --- checking the publisher ---------------------------------------------------------------------
 
@@ -862,16 +945,19 @@ class Validator(Node):
         """Score window w once its uploads are due (w's deadline, in w + 1), from the one after the
         last we saved, or the one that just closed, until stopped."""
         grace = self.settings.mechanism.upload_grace_blocks
-        done = self.run_windows(
-            lambda: max(self.state.last_window + 1, self.window() - 1),
-            max_windows,
-            due=lambda w: protocol.upload_deadline(w, self.bpw, grace),
-            newest=lambda current: current - 1,
-            step=self.evaluate,
-            # a bug of ours (peers' bytes are judged per uid inside): loud, this window unscored
-            on_bug="scoring failed: not scored",
-            unfinished="not scored yet",
-        )
+        try:
+            done = self.run_windows(
+                lambda: max(self.state.last_window + 1, self.window() - 1),
+                max_windows,
+                due=lambda w: protocol.upload_deadline(w, self.bpw, grace),
+                newest=lambda current: current - 1,
+                step=self.evaluate,
+                # a bug of ours (peers' bytes are judged per uid inside): loud, this window unscored
+                on_bug="scoring failed: not scored",
+                unfinished="not scored yet",
+            )
+        finally:
+            self.finish_checkpoint()  # a checkpoint still uploading: listed if it ends in time
         log.info("validator stopped after %d windows", done)
 
 
