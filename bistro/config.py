@@ -243,6 +243,9 @@ class MechanismConfig:
     penalty), what the peer was slow with is `timeout` (`bistro.storage.fetch`)."""
     fetch_concurrency: int = 8
     """Node-local. Peer reads a validator runs at once (in the window's seeded order)."""
+    host_threads: int = 0
+    """Node-local. Threads for a validator's host work on each delta (decode, sketch, share and
+    term) and the mean merge's per-parameter sums (0: one a CPU core); the same results at any count."""
     link_bytes_per_second: float = 0.0
     """Node-local. One rate limit shared by all of a validator's peer reads, in bytes/s (0: none):
     keeps the fetch off the bandwidth other work needs, and lets a local network emulate a slow link."""
@@ -306,6 +309,7 @@ class MechanismConfig:
         )
         _check(self.fetch_seconds > 0, "mechanism.fetch_seconds", "must be positive")
         _check(self.link_bytes_per_second >= 0, "mechanism.link_bytes_per_second", "must be >= 0")
+        _check(self.host_threads >= 0, "mechanism.host_threads", "must be >= 0")
         _check(self.fetch_stall_seconds > 0, "mechanism.fetch_stall_seconds", "must be positive")
         _check(0 <= self.fetch_slow_fraction < 1, "mechanism.fetch_slow_fraction", "must be in [0, 1)")
         _check(0 < self.close_control_cosine <= 1, "mechanism.close_control_cosine", "must be in (0, 1]")
@@ -314,7 +318,14 @@ class MechanismConfig:
 
 
 LOCAL_MECHANISM = frozenset(
-    {"stream_deltas", "fetch_seconds", "fetch_concurrency", "link_bytes_per_second", "retention_windows"}
+    {
+        "stream_deltas",
+        "fetch_seconds",
+        "fetch_concurrency",
+        "host_threads",
+        "link_bytes_per_second",
+        "retention_windows",
+    }
 )
 """Mechanism settings each node chooses for itself (memory, its own link, its own bucket): every
 other mechanism setting, the model's shape and the subnet are protocol (`protocol_settings`)."""

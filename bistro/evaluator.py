@@ -7,7 +7,7 @@ so everyone measures the same code. Nothing here reads a clock, a chain or a sto
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
@@ -36,6 +36,7 @@ from .manifest import delta_sha256
 from .master import apply_update
 from .model import Params, sequence_losses, state_tensors
 from .protocol import seed
+from .threads import host_threads, map_threads
 from .verdicts import V
 
 log = logging.getLogger("bistro.evaluator")
@@ -264,12 +265,13 @@ class Evaluator:
 
         # One pass: each delta's sketch of its sparse values and, if it has one, its low-rank
         # factors (kept: r (m + n) a matrix), whose cosines are then exact for every pair at once.
-        sketches, low_parts = [], []
-        for uid in ok:
+        def screened(uid: int) -> tuple[torch.Tensor, Delta]:
             delta = verdicts[uid].delta
-            sketches.append(sketch(delta, self.shapes))
-            low_parts.append(low_rank_part(delta))
-        del delta  # else it is a third decoded delta beside an exact pair's two
+            return sketch(delta, self.shapes), low_rank_part(delta)
+
+        sketches, low_parts = (
+            list(x) for x in zip(*map_threads(screened, ok, self.threads(verdicts.values())), strict=True)
+        )
         self.sketches = (window, dict(zip(ok, sketches, strict=True)))
         has_low = any(low_parts)
         low_cosines = low_rank_cosines(low_parts) if has_low else None
@@ -360,7 +362,15 @@ class Evaluator:
         measured (no pass over the deltas for them)."""
         rule = MERGES[self.settings.mechanism.merge]
         device = next(iter(self.params.values())).device
-        return rule(deltas, weights, self.shapes, norms=[v.measured_norm() for v in verdicts], device=device)
+        norms = [v.measured_norm() for v in verdicts]
+        return rule(deltas, weights, self.shapes, norms=norms, device=device, threads=self.threads(verdicts))
+
+    def threads(self, verdicts: Iterable[Verdict]) -> int:
+        """Threads for the host work on these verdicts' deltas (`mechanism.host_threads`); one when
+        any is streamed, where each thread would hold a decoded delta of its own."""
+        if any(v.handle is not None and v.handle.streamed for v in verdicts):
+            return 1
+        return host_threads(self.settings.mechanism.host_threads)
 
     def close_controls(
         self,
@@ -408,7 +418,9 @@ class Evaluator:
         names = sorted(next(iter(slices.values())))
         shapes = {n: self.shapes[n] for n in names}
         sliced = sorted(slices)
-        mine = [_restricted(verdicts[uid].delta, names) for uid in valid]  # streamed: one read a uid
+        mine = map_threads(
+            lambda uid: _restricted(verdicts[uid].delta, names), valid, self.threads(verdicts.values())
+        )
         theirs = [slices[u] for u in sliced]
         a = torch.stack([sketch(d, shapes) for d in mine])
         b = torch.stack([sketch(d, shapes) for d in theirs])
@@ -483,6 +495,13 @@ class Evaluator:
         starts, at = {}, 0
         for uid, seqs in zip([*valid, *extras], batch, strict=True):
             starts[uid], at = at, at + len(seqs)
+        # Each uid's share and term (host work): up front on `threads` threads, or, streaming, one
+        # at a time in the loop (each read decodes its delta again).
+        held: dict[int, tuple[float, Delta]] = {}
+        threads = self.threads(deltas.verdicts)
+        if threads > 1:
+            held = dict(enumerate(map_threads(lambda j: (rule.share(j, deltas[j]), rule.term(j, deltas[j])),
+                                              range(len(valid)), threads)))  # fmt: skip
         offset = 0
         for j, uid in enumerate(valid):
             v, n, k = verdicts[uid], len(own[uid]), len(pages[uid])
@@ -492,10 +511,13 @@ class Evaluator:
             v.base_local = float(base[offset : offset + n].mean())
             v.base_other = float(base[offset + n : offset + k].mean())
             offset += k
-            delta = deltas[j]  # streamed: decoded again, the only one held now
             # scored per unit of what uid i puts into θ_eval (`Merge.share`)
-            share, term = rule.share(j, delta), rule.term(j, delta)
-            del delta
+            if held:
+                share, term = held.pop(j)
+            else:
+                delta = deltas[j]  # streamed: decoded again, the only one held now
+                share, term = rule.share(j, delta), rule.term(j, delta)
+                del delta
             # The global pages are not part of the score (they paid copies in full): not measured.
             # The close uids' eval pages too (their "with" and base losses are in the batched pass).
             v.close_to = close[uid]

@@ -345,6 +345,8 @@ class Hardware:
     """Share of `peak_flops` a training step reaches (FSDP2 over the node's GPUs)."""
     bandwidth_efficiency: float = 0.5
     """Share of `hbm_bytes_per_s` that gathers, scatters and element-wise kernels reach."""
+    host_cores: int = 1
+    """CPU cores of the node (vendor sheet, or the cloud VM's vCPUs)."""
     source: str = ""
 
 
@@ -368,14 +370,15 @@ def _this_host_bytes() -> float:
 
 
 HARDWARE: dict[str, Hardware] = {
-    "cpu": Hardware("cpu", 0, 0.0, 0.0, 0.0, _this_host_bytes(), 1.0, 1.0,
+    "cpu": Hardware("cpu", 0, 0.0, 0.0, 0.0, _this_host_bytes(), 1.0, 1.0, host_cores=os.cpu_count() or 1,
                     source="this machine, one thread: the fitted CPU rates of `Rates`"),
     "1xH100": Hardware("1xH100", 1, **_H100, host_bytes=225e9, mfu_forward=MFU_FORWARD, mfu_train=MFU_TRAIN,
-                       source="one H100 SXM5; host as a typical 1-GPU cloud VM (~225 GB)"),
+                       host_cores=26, source="one H100 SXM5; host as a typical 1-GPU cloud VM (~225 GB, 26 vCPUs)"),
     "8xH100": Hardware("8xH100", 8, **_H100, host_bytes=2000e9, mfu_forward=MFU_FORWARD, mfu_train=MFU_TRAIN,
-                       source="DGX H100: 8 H100 SXM5, 2 TB host memory"),
+                       host_cores=112,
+                       source="DGX H100: 8 H100 SXM5, 2 TB host memory, 2 Xeon Platinum 8480C (112 cores)"),
     "4xH200": Hardware("4xH200", 4, **_H200, host_bytes=1000e9, mfu_forward=MFU_FORWARD, mfu_train=MFU_TRAIN,
-                       source="4 H200 SXM (half an HGX H200), ~1 TB host memory assumed"),
+                       host_cores=48, source="4 H200 SXM (half an HGX H200), ~1 TB host memory and 48 cores assumed"),
 }  # fmt: skip
 
 
@@ -481,8 +484,9 @@ class Design:
     """Threads that hash the master (today one sha256 stream; more: per-tensor digests in parallel)."""
     validator_gpus: int = 1
     """GPUs the validator scores on (0: all of the node's; today one process, one GPU)."""
-    host_threads: int = 1
-    """Host threads for decode and merge bookkeeping (the fitted rates are one thread's)."""
+    host_threads: int = 0
+    """Threads the validator's host work runs on (`mechanism.host_threads`; the fitted rates are one
+    thread's). 0: the code's default, one a core, counted as at most `USEFUL_HOST_THREADS`."""
     steps_per_window: int = 0
     """A miner's optimizer steps a window (0: `train.steps_per_window`; -1: as many as fit)."""
     fill_fraction: float = 0.9
@@ -500,6 +504,12 @@ class Design:
     """GPU bytes moved per parameter per uid by on-device decode + θ_eval + leave-one-out (decode
     writes 4, θ_eval's add reads and writes 8, the term's apply and restore 12)."""
 
+
+USEFUL_HOST_THREADS = 16
+"""Host threads the plan counts at most. The validator's host work is sorts, scatters and element-wise
+passes bound by memory bandwidth: on this machine two threads ran them 1.6-2.0x faster than one
+(decode, the mean merge's per-parameter sums, share and term, `bistro.threads`); one socket's DDR5
+(~300 GB/s) is taken to feed about 16 such threads, not a node's hundred cores."""
 
 NEW_DESIGN: dict[str, Any] = {
     "schedule": "pipelined", "scored_uids": 32, "decode_on_device": True, "weight_sum": True,
@@ -650,7 +660,8 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
         merged = min(merged, m.merge_peers)
     seq_page = _sequences_per_page(settings, design)
     page_tokens = seq_page * cfg.sequence_length
-    host_ns = 1e-9 / max(1, design.host_threads)
+    threads = design.host_threads or min(max(1, hw.host_cores), USEFUL_HOST_THREADS)
+    host_ns = 1e-9 / threads
     hash_s = 4 * n * rates.hash_ns_per_byte * 1e-9 / max(1, design.hash_threads)
     fpt = forward_flops_per_token(cfg)
 

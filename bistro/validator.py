@@ -88,6 +88,7 @@ from .statefile import read_json, write_json
 from .storage.base import StorageError, Store, TooLarge
 from .storage.fetch import fetch_ordered
 from .storage.link import Link
+from .threads import host_threads, map_threads
 from .verdicts import NOT_JUDGED, PEER_FAULTS, V, fetch_verdict
 from .windowlog import WindowLog
 
@@ -660,8 +661,11 @@ class Validator(Node):
             self._canary_written = False  # write it again next window (it may be gone)
             return self._skip_all(verdicts, f"our canary read back as {canary!r:.80}")
         expected_master = self.state.hashes.get(window, "")
-        for (uid, hotkey), result in zip(owners, results, strict=True):
-            self._judge(verdicts[uid], window, hotkey, expected_master, result)
+        map_threads(  # decode and verify on `mechanism.host_threads` threads, each uid on its own
+            lambda job: self._judge(verdicts[job[0][0]], window, job[0][1], expected_master, job[1]),
+            zip(owners, results, strict=True), host_threads(m.host_threads),
+        )  # fmt: skip
+        self.blob_hashes = dict(sorted(self.blob_hashes.items()))  # uid order, whatever finished first
         return verdicts
 
     def fetch_slices(self, window: int, mg: Metagraph, uids: list[int], block_hash: str) -> dict[int, Delta]:

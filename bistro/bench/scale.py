@@ -242,7 +242,7 @@ def check_window(settings: Settings, rates: planning.Rates, *, uids: int, steps:
     t0 = time.perf_counter()
     miner.produce(1, master, digest)
     miner_measured = time.perf_counter() - t0
-    design = planning.Design(sequences_per_page=seq_page, merged_fraction=merged / (uids - 1))
+    design = planning.Design(sequences_per_page=seq_page, merged_fraction=merged / (uids - 1), host_threads=1)
     p = planning.make_plan(
         settings, uids=uids - 1, hardware="cpu", link_gbit=10.0, design=design, rates=rates
     )
@@ -267,7 +267,7 @@ def run(settings: Settings, *, quick: bool) -> dict[str, Any]:
         log.info("scale: fitting rates on tiny")
         rates, raw = fit_rates(fit, uids=4 if quick else 16, repeats=1 if quick else 3)
         check_preset, uids = ("tiny", 5) if quick else ("small", 64)
-        check = build_settings(check_preset, overrides={"train.threads": 1, **CHECK_PAGES,
+        check = build_settings(check_preset, overrides={"train.threads": 1, "mechanism.host_threads": 1, **CHECK_PAGES,
                                                         "train.steps_per_window": 2 if quick else 10})  # fmt: skip
         result = check_window(check, rates, uids=uids, steps=2)
         large = large_matrix_rates(build_settings("7B"), uids=2 if quick else 8, repeats=1 if quick else 3)

@@ -19,14 +19,17 @@ is materialised only when applied to a parameter (`apply.add_`), one block of ro
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
+from ..threads import map_threads
 from .apply import delta_norm, scaled
 from .codec import Delta, Factored, Mixed, Part, Shapes, Sparse, numel
+
+T = TypeVar("T")
 
 
 def clip_factors(norms: Sequence[float]) -> list[float]:
@@ -165,6 +168,37 @@ def _parts(deltas: Sequence[Delta], weights: Sequence[float], clip: Sequence[flo
     return parts
 
 
+def _per_parameter(
+    deltas: Sequence[Delta],
+    weights: Sequence[float],
+    clip: Sequence[float],
+    shapes: Shapes,
+    finish: Callable[[str, _Parts], T],
+    threads: int,
+) -> dict[str, T]:
+    """`finish(name, parts)` of every parameter some delta holds, in `shapes`' order. With one
+    thread, `_parts`' pass delta by delta (streamed deltas are read once); with more, `deltas` are
+    read once into a list (the caller holds them decoded) and each parameter's sums are taken on a
+    thread of its own, every delta added in the deltas' order as one thread adds them: the same
+    bits at any count."""
+    if threads <= 1:
+        parts = _parts(deltas, weights, clip, shapes)
+        return {name: finish(name, parts.pop(name)) for name in shapes if name in parts}
+    held = list(deltas)
+    if len(held) != len(weights):
+        raise ValueError(f"{len(held)} deltas but {len(weights)} weights")
+    names = [name for name in shapes if any(name in d for d in held)]
+
+    def one(name: str) -> T:
+        s = _Parts(numel(shapes[name]))
+        for d, w, c in zip(held, weights, clip, strict=True):
+            if name in d:
+                s.add(d[name], float(w), c)
+        return finish(name, s)
+
+    return dict(zip(names, map_threads(one, names, threads), strict=True))
+
+
 def _dense_of(low: Factored | None, dense: Tensor | None, sparse: Sparse, size: int) -> Tensor:
     """One flat dense tensor of a parameter's low-rank, dense and sparse sums (only where a plain
     dense part came: the `dense` codec beside another)."""
@@ -174,23 +208,19 @@ def _dense_of(low: Factored | None, dense: Tensor | None, sparse: Sparse, size: 
     return out.index_add_(0, sparse.indices, sparse.values)
 
 
-def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes) -> Delta:
+def merge(deltas: Sequence[Delta], weights: Sequence[float], shapes: Shapes, threads: int = 1) -> Delta:
     """Σ w_i Δ_i: sparse parts summed on the union of their positions, low-rank parts as their
     factors stacked along the rank axis (P_i w_i, Q_i), so neither is ever dense; a parameter some
     delta holds plain dense is one dense sum."""
-    out: Delta = {}
-    parts = _parts(deltas, weights, [1.0] * len(weights), shapes)
-    for name, shape in shapes.items():
-        if name not in parts:
-            continue
-        s = parts.pop(name)
+
+    def finish(name: str, s: _Parts) -> Part:
         union, total, _ = s.union()
         sparse, low = Sparse(union, total), s.stacked() if s.p else None
         if s.dense is not None:
-            out[name] = _dense_of(low, s.dense, sparse, s.size).view(shape)
-        else:
-            out[name] = sparse if low is None else Mixed(low, sparse)
-    return out
+            return _dense_of(low, s.dense, sparse, s.size).view(shapes[name])
+        return sparse if low is None else Mixed(low, sparse)
+
+    return _per_parameter(deltas, weights, [1.0] * len(weights), shapes, finish, threads)
 
 
 def merge_mean(
@@ -264,11 +294,12 @@ class SumMerge(Merge):
         shapes: Shapes,
         norms: Sequence[float] | None = None,
         device: torch.device | str | None = None,
+        threads: int = 1,
     ) -> None:
         self.deltas, self.shapes = deltas, shapes
         clip = deltas_clip(deltas, norms)
         self.weights = [float(w) * c for w, c in zip(weights, clip, strict=True)]
-        self.update: Delta = merge(deltas, self.weights, shapes)
+        self.update: Delta = merge(deltas, self.weights, shapes, threads)
 
     def share(self, i: int, delta: Delta | None = None) -> float:
         return self.weights[i]
@@ -304,18 +335,18 @@ class MeanMerge(Merge):
         shapes: Shapes,
         norms: Sequence[float] | None = None,
         device: torch.device | str | None = None,
+        threads: int = 1,
     ) -> None:
         self.deltas, self.weights, self.shapes = deltas, [float(w) for w in weights], shapes
         self.device = device
         """Where `share` materialises a low-rank part block by block (the model's device)."""
         self.clip = deltas_clip(deltas, norms)
-        parts = _parts(deltas, self.weights, self.clip, shapes)
-        self.update: Delta = {}
-        self.means: dict[str, _Mean] = {}
+        done = _per_parameter(
+            deltas, self.weights, self.clip, shapes, lambda name, s: self._mean(s, shapes[name]), threads
+        )
+        self.update: Delta = {name: part for name, (_, part) in done.items()}
+        self.means: dict[str, _Mean] = {name: mean for name, (mean, _) in done.items()}
         """Per parameter: Σ w where the update's values are means (O(union) when sparse)."""
-        for name, shape in shapes.items():
-            if name in parts:
-                self.means[name], self.update[name] = self._mean(parts.pop(name), shape)
 
     @staticmethod
     def _mean(s: _Parts, shape: tuple[int, ...]) -> tuple[_Mean, Part]:

@@ -241,3 +241,22 @@ def test_every_pairs_low_rank_cosine_at_once_is_each_pairs_exact_one() -> None:
                 b,
             )
     assert float(cos[1, 5]) == pytest.approx(1.0) and float(cos[4, 4]) == 0.0
+
+
+@pytest.mark.parametrize("rule", [MeanMerge, SumMerge])
+def test_the_merges_on_several_threads_give_one_threads_bits(rule: type) -> None:
+    """Each parameter's sums on a thread of its own (`mechanism.host_threads`): the update, every
+    share and every term are one thread's, bit for bit."""
+    shapes = {"a": (40, 24), "b": (24,), "c": (16, 40), "d": (300,)}
+    deltas = random_deltas(shapes, 5, seed=3)
+    weights = [0.1, 0.3, 0.2, 0.25, 0.15]
+    one, three = rule(deltas, weights, shapes), rule(deltas, weights, shapes, threads=3)
+    assert list(one.update) == list(three.update) == list(shapes)
+    assert _bits(_tensors(one.update)) == _bits(_tensors(three.update))
+    for i in range(len(deltas)):
+        assert one.share(i) == three.share(i)
+        assert _bits(_tensors(one.term(i))) == _bits(_tensors(three.term(i)))
+
+
+def _bits(tensors: list[torch.Tensor]) -> list[bytes]:
+    return [t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes() for t in tensors]

@@ -111,7 +111,8 @@ def test_no_import_cycle_among_bistro_modules():
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # 0: the contract and the settings every part reads
-    ("bistro", "bistro.protocol", "bistro.config", "bistro.atomicfile", "bistro.statefile", "bistro.windowlog"),
+    ("bistro", "bistro.protocol", "bistro.config", "bistro.atomicfile", "bistro.statefile", "bistro.windowlog",
+     "bistro.threads"),
     # 1: the parts
     ("bistro.delta", "bistro.data", "bistro.chain", "bistro.storage", "bistro.model", "bistro.training",
      "bistro.wallet"),

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from bistro.config import build_settings
+from bistro.config import build_settings, replace
 from bistro.data import Dataset
 from bistro.delta import CODECS, MeanMerge, add_, delta_norm, merge_mean, scaled
 from bistro.delta.codec import codec_context
 from bistro.evaluator import Evaluator, Verdict
+from bistro.manifest import delta_sha256
 from bistro.model import build_model, state_tensors
 
 BLOCK_HASH = "cd" * 32
@@ -176,3 +177,26 @@ def test_an_update_that_overshoots_is_taken_at_half_its_size(world) -> None:
     verdicts[1].delta = away
     got, info = evaluator.propose_update(master, verdicts, base, seqs)
     assert got is None and not info["accepted"] and evaluator.refused is not None
+
+
+def test_scores_on_several_host_threads_are_one_threads_bit_for_bit(world) -> None:
+    """`mechanism.host_threads` spreads the host work (sketches, the merge's sums, each uid's share
+    and term) over threads: every loss, score and the proposed update are those of one thread."""
+    settings, evaluator, master, deltas = world
+    out = {}
+    for threads in (1, 3):
+        evaluator.settings = replace(settings, **{"mechanism.host_threads": threads})
+        verdicts = verdicts_of(deltas)
+        evaluator.drop_copies(verdicts, 3, BLOCK_HASH, master)
+        base, seqs = evaluator.score(3, BLOCK_HASH, master, verdicts, {})
+        fields = [
+            (v.score, v.with_local, v.without_local, v.without_other, v.close_to) for v in verdicts.values()
+        ]
+        for v in verdicts.values():
+            v.score = 1.0  # every delta merged
+        update, _ = evaluator.propose_update(master, verdicts, float("inf"), seqs)
+        out[threads] = (base, fields, update)
+    evaluator.settings = settings
+    assert out[1][:2] == out[3][:2]
+    assert out[1][2] is not None and out[3][2] is not None
+    assert delta_sha256(out[1][2]) == delta_sha256(out[3][2])
