@@ -23,7 +23,7 @@ log = logging.getLogger("bistro")
 # command -> (module, function, one-line help). The function takes (settings, args) -> exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "miner": ("bistro.cli", "run_miner", "train on your pages and upload deltas every window"),
-    "validator": ("bistro.validator", "main", "score every miner's delta and set weights"),
+    "validator": ("bistro.cli", "run_validator", "score every miner's delta and set weights"),
     "localnet": ("bistro.localnet.network", "main", "run a whole network on this machine"),
     "persona-miner": ("bistro.localnet.personas", "main", "a miner with a test persona (local networks)"),
     "miners": (
@@ -55,6 +55,18 @@ def run_miner(settings: Settings, args: argparse.Namespace) -> int:
     from .miner import main as miner_main
 
     return miner_main(settings, args)
+
+
+def run_validator(settings: Settings, args: argparse.Namespace) -> int:
+    """`bistro validator`: one process, or rank r of `torchrun --nproc_per_node N` (WORLD_SIZE > 1),
+    whose ranks split the scored uids' forward passes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import run_validator as run_ranks
+
+        return run_ranks(settings, args)
+    from .validator import main as validator_main
+
+    return validator_main(settings, args)
 
 
 class _KeyValue(argparse.Action):

@@ -13,10 +13,12 @@ shard of the delta and of the error feedback, and rank 0 joins the wire tensors.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
 import threading
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +26,21 @@ import torch.distributed as dist
 from .config import Settings, replace
 from .data import Dataset
 from .data.pages import local_pages
-from .delta.codec import CODECS, Codec, CodecContext, ErrorFeedback, codec_context, compress, pack12, unpack12
+from .delta.codec import (
+    CODECS,
+    Codec,
+    CodecContext,
+    Delta,
+    ErrorFeedback,
+    Factored,
+    Mixed,
+    Sparse,
+    codec_context,
+    compress,
+    pack12,
+    unpack12,
+)
+from .evaluator import Evaluator, Passes, PassLosses
 from .miner import Miner
 from .model import build_model, state_tensors
 from .node import NotRegistered, install_signals
@@ -325,3 +341,213 @@ def follow_sharded(settings: Settings) -> None:
         shards.load(None)
         shards.train(window, uid, steps)
         shards.encode(codec, codec_context(settings, window), None)
+
+
+# --- a validator's forward passes over the GPUs of one node (torchrun) -----------------------------
+#
+# `torchrun --nproc_per_node N bistro validator …`: rank 0 is the whole validator (chain, buckets,
+# fetch, the host work on every delta, the merge, the master step, weights). Each window it sends
+# the other ranks θ_w, the merged update and each one's share of the scored uids' terms; every rank
+# builds θ_eval and runs the passes of its uids (`Evaluator.passes`: each uid's pages in calls of
+# their own, so the losses are those one process computes, bit for bit), and rank 0 gathers them.
+
+
+def _comm_device() -> torch.device:
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def _broadcast_json(obj: object | None) -> Any:
+    """Rank 0's JSON document (`obj`), on every rank."""
+    dev = _comm_device()
+    data = json.dumps(obj).encode() if obj is not None else b""
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(size, src=0)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if data else None
+    if buf is None:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, src=0)
+    return json.loads(bytes(buf.cpu().numpy()))
+
+
+def _send_json(obj: object, dst: int) -> None:
+    dev = _comm_device()
+    data = json.dumps(obj).encode()
+    dist.send(torch.tensor([len(data)], dtype=torch.int64, device=dev), dst)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev), dst)
+
+
+def _recv_json(src: int) -> Any:
+    dev = _comm_device()
+    size = torch.empty(1, dtype=torch.int64, device=dev)
+    dist.recv(size, src)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    dist.recv(buf, src)
+    return json.loads(bytes(buf.cpu().numpy()))
+
+
+def _pack(delta: Delta) -> tuple[list, list[torch.Tensor]]:
+    """A decoded delta as (its layout, its tensors in that order)."""
+    layout, tensors = [], []
+    for name, part in delta.items():
+        if isinstance(part, Mixed):
+            kind, ts = "m", [part.low.p, part.low.q, part.sparse.indices, part.sparse.values]
+        elif isinstance(part, Factored):
+            kind, ts = "f", [part.p, part.q]
+        elif isinstance(part, Sparse):
+            kind, ts = "s", [part.indices, part.values]
+        else:
+            kind, ts = "d", [part]
+        layout.append([name, kind, [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in ts]])
+        tensors += [t.contiguous() for t in ts]
+    return layout, tensors
+
+
+def _unpack(layout: list, tensors: list[torch.Tensor]) -> Delta:
+    out: Delta = {}
+    it = iter(tensors)
+    for name, kind, specs in layout:
+        ts = [next(it) for _ in specs]
+        if kind == "m":
+            out[name] = Mixed(Factored(ts[0], ts[1]), Sparse(ts[2], ts[3]))
+        elif kind == "f":
+            out[name] = Factored(ts[0], ts[1])
+        elif kind == "s":
+            out[name] = Sparse(ts[0], ts[1])
+        else:
+            out[name] = ts[0]
+    return out
+
+
+def _empty(layout: list) -> list[torch.Tensor]:
+    dev = _comm_device()
+    return [
+        torch.empty(shape, dtype=getattr(torch, dtype), device=dev)
+        for _, _, specs in layout
+        for shape, dtype in specs
+    ]
+
+
+def _broadcast_delta(delta: Delta | None) -> Delta:
+    """Rank 0's `delta` on every rank, bit for bit."""
+    layout, tensors = _pack(delta) if delta is not None else (None, [])
+    layout = _broadcast_json(layout)
+    bufs = [t.to(_comm_device()) for t in tensors] if delta is not None else _empty(layout)
+    for b in bufs:
+        dist.broadcast(b, src=0)
+    return _unpack(layout, bufs)
+
+
+def _send_delta(delta: Delta, dst: int) -> None:
+    layout, tensors = _pack(delta)
+    _send_json(layout, dst)
+    for t in tensors:
+        dist.send(t.to(_comm_device()), dst)
+
+
+def _recv_delta(src: int) -> Delta:
+    layout = _recv_json(src)
+    bufs = _empty(layout)
+    for b in bufs:
+        dist.recv(b, src)
+    return _unpack(layout, bufs)
+
+
+def rank_of(jobs: Passes, world: int) -> dict[int, int]:
+    """Which rank runs each uid's passes: scored uids and then sliced close uids, dealt in turn."""
+    return {uid: k % world for k, uid in enumerate([*jobs.valid, *jobs.extras])}
+
+
+def _results(out: PassLosses) -> tuple[list, torch.Tensor]:
+    rows, flat = [], []
+    for kind, losses in (("base", out.base), ("with_", out.with_), ("without", out.without)):
+        for uid, t in losses.items():
+            rows.append([kind, uid, len(t)])
+            flat.append(t.double().cpu())
+    return rows, torch.cat(flat) if flat else torch.empty(0, dtype=torch.float64)
+
+
+class ScoringGroup:
+    """Rank 0's end of the split: `Evaluator.group`, used by `Evaluator.score`."""
+
+    def __init__(self) -> None:
+        self.world = dist.get_world_size()
+
+    def passes(self, evaluator: Evaluator, master: dict[str, torch.Tensor], update: Delta, jobs: Passes,
+               terms: dict[int, Delta]) -> PassLosses:  # fmt: skip
+        """`Evaluator.passes` of every uid of `jobs`, each on its rank (`rank_of`); the losses of all."""
+        owner = rank_of(jobs, self.world)
+        _broadcast_json({"go": GO, "window": jobs.window, "block_hash": jobs.block_hash, "valid": jobs.valid,
+                         "extras": jobs.extras, "close": [[u, cs] for u, cs in jobs.close.items()]})  # fmt: skip
+        _broadcast_params(master, _comm_device())
+        _broadcast_delta(update)
+        for uid in jobs.valid:
+            if owner[uid] != 0:
+                _send_delta(terms.pop(uid), owner[uid])
+        mine = {u for u, r in owner.items() if r == 0}
+        out = evaluator.passes(master, update, jobs, terms.pop, mine)
+        for rank in range(1, self.world):
+            rows = _recv_json(rank)
+            flat = torch.empty(sum(n for _, _, n in rows), dtype=torch.float64, device=_comm_device())
+            dist.recv(flat, rank)
+            at = 0
+            for kind, uid, n in rows:
+                getattr(out, kind)[uid] = flat[at : at + n].cpu()
+                at += n
+        return out
+
+    def stop(self) -> None:
+        _broadcast_json({"go": STOP})
+
+
+def serve_passes(settings: Settings) -> None:
+    """Ranks 1..N-1 of a validator: run the passes rank 0 deals out, until it says stop."""
+    device = torch.device(settings.device)
+    model = build_model(settings.model, seed=settings.model.seed).to(device)
+    evaluator = Evaluator(settings, model, Dataset.open(settings))
+    master = {k: v.detach().clone() for k, v in evaluator.params.items()}
+    rank = dist.get_rank()
+    while True:
+        msg = _broadcast_json(None)
+        if msg["go"] == STOP:
+            return
+        jobs = Passes(
+            msg["window"], msg["block_hash"], msg["valid"], msg["extras"], {u: cs for u, cs in msg["close"]}
+        )
+        with torch.no_grad():
+            _broadcast_params(master, _comm_device())
+        update = _broadcast_delta(None)
+        owner = rank_of(jobs, dist.get_world_size())
+        terms = {uid: _recv_delta(0) for uid in jobs.valid if owner[uid] == rank}
+        out = evaluator.passes(master, update, jobs, terms.pop, {u for u, r in owner.items() if r == rank})
+        rows, flat = _results(out)
+        _send_json(rows, 0)
+        dist.send(flat.to(_comm_device()), 0)
+
+
+def run_validator(settings: Settings, args: argparse.Namespace) -> int:
+    """`torchrun --nproc_per_node N bistro validator …`: rank 0 the validator, the others its passes."""
+    from .validator import main as validator_main
+
+    cuda = settings.device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        settings = replace(settings, device=f"cuda:{local}")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if dist.get_rank() != 0:
+            install_signals(threading.Event())  # rank 0 says stop at the end of its window
+            serve_passes(settings)
+            return 0
+        group = ScoringGroup()
+        log.info("validator passes on %d processes (%s)", group.world, dist.get_backend())
+        try:
+            return validator_main(settings, args, group=group)
+        finally:
+            group.stop()
+    finally:
+        dist.destroy_process_group()

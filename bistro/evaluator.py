@@ -156,6 +156,27 @@ class DeltaLost(Exception):
         self.uid, self.cause = uid, cause
 
 
+@dataclass(frozen=True)
+class Passes:
+    """A window's forward passes (`Evaluator.passes`): the scored uids, the sliced close uids whose
+    eval pages are control pages, and each scored uid's close uids."""
+
+    window: int
+    block_hash: str
+    valid: list[int]
+    extras: list[int]
+    close: dict[int, list[int]]
+
+
+@dataclass
+class PassLosses:
+    """Per uid, its sequences' losses at θ, at θ_eval and (scored uids) at θ_eval less its term."""
+
+    base: dict[int, torch.Tensor] = field(default_factory=dict)
+    with_: dict[int, torch.Tensor] = field(default_factory=dict)
+    without: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class Deltas(Sequence[Delta]):
     """The deltas of `verdicts`, read one at a time: a streamed verdict decodes its delta anew at
     each read, so a pass over these holds one decoded delta (two while the next one decodes), and
@@ -189,6 +210,8 @@ class Evaluator:
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.sketches: tuple[int, dict[int, torch.Tensor]] = (-1, {})
         """(window, uid → sketch of its delta): the copy screen's, reused by the close controls."""
+        self.group: Any = None
+        """A `distributed.ScoringGroup` when the scored uids' passes are split over ranks (rank 0)."""
         self.slices: tuple[int, dict[int, Delta]] = (-1, {})
         """(window, uid → its slice, decoded): the parts of the deltas outside the window's sample
         that the validator read (`bistro.delta.slices`), all of the same parameters; their uids
@@ -472,14 +495,8 @@ class Evaluator:
         if not valid:
             return base_global, global_seqs
         close = self.close_controls(valid, window, verdicts, incentive, averages)
-        # close uids outside the sample (sliced): their eval pages are in the batched passes too
+        # close uids outside the sample (sliced): their eval pages are control pages too
         extras = sorted({c for cs in close.values() for c in cs} - set(valid))
-        own = {uid: self.eval_sequences(uid, window, block_hash) for uid in [*valid, *extras]}
-        # Own pages, then control pages, per uid: the own-page test compares the two.
-        pages = {uid: torch.cat([own[uid], self.other_sequences(uid, window, block_hash)]) for uid in valid}
-        batch = [pages[uid] for uid in valid] + [own[c] for c in extras]
-        # L(θ) on the same pages: the pooled help that the test divides by (scoring.score).
-        base = self.losses(torch.cat(batch))
         for uid in valid:
             verdicts[uid].merge_weight = weights[uid]
         deltas = Deltas([verdicts[uid] for uid in valid])
@@ -487,62 +504,100 @@ class Evaluator:
         # amplified delta (a poisoner's) to the median norm, so it cannot swamp θ_eval and with it
         # the pooled help every uid's own-page test divides by.
         rule = self.merge_rule(deltas, [weights[uid] for uid in valid], [verdicts[uid] for uid in valid])
-        with torch.no_grad():
-            add_(self.params, rule.update, 1.0)
-        # Every "with" loss shares θ_eval: one batched pass over all uids' pages and the global ones.
-        losses = self.losses(torch.cat(batch + [global_seqs]))
-        with_global = float(losses[-len(global_seqs) :].mean())
-        starts, at = {}, 0
-        for uid, seqs in zip([*valid, *extras], batch, strict=True):
-            starts[uid], at = at, at + len(seqs)
-        # Each uid's share and term (host work): up front on `threads` threads, or, streaming, one
-        # at a time in the loop (each read decodes its delta again).
-        held: dict[int, tuple[float, Delta]] = {}
+        # Each uid's share (what it puts into θ_eval, per unit of which it is scored) and its own
+        # term (step 5: θ_eval without it is θ_eval less its term): host work, up front on `threads`
+        # threads, or, streaming, one at a time as the passes reach it (each read decodes again).
+        shares: dict[int, float] = {}
         threads = self.threads(deltas.verdicts)
-        if threads > 1:
-            held = dict(enumerate(map_threads(lambda j: (rule.share(j, deltas[j]), rule.term(j, deltas[j])),
-                                              range(len(valid)), threads)))  # fmt: skip
-        offset = 0
-        for j, uid in enumerate(valid):
-            v, n, k = verdicts[uid], len(own[uid]), len(pages[uid])
-            v.with_local = float(losses[offset : offset + n].mean())
-            v.with_other = float(losses[offset + n : offset + k].mean())
-            v.with_global = with_global
-            v.base_local = float(base[offset : offset + n].mean())
-            v.base_other = float(base[offset + n : offset + k].mean())
-            offset += k
-            # scored per unit of what uid i puts into θ_eval (`Merge.share`)
-            if held:
-                share, term = held.pop(j)
-            else:
+        if threads > 1 or self.group is not None:
+            held = map_threads(lambda j: (rule.share(j, deltas[j]), rule.term(j, deltas[j])), range(len(valid)), threads)  # fmt: skip
+            terms = {uid: term for uid, (_, term) in zip(valid, held, strict=True)}
+            shares = {uid: share for uid, (share, _) in zip(valid, held, strict=True)}
+            del held
+
+            def term_of(uid: int) -> Delta:
+                return terms.pop(uid)
+        else:
+
+            def term_of(uid: int) -> Delta:
+                j = valid.index(uid)
                 delta = deltas[j]  # streamed: decoded again, the only one held now
-                share, term = rule.share(j, delta), rule.term(j, delta)
-                del delta
+                shares[uid] = rule.share(j, delta)
+                return rule.term(j, delta)
+
+        jobs = Passes(window, block_hash, valid, extras, {uid: close[uid] for uid in valid})
+        if self.group is not None:
+            out = self.group.passes(self, master, rule.update, jobs, terms)
+        else:
+            out = self.passes(master, rule.update, jobs, term_of)
+        with_global = self.loss(global_seqs)  # the model is at θ_eval
+        for uid in valid:
+            v, n = verdicts[uid], len(self.eval_sequences(uid, window, block_hash))
+            base, with_, without = out.base[uid], out.with_[uid], out.without[uid]
+            k = len(base)
+            v.with_local, v.with_other = float(with_[:n].mean()), float(with_[n:].mean())
+            v.with_global = with_global
+            v.base_local, v.base_other = float(base[:n].mean()), float(base[n:].mean())
             # The global pages are not part of the score (they paid copies in full): not measured.
-            # The close uids' eval pages too (their "with" and base losses are in the batched pass).
             v.close_to = close[uid]
-            # Step 5: θ_eval without uid i is θ_eval less its own term, applied one parameter at a
-            # time as each module runs (no copy of θ_eval; the same bits as removing it in place).
-            with applied_per_module(self.model, self.params, term, -1.0):
-                without = self.losses(torch.cat([pages[uid]] + [own[c] for c in v.close_to]))
-            del term
             v.without_local, v.without_other = float(without[:n].mean()), float(without[n:k].mean())
+            share = shares[uid]
             v.control_score = scoring.score(
                 v.with_local, v.without_local, v.with_other, v.without_other, share,
                 v.base_local, v.base_other,
             )  # fmt: skip
             controls = [(v.without_other - v.with_other, v.base_other - v.with_other)]
             at = k
-            for c in v.close_to:
-                size, start = len(own[c]), starts[c]
-                with_c = float(losses[start : start + size].mean())
-                controls.append((float(without[at : at + size].mean()) - with_c,
-                                 float(base[start : start + size].mean()) - with_c))  # fmt: skip
+            for c in v.close_to:  # its close uids' eval pages (the first of a scored uid's test pages)
+                size = len(self.eval_sequences(c, window, block_hash))
+                with_c, base_c = float(out.with_[c][:size].mean()), float(out.base[c][:size].mean())
+                controls.append((float(without[at : at + size].mean()) - with_c, base_c - with_c))
                 at += size
             v.score = scoring.own_page_test_against(
                 v.without_local - v.with_local, v.base_local - v.with_local, controls, share
             )
         return base_global, global_seqs
+
+    def pages_of(self, uid: int, window: int, block_hash: str) -> torch.Tensor:
+        """A scored uid's own-page test pages: its eval pages, then as many control pages."""
+        return torch.cat(
+            [self.eval_sequences(uid, window, block_hash), self.other_sequences(uid, window, block_hash)]
+        )
+
+    def passes(
+        self,
+        master: Params,
+        update: Delta,
+        jobs: Passes,
+        term_of: Callable[[int], Delta],
+        mine: Collection[int] | None = None,
+    ) -> PassLosses:
+        """The forward passes of steps 3-5 for the uids of `jobs` (those in `mine`, when given: one
+        rank's share), each uid's pages in calls of their own, so its losses are the same bits
+        whichever uids share a rank: L(θ) and L(θ_eval) on its test pages (a sliced close uid's
+        eval pages alone), and L(θ_eval − its term) on its test pages and its close uids' eval
+        pages. The model is left at θ_eval."""
+        own = [u for u in jobs.valid if mine is None or u in mine]
+        extra = [c for c in jobs.extras if mine is None or c in mine]
+        pages = {uid: self.pages_of(uid, jobs.window, jobs.block_hash) for uid in own}
+        pages |= {c: self.eval_sequences(c, jobs.window, jobs.block_hash) for c in extra}
+        out = PassLosses()
+        self.set_params(master)
+        for uid in [*own, *extra]:
+            out.base[uid] = self.losses(pages[uid])
+        with torch.no_grad():
+            add_(self.params, update, 1.0)
+        for uid in [*own, *extra]:
+            out.with_[uid] = self.losses(pages[uid])
+        for uid in own:
+            close = [self.eval_sequences(c, jobs.window, jobs.block_hash) for c in jobs.close[uid]]
+            term = term_of(uid)
+            # θ_eval less the uid's term, applied one parameter at a time as each module runs (no
+            # copy of θ_eval; the same bits as removing it in place)
+            with applied_per_module(self.model, self.params, term, -1.0):
+                out.without[uid] = self.losses(torch.cat([pages[uid], *close]))
+            del term
+        return out
 
     def propose_update(
         self,

@@ -347,6 +347,8 @@ class Hardware:
     """Share of `hbm_bytes_per_s` that gathers, scatters and element-wise kernels reach."""
     host_cores: int = 1
     """CPU cores of the node (vendor sheet, or the cloud VM's vCPUs)."""
+    interconnect_bytes_per_s: float = 450e9
+    """GPU to GPU in one node, one direction (NVLink 4 on H100/H200 SXM: 900 GB/s both ways)."""
     source: str = ""
 
 
@@ -482,8 +484,10 @@ class Design:
     of θ_{w+1} while the next window runs; false: inside the window that writes one)."""
     hash_threads: int = 1
     """Threads that hash the master (today one sha256 stream; more: per-tensor digests in parallel)."""
-    validator_gpus: int = 1
-    """GPUs the validator scores on (0: all of the node's; today one process, one GPU)."""
+    validator_gpus: int = 0
+    """GPUs the validator's forward passes run on (0: all of the node's: the code under `torchrun
+    --nproc_per_node N bistro validator`, each rank building θ_eval and running its share of the
+    scored uids' passes; 1: one process)."""
     host_threads: int = 0
     """Threads the validator's host work runs on (`mechanism.host_threads`; the fitted rates are one
     thread's). 0: the code's default, one a core, counted as at most `USEFUL_HOST_THREADS`."""
@@ -712,10 +716,17 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
         rank = scored * m.rank if m.codec == "lowrank" else 0
         matrices = sum(math.prod(s) for s in shapes.values() if len(s) == 2)
         calls = math.ceil(2 * m.eval_pages * seq_page / settings.train.eval_batch_size)
-        if gpus:  # bytes moved a parameter: leave-one-out per call 32 (clone 8, add 16, copy back 8),
-            # Σ |P Qᵀ| 16, θ_eval's add 16 a rank (its block read and written, the product's too)
+        if gpus:  # bytes moved a parameter: leave-one-out per call 32 (clone 8, add 16, copy back 8)
+            # on the uid's rank; Σ |P Qᵀ| 16 on rank 0; θ_eval's add 16 a rank of the stack (its block
+            # read and written, the product's too) on every rank at once
             host_uid -= rates.abs_sum_ns
-            v["device"] = device_bytes_s(scored * (32 * calls + 16) * n + 16 * rank * matrices, 1)
+            v["device"] = device_bytes_s(scored * 32 * calls * n, v_gpus) + device_bytes_s(
+                scored * 16 * n + 16 * rank * matrices, 1
+            )
+            if v_gpus > 1:  # θ_w, the update and the terms from rank 0 (NCCL over NVLink)
+                v["ranks_sync"] = (4 * n + (1 + scored) * wire) / (
+                    hw.interconnect_bytes_per_s * hw.bandwidth_efficiency
+                )
         else:
             v["device"] = (
                 scored * calls * rates.leave_one_out_ns * n + rank * rates.theta_eval_ns * matrices

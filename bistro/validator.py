@@ -965,12 +965,14 @@ class Validator(Node):
         log.info("validator stopped after %d windows", done)
 
 
-def main(settings: Settings, args: argparse.Namespace) -> int:
+def main(settings: Settings, args: argparse.Namespace, group: object | None = None) -> int:
+    """`bistro validator`; `group`: the `distributed.ScoringGroup` of a validator under torchrun."""
     try:
         validator = Validator(settings)
     except NotRegistered as e:
         log.error("%s", e)
         return 1
+    validator.evaluator.group = group
     install_signals(validator.stopping)
     log.info("validator uid %d hotkey %s bucket %s", validator.uid, validator.hotkey, validator.commitment)
     try:

@@ -1,5 +1,6 @@
 """`torchrun --nproc_per_node 2 -m bistro.cli miner …`: one miner trained data parallel on 2 CPU
-processes (gloo), rank 0 alone talking to chain and buckets; its deltas pass the real validator."""
+processes (gloo), rank 0 alone talking to chain and buckets; its deltas pass the real validator,
+itself on 2 processes (`torchrun … validator`: the scored uids' forward passes split over ranks)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ def test_torchrun_miner_on_two_processes(tmp_path: Path) -> None:
     command = net.command(miner)
     assert command[1:3] == ["-m", "bistro.cli"]
     command = [torchrun, "--standalone", "--nproc_per_node", "2", *command[1:]]
+    validate = net.command(validator)
+    validate = [torchrun, "--standalone", "--nproc_per_node", "2", *validate[1:]]
     try:
-        start(net, validator)
+        start(net, validator, validate)
         start(net, miner, command)
         ok = lambda: [r for r in records(net) if r["uids"].get(str(miner.uid), {}).get("verdict") == "ok"]  # noqa: E731
         scored = wait_for(
@@ -36,5 +39,9 @@ def test_torchrun_miner_on_two_processes(tmp_path: Path) -> None:
         assert sum(v["score"] for v in mine) > 0, (mine, tail(net, miner))
         log = (net.dir / "logs" / f"{miner.name}.log").read_text()
         assert "on 2 processes (gloo)" in log
+        assert (
+            "validator passes on 2 processes (gloo)"
+            in (net.dir / "logs" / f"{validator.name}.log").read_text()
+        )
     finally:
         stop_all(net)
