@@ -630,20 +630,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "small": {"model": _model(8192, 256, 7, 8, 8, 768, 256),
               "train": dict(lr=2e-3, batch_size=8, steps_per_window=30, warmup_steps=30),
               "mechanism": _mechanism(10, 8, 6, 3, 0.3, 32, 100.0, 5)},
-    # ~148M parameters.
+    # ~148M parameters. Steps and pages: see REAL_SIZE_TRAINING.
     "150M": {"model": _model(32000, 768, 12, 12, 12, 2560, 1024),
-             "train": dict(lr=6e-4, batch_size=8, steps_per_window=50, warmup_steps=100),
-             "mechanism": {**_mechanism(25, 8, 8, 4, 0.2, 128, 500.0, 10)}},
+             "train": dict(lr=6e-4, batch_size=8, steps_per_window=13000, warmup_steps=100),
+             "mechanism": {**_mechanism(25, 8, 13000, 4, 0.2, 128, 500.0, 10), "miner_span": 26000}},
     # TinyLlama's shape: ~1.1B parameters.
     "1B": {"model": _model(32000, 2048, 22, 32, 4, 5632, 2048),
-           "train": dict(lr=4e-4, batch_size=4, steps_per_window=50, warmup_steps=200),
-           "mechanism": {**_mechanism(50, 8, 8, 4, 0.2, 512, 2000.0, 20)}},
+           "train": dict(lr=4e-4, batch_size=4, steps_per_window=3000, warmup_steps=200),
+           "mechanism": {**_mechanism(50, 8, 24000, 4, 0.2, 512, 2000.0, 20), "miner_span": 48000}},
     # The seed era's shape (Llama-2 7B): hidden 4096, 32 layers, 32 heads, MLP 11008.
     "7B": {"model": _model(32000, 4096, 32, 32, 32, 11008, 2048),
-           "train": dict(lr=3e-4, batch_size=2, steps_per_window=50, warmup_steps=200),
-           "mechanism": {**_mechanism(100, 8, 8, 4, 0.2, 2048, 5000.0, 20, retention=3)}},
+           "train": dict(lr=3e-4, batch_size=2, steps_per_window=1900, warmup_steps=200),
+           "mechanism": {**_mechanism(100, 8, 7600, 4, 0.2, 2048, 5000.0, 20, retention=3),
+                         "miner_span": 15200}},
 }
 # fmt: on
+
+REAL_SIZE_TRAINING = {"150M": "1xH100", "1B": "8xH100", "7B": "8xH100"}
+"""Each real-size preset's reference miner, on which `train.steps_per_window` fills about 90% of the
+room the window leaves after the validator's critical path and the miner's own sync and upload
+(`bistro plan --preset P --uids 256 --hardware H --plan.set steps_per_window=-1`: 150M 13,123, 1B
+3,016, 7B 1,915 steps; `miner.train_fraction` 0.87, 0.87 and 0.80 at the rounded counts), and
+`mechanism.pages_per_window` holds those steps' tokens on it (steps × batch × sequence length × its
+GPUs over a page's ~8,192 tokens), so a miner trains on fresh pages, not the same eight again and
+again; `miner_span` is twice that. A miner on slower hardware takes the steps that fit before the
+deadline (`Miner.steps_that_fit`)."""
 
 SCORED_PER_WINDOW = {"tiny": 256, "small": 64, "150M": 32, "1B": 32, "7B": 32}
 """`mechanism.max_uids_per_window` of each preset (protocol). 32 of a subnet's 256 uids is what the

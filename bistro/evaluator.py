@@ -35,7 +35,7 @@ from .delta.wire import DecodedDelta, DeltaRejected, Expectation, redecode
 from .manifest import delta_sha256
 from .master import apply_update
 from .model import Params, sequence_losses, state_tensors
-from .protocol import seed
+from .protocol import EVIDENCE_PAGES, seed
 from .threads import host_threads, map_threads
 from .verdicts import V
 
@@ -354,13 +354,16 @@ class Evaluator:
         each honest delta's margin on its own pages was +0.14 .. +0.21 and on any other uid's pages
         −0.05 .. +0.06: the raw margin separates them with room. (On 2 + 2 pages it did not: the
         wrong uid of an exact copy pair won 2 windows in 7.) Only uids in a near-copy group pay
-        this. Cost: one batched pass at θ and one per uid, on 16 pages each."""
+        this. Cost: one batched pass at θ and one per uid, on 16 pages each: at most
+        `EVIDENCE_PAGES` of the uid's local pages (the first of their seeded order) and as many
+        control pages, however many pages a miner trains on (thousands at 7B)."""
         self.set_params(master)
         ps = self.dataset.page_settings
+        k = min(EVIDENCE_PAGES, ps.pages_per_window)
         pages = {
             uid: (
-                self.dataset.sequences(local_pages(self.netuid, uid, window, ps)),
-                self.dataset.sequences(other_pages(self.netuid, uid, window, block_hash, ps, ps.pages_per_window)),
+                self.dataset.sequences(local_pages(self.netuid, uid, window, ps)[:k]),
+                self.dataset.sequences(other_pages(self.netuid, uid, window, block_hash, ps, k)),
             )
             for uid in uids
         }  # fmt: skip

@@ -35,6 +35,7 @@ import torch
 from .config import ModelConfig, Settings, replace
 from .delta.codec import CODECS, TopK, codec_context
 from .delta.slices import header_bytes
+from .protocol import EVIDENCE_PAGES
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -482,8 +483,9 @@ class Design:
     checkpoint_async: bool = True
     """Upload checkpoints off the critical path (the code: a background thread writes a host copy
     of θ_{w+1} while the next window runs; false: inside the window that writes one)."""
-    hash_threads: int = 1
-    """Threads that hash the master (today one sha256 stream; more: per-tensor digests in parallel)."""
+    hash_threads: int = 0
+    """Threads that hash the master (`model_hash`: per-tensor digests in parallel; 0: the code's
+    default, one a core, counted as at most `USEFUL_HOST_THREADS`)."""
     validator_gpus: int = 0
     """GPUs the validator's forward passes run on (0: all of the node's: the code under `torchrun
     --nproc_per_node N bistro validator`, each rank building θ_eval and running its share of the
@@ -605,7 +607,7 @@ def validator_pages(settings: Settings, design: Design, scored: int) -> dict[str
         "scored": scored * per_uid,
         "global": 2 * m.global_pages,  # L(θ) and L(θ_eval)
         "master_step": m.global_pages,  # θ + U (θ + U/2 again when refused)
-        "copy_evidence": design.copy_group_uids * 2 * 2 * m.pages_per_window,
+        "copy_evidence": design.copy_group_uids * 2 * 2 * min(m.pages_per_window, EVIDENCE_PAGES),
     }
 
 
@@ -666,7 +668,7 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
     page_tokens = seq_page * cfg.sequence_length
     threads = design.host_threads or min(max(1, hw.host_cores), USEFUL_HOST_THREADS)
     host_ns = 1e-9 / threads
-    hash_s = 4 * n * rates.hash_ns_per_byte * 1e-9 / max(1, design.hash_threads)
+    hash_s = 4 * n * rates.hash_ns_per_byte * 1e-9 / (design.hash_threads or threads)
     fpt = forward_flops_per_token(cfg)
 
     def forward_s(tokens: float, n_gpus: int) -> float:

@@ -11,7 +11,7 @@ import json
 import re
 from typing import Any, Protocol
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """Version of the delta and master object formats. 2: the topk2 codec, the mean merge and error
 feedback 0.95 became the defaults (what a node of version 1 would merge differently). 3: the lowrank
 codec is the default, and the mean merge takes a `Mixed` part as two means (low-rank part over every
@@ -19,7 +19,12 @@ sender, sparse values over theirs). 4: the publisher sends the merged update re-
 miners' codec and its own error feedback (`mechanism.master_codec`), a scored sample per window drawn
 from the seed block, and LATEST.json carries the protocol settings. 5: low-rank parts are merged as
 their stacked factors (other bits than a dense sum; the manifest's update sha256 hashes the factors),
-and lowrank is every preset's codec."""
+and lowrank is every preset's codec. 6: `model_hash` hashes each tensor's sha256 (taken in
+parallel), not one stream of every tensor's bytes."""
+
+EVIDENCE_PAGES = 8
+"""Local pages (and as many control pages) of a uid's own-page evidence in a near-copy group
+(`Evaluator.own_page_evidence`): the first of its local pages' seeded order."""
 
 PREFIX = "bistro"
 

@@ -163,15 +163,38 @@ def test_time_plan_keeps_todays_fields_and_adds_the_named_ones(capsys: pytest.Ca
         assert set(doc["breakdown"][role]) and all(v >= 0 for v in doc["breakdown"][role].values())
     assert {"validator", "miner", "critical_path"} <= set(doc["fits"])
     assert {"pages", "tokens", "tokens_per_page"} <= set(doc["validator"]["forward"])
-    # The current design does not fit 7B at 256 uids: the model must say so.
     # followers download one re-compressed update (`mechanism.master_codec same`): one delta's wire
-    assert not doc["fits"]["critical_path"]
     assert doc["miner"]["download_per_window_bytes"] == doc["delta_wire_bytes"] <= 5 * 2**30
     # The table prints too, and the design flags reach the plan.
     assert cli_main(["plan", "--preset", "7B", "--hardware", "8xH100", "--design", "new",
                      "--plan.set", "scored_uids=40", "--schedule", "serial"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "40 / 7 windows" in out and "schedule serial" in out
+
+
+@pytest.mark.parametrize("preset", ["1B", "7B"])
+def test_1b_and_7b_fit_their_window_on_8xh100_at_256_uids(
+    capsys: pytest.CaptureFixture[str], preset: str
+) -> None:
+    """The code as it is, planned at a subnet's size: the validator's path (fetch, score, publish)
+    and then the miner's (sync, train, upload) fit the window, every GPU holds at most 80e9 bytes, a
+    miner downloads at most 5 GiB to follow the master, training fills at least 80% of the window,
+    and every uid is scored within 10 windows. A change that breaks one of these fails here."""
+    assert cli_main(["plan", "--preset", preset, "--uids", "256", "--hardware", "8xH100", "--link-gbit", "1",
+                     "--json"]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    window = doc["window_seconds"]
+    assert doc["schedule"] == "serial"
+    assert doc["validator"]["seconds_per_window"] + doc["miner"]["seconds_per_window"] <= window
+    assert doc["fits"]["critical_path"] and doc["fits"]["validator"] and doc["fits"]["miner"]
+    assert max(doc["validator"]["peak_bytes_per_gpu"], doc["miner"]["peak_bytes_per_gpu"]) <= 80e9
+    assert doc["miner"]["download_per_window_bytes"] <= 5 * 2**30
+    assert doc["miner"]["train_fraction"] >= 0.8
+    assert 256 / doc["validator"]["scored_uids_per_window"] <= 10
+    # at one GPU and one host thread the same code does not: the plan tells them apart
+    assert cli_main(["plan", "--preset", preset, "--uids", "256", "--hardware", "8xH100", "--link-gbit", "1",
+                     "--plan.set", "validator_gpus=1", "--plan.set", "host_threads=1", "--json"]) == 0  # fmt: skip
+    assert not json.loads(capsys.readouterr().out)["fits"]["critical_path"]
 
 
 def test_time_plan_grows_with_uids() -> None:
