@@ -83,6 +83,7 @@ def _rank(rank: int, world_size: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_passes_split_over_ranks_give_one_processes_scores_and_master(tmp_path, ranks: int) -> None:
     out = tmp_path / "rank0.json"
