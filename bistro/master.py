@@ -201,7 +201,7 @@ def master_format(values: Settings | ProtocolSettings) -> MasterFormat | None:
         return None
     return MasterFormat(
         codec=str(get("codec")), compression=float(get("compression")), chunk=int(get("topk_chunk")),
-        value_bits=int(get("value_bits")), rank=int(get("rank")),
+        value_bits=int(get("value_bits")), rank=int(get("master_rank") or 0) or int(get("rank")),
     )  # fmt: skip
 
 

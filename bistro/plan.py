@@ -640,6 +640,18 @@ def _factored_bytes(settings: Settings, shapes: Shapes) -> int:
     return total
 
 
+def master_wire(settings: Settings, shapes: Shapes, wire: int) -> int:
+    """Bytes of the publisher's re-compressed update (its own rank, `mechanism.master_rank`), or a
+    miner's `wire` when the master has no format of its own (`master_codec sparse`)."""
+    from .master import master_format  # master imports the model; the plan is loaded lighter
+
+    fmt = master_format(settings)
+    if fmt is None:
+        return wire
+    miners = dataclasses.replace(fmt, rank=settings.mechanism.rank)
+    return wire + fmt.wire_bytes(shapes) - miners.wire_bytes(shapes)
+
+
 def _split(items: list[Item], on_gpu: Callable[[Item], bool]) -> tuple[int, int]:
     gpu = sum(i.bytes for i in items if on_gpu(i))
     return gpu, sum(i.bytes for i in items) - gpu
@@ -683,7 +695,7 @@ def time_plan(settings: Settings, hw: Hardware, link_gbit: float, uids: int = UI
     union_sparse, union_dense = _union_entries(settings, shapes, merged)
     follow = {
         "union": union_sparse * 12 + union_dense * 4,
-        "recompressed": wire,
+        "recompressed": master_wire(settings, shapes, wire),
         "merge_set": merged * wire,
     }[follower_update(settings, design)]
     published = follow if follower_update(settings, design) != "merge_set" else 0  # merge_set: a manifest
