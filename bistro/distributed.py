@@ -97,13 +97,20 @@ def follow(settings: Settings) -> None:
         trainer.train(dataset.sequences(pages), steps)
 
 
-def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
+def join_group(settings: Settings) -> Settings:
+    """This process's rank of a torchrun group (NCCL on its own GPU, gloo on CPU): `settings` with
+    the device it runs on."""
     cuda = settings.device.startswith("cuda")
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         settings = replace(settings, device=f"cuda:{local}")
     dist.init_process_group("nccl" if cuda else "gloo")
+    return settings
+
+
+def run_distributed(settings: Settings, args: argparse.Namespace) -> int:
+    settings = join_group(settings)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         sharded = settings.train.fsdp
@@ -532,12 +539,7 @@ def run_validator(settings: Settings, args: argparse.Namespace) -> int:
     """`torchrun --nproc_per_node N bistro validator …`: rank 0 the validator, the others its passes."""
     from .validator import main as validator_main
 
-    cuda = settings.device.startswith("cuda")
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        settings = replace(settings, device=f"cuda:{local}")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    settings = join_group(settings)
     try:
         if dist.get_rank() != 0:
             install_signals(threading.Event())  # rank 0 says stop at the end of its window

@@ -534,8 +534,15 @@ class Evaluator:
         else:
             out = self.passes(master, rule.update, jobs, term_of)
         with_global = self.loss(global_seqs)  # the model is at θ_eval
+        sizes: dict[int, int] = {}  # sequences of each uid's eval pages (a close uid's, once)
+
+        def eval_size(u: int) -> int:
+            if u not in sizes:
+                sizes[u] = len(self.eval_sequences(u, window, block_hash))
+            return sizes[u]
+
         for uid in valid:
-            v, n = verdicts[uid], len(self.eval_sequences(uid, window, block_hash))
+            v, n = verdicts[uid], eval_size(uid)
             base, with_, without = out.base[uid], out.with_[uid], out.without[uid]
             k = len(base)
             v.with_local, v.with_other = float(with_[:n].mean()), float(with_[n:].mean())
@@ -552,7 +559,7 @@ class Evaluator:
             controls = [(v.without_other - v.with_other, v.base_other - v.with_other)]
             at = k
             for c in v.close_to:  # its close uids' eval pages (the first of a scored uid's test pages)
-                size = len(self.eval_sequences(c, window, block_hash))
+                size = eval_size(c)
                 with_c, base_c = float(out.with_[c][:size].mean()), float(out.base[c][:size].mean())
                 controls.append((float(without[at : at + size].mean()) - with_c, base_c - with_c))
                 at += size
