@@ -200,7 +200,8 @@ def master_format(values: Settings | ProtocolSettings) -> MasterFormat | None:
     if (get("master_codec") or "sparse") != "same":
         return None
     return MasterFormat(
-        codec=str(get("codec")), compression=float(get("compression")), chunk=int(get("topk_chunk")),
+        codec=str(get("codec")), compression=float(get("master_compression") or 0) or float(get("compression")),
+        chunk=int(get("topk_chunk")),
         value_bits=int(get("value_bits")), rank=int(get("master_rank") or 0) or int(get("rank")),
     )  # fmt: skip
 

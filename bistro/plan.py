@@ -641,14 +641,17 @@ def _factored_bytes(settings: Settings, shapes: Shapes) -> int:
 
 
 def master_wire(settings: Settings, shapes: Shapes, wire: int) -> int:
-    """Bytes of the publisher's re-compressed update (its own rank, `mechanism.master_rank`), or a
-    miner's `wire` when the master has no format of its own (`master_codec sparse`)."""
+    """Bytes of the publisher's re-compressed update (its own rank and compression,
+    `mechanism.master_rank` and `master_compression`), or a miner's `wire` when the master has no
+    format of its own (`master_codec sparse`)."""
     from .master import master_format  # master imports the model; the plan is loaded lighter
 
     fmt = master_format(settings)
     if fmt is None:
         return wire
-    miners = dataclasses.replace(fmt, rank=settings.mechanism.rank)
+    miners = dataclasses.replace(
+        fmt, rank=settings.mechanism.rank, compression=settings.mechanism.compression
+    )
     return wire + fmt.wire_bytes(shapes) - miners.wire_bytes(shapes)
 
 
