@@ -118,6 +118,10 @@ def _add_command_flags(name: str, parser: argparse.ArgumentParser) -> None:
             help="K miners (each its own uid, wallet, bucket) in one `bistro miners` process, a thread each",
         )  # fmt: skip
         parser.add_argument(
+            "--validator-threads", type=int, default=0, metavar="N",
+            help="torch threads of each validator (0: two for a lone validator on 2+ cores, else one)",
+        )  # fmt: skip
+        parser.add_argument(
             "--validator-flags", action="append", default=[], metavar="I:FLAGS",
             help="node-local flags for validator I alone, e.g. 1:--mechanism.link_bytes_per_second=3000",
         )  # fmt: skip

@@ -61,6 +61,7 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -619,6 +620,17 @@ class Validator(Node):
             log.exception("uid %d: opening its commitment failed", uid)
             return V.peer_error
 
+    def _peer_stores(
+        self, window: int, mg: Metagraph, uids: list[int], block_hash: str
+    ) -> Iterator[tuple[int, str, Store | V]]:
+        """Each of `uids` that has committed a bucket and has a hotkey, in the window's seeded fetch
+        order (`sample.fetch_order`), with its store opened, or the verdict its commitment earns."""
+        commitments = self.chain.commitments()
+        for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
+            commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
+            if commitment is not None and hotkey is not None:
+                yield uid, hotkey, self._open_peer(uid, commitment)
+
     def fetch(self, window: int, mg: Metagraph, uids: list[int], block_hash: str = "") -> dict[int, Verdict]:
         """Download and validate the deltas of `uids` (the window's sample) for `window` (step 2), in
         the window's seeded order (`sample.fetch_order` of `block_hash`, the seed block's),
@@ -628,16 +640,11 @@ class Validator(Node):
         Our canary is read first, on its own: if it does not come back intact, every uid is `skip`."""
         m = self.settings.mechanism
         self.io_seconds = 0.0  # the gather's seconds, for the record's fetch_seconds
-        commitments = self.chain.commitments()
         verdicts = {uid: Verdict(uid) for uid in uids}
         self.blob_hashes = {}
         items: list[tuple[Store, str]] = []
         owners: list[tuple[int, str]] = []
-        for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
-            commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
-            if commitment is None or hotkey is None:
-                continue
-            store = self._open_peer(uid, commitment)
+        for uid, hotkey, store in self._peer_stores(window, mg, uids, block_hash):
             if isinstance(store, V):
                 verdicts[uid].verdict = store
                 continue
@@ -679,14 +686,9 @@ class Validator(Node):
         ctx = codec_context(self.settings, window)
         spec = CODECS[m.codec].wire_spec(self.shapes, ctx)
         plan = slices.plan_slice(self.netuid, window, block_hash, spec, m.slice_fraction)
-        commitments = self.chain.commitments()
         items: list[tuple[Store, str]] = []
         owners: list[int] = []
-        for uid in sample.fetch_order(self.netuid, window, block_hash, uids):
-            commitment, hotkey = commitments.get(uid), mg.hotkey_of(uid)
-            if commitment is None or hotkey is None:
-                continue
-            store = self._open_peer(uid, commitment)
+        for uid, hotkey, store in self._peer_stores(window, mg, uids, block_hash):
             if isinstance(store, V):
                 continue
             items.append((_SliceReader(store, plan, spec), protocol.delta_key(self.netuid, window, hotkey)))

@@ -28,7 +28,7 @@ from bistro.localnet.personas import Hostile, OneInThree, make_persona, persona_
 from bistro.storage import LocalStore, gather, open_peer_store
 from bistro.verdicts import V, fetch_verdict
 
-pytestmark = pytest.mark.timed
+pytestmark = pytest.mark.timed(seconds=270)
 
 # -- the persona's server, in process ----------------------------------------------------------
 
@@ -127,8 +127,8 @@ def run_localnet(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
     run = tmp_path / "net"
     out = subprocess.run(
         [sys.executable, "-m", "bistro.cli", "localnet", "--miners", str(len(PERSONAS)), "--validators", "1",
-         "--windows", str(WINDOWS), "--block-time", str(BLOCK_TIME), "--personas", ",".join(PERSONAS),
-         "--dir", str(run), "--config", str(config)],
+         "--windows", str(WINDOWS), "--block-time", str(BLOCK_TIME), "--validator-threads", "1",
+         "--personas", ",".join(PERSONAS), "--dir", str(run), "--config", str(config)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     return run, out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timed]
+pytestmark = [pytest.mark.slow, pytest.mark.timed(seconds=490)]
 
 INCENTIVE_PERSONAS = ["honest"] * 4 + [
     "freeloader", "poison", "shaped_copier", "shaped_copier_05", "rotating_copier", "shaped_finetune",
@@ -28,7 +28,8 @@ def incentive_net(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = subprocess.run(
         [sys.executable, "-m", "bistro.cli", "localnet", "--preset", "tiny",
          "--miners", str(len(INCENTIVE_PERSONAS)), "--validators", "1", "--windows", str(INCENTIVE_WINDOWS),
-         "--block-time", "3", "--personas", ",".join(INCENTIVE_PERSONAS), "--dir", str(run), "--json"],
+         "--block-time", "3", "--validator-threads", "1", "--personas", ",".join(INCENTIVE_PERSONAS),
+         "--dir", str(run), "--json"],
         capture_output=True, text=True, timeout=1800,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

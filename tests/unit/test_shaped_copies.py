@@ -50,9 +50,9 @@ def test_a_shaped_copy_sits_at_its_cosine_as_a_whole_and_in_the_low_rank_factors
 
     s, codec, ctx, wire, original = _source("lowrank")
     cls = PERSONAS[persona]
-    started = time.perf_counter()
+    started = time.process_time()  # the forger's own CPU: what a busy test machine cannot inflate
     forged = codec.decode(cls(_miner(codec, ctx)).forge(3, [(wire, original)]), ctx, SHAPES)
-    seconds = time.perf_counter() - started
+    seconds = time.process_time() - started
     whole, low = similarity(original, forged), low_rank_similarity(original, forged)
     assert abs(whole - cls.cosine) < 0.06, whole
     assert abs(low - cls.cosine) < 0.06, low
@@ -160,7 +160,6 @@ def shaped_separation(windows: int, overrides: dict | None = None, unsampled: tu
     kinds = {4: "shaped_copier", 5: "shaped_copier_05", 6: "rotating_copier", 7: "shaped_finetune"}
     out: dict = {k: {"score": [], "control_score": [], "close_to": [], "verdict": [], "alone_close_to": []}
                  for k in ["honest", *kinds.values()]}  # fmt: skip
-    out["score_seconds"] = []
 
     def sign(uid: int, window: int, wire: dict, digest: str) -> tuple[str, bytes]:
         ctx = codec_context(s, window)
@@ -209,9 +208,7 @@ def shaped_separation(windows: int, overrides: dict | None = None, unsampled: tu
             alone = evaluator.close_controls(valid, w, verdicts)
             evaluator.slices = (w, slices)
         evaluator.drop_copies(verdicts, w, block_hash, master)
-        started = time.perf_counter()
         base, global_seqs = evaluator.score(w, block_hash, master, verdicts, {})
-        out["score_seconds"].append(time.perf_counter() - started)
         for uid, v in verdicts.items():
             kind = out[kinds.get(uid, "honest")]
             kind["score"].append(v.score)
