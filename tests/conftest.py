@@ -24,32 +24,27 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Order the modules for `make test` (xdist, `--dist loadfile --no-loadscope-reorder`, a module at
-    a time on one worker, in this order): each module marked `timed` (its assertions count
-    wall-clock windows) followed by a share of the unit modules in proportion to its `seconds`, so
-    that the other worker has unit tests to run beside it until the next one; then the modules
-    marked `network`, the longest first, so that the long ones start while the short ones can
-    still fill the other worker."""
+    a time on one worker, in this order): the modules marked `timed`, whose assertions count wall-clock
+    windows and which run alone (`_network_turn`), spread through the unit tests; then the modules
+    marked `network`, the longest first, so that the long ones start while the short ones can still
+    fill the other worker."""
     modules: dict[object, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.module, []).append(item)
     timed, network, rest = [], [], []
     for module_items in modules.values():
         first = module_items[0]
-        if marker := first.get_closest_marker("timed"):
-            timed.append((-marker.kwargs.get("seconds", 1), len(timed), module_items))
+        if first.get_closest_marker("timed"):
+            timed.append(module_items)
         elif marker := first.get_closest_marker("network"):
             network.append((-marker.kwargs.get("seconds", 0), len(network), module_items))
         else:
             rest.append(module_items)
-    timed.sort(key=lambda t: t[:2])
-    total = -sum(t[0] for t in timed) or 1
     ordered: list[list[pytest.Item]] = []
-    done = 0.0
-    for seconds, _, module_items in timed:
-        start, done = round(done * len(rest) / total), done - seconds
-        ordered += [module_items, *rest[start : round(done * len(rest) / total)]]
-    ordered += rest[round(done * len(rest) / total) :] if timed else rest
-    ordered += [m for *_, m in sorted(network, key=lambda n: n[:2])]
+    step = -(-len(rest) // max(len(timed), 1))  # a timed module, then its share of the others
+    for i, module_items in enumerate(timed):
+        ordered += [module_items, *rest[i * step : (i + 1) * step]]
+    ordered += rest[len(timed) * step :] + [m for *_, m in sorted(network, key=lambda n: n[:2])]
     items[:] = [item for module_items in ordered for item in module_items]
 
 
@@ -68,23 +63,16 @@ def _flock(path: Path, mode: int) -> Iterator[None]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _network_turn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A `timed` module runs beside unit modules only, never beside another local network: its
-    validator must score each window and publish the master before the next one starts, and the
-    dozen busy processes of a second network on the same 2 cores make the scoring run past the
-    window, and then every miner misses the next one. One busy test process beside it costs little
-    as long as its validator runs one torch thread (`bistro localnet --validator-threads 1`: with
-    two, one busy process beside it made the scoring of a `tiny` window ten times slower).
-
-    A timed module holds `turn.lock` exclusively and a `network` module holds it shared (from
-    before its own module fixtures); unit modules take no lock. `gate.lock` gives a timed module
-    its turn as soon as the networks that hold the lock now end, however many follow them."""
+    """A `timed` module runs alone: the other xdist worker waits until it ends. Its local network's
+    validator must score each window and publish the master before the next one starts; a unit test
+    or another network beside it on 2 cores makes the scoring run past the window, and then every
+    miner misses the next one. It holds `turn.lock` exclusively, every other module holds it shared
+    (from before its own module fixtures); `gate.lock` gives the timed module its turn as soon as the
+    modules that hold the lock now end, however many follow them."""
     root = _lock_dir(tmp_path_factory)
     if request.node.get_closest_marker("timed"):
         with _flock(root / "gate.lock", fcntl.LOCK_EX), _flock(root / "turn.lock", fcntl.LOCK_EX):
             yield
-        return
-    if not request.node.get_closest_marker("network"):
-        yield
         return
     with _flock(root / "gate.lock", fcntl.LOCK_EX):
         pass
